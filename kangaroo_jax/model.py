@@ -1,0 +1,209 @@
+"""The Llama-family decoder as Flax NNX modules.
+
+The forward pass is split so that Kangaroo can run it in pieces: `embed` tokens, run
+decoder layers [start, end) with `run_layers` (any hidden state is available between
+pieces), then `logits` = final norm + LM head. Weights use the layout `x @ W`
+([in, out]); q/k/v and gate/up projections are fused into one matrix each because on a
+CPU a batch-1 step is bound by the number and size of matrix-vector products.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kangaroo_jax import cache as kv
+from kangaroo_jax.config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies [H/2], with Llama-3 scaling when configured."""
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+  rs = cfg.rope_scaling
+  if rs is None:
+    return inv_freq.astype(np.float32)
+  # Llama-3: keep high frequencies, divide low ones by `factor`, blend in between.
+  low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+  high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+  smooth = ((rs.original_max_position_embeddings / wavelen - rs.low_freq_factor)
+            / (rs.high_freq_factor - rs.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates x [B, T, N, H] by absolute positions [B, T] (Hugging Face half-split layout)."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [B, T, N, H/2] each
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _param(rngs: nnx.Rngs, shape, dtype, scale: float = 0.02) -> nnx.Param:
+  return nnx.Param((scale * jax.random.normal(rngs.params(), shape)).astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm, computed in float32."""
+
+  def __init__(self, dim: int, eps: float, dtype=jnp.float32):
+    self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.weight.value.astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped KV heads (MHA/GQA/MQA) over a KV cache."""
+
+  def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
+               bias: bool, dtype, rngs: nnx.Rngs, o_bias: bool = False):
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    qkv_out = (num_heads + 2 * num_kv_heads) * head_dim
+    self.qkv = _param(rngs, (hidden, qkv_out), dtype)  # [D, (N + 2K) * H]
+    self.qkv_bias = nnx.Param(jnp.zeros((qkv_out,), dtype)) if bias else None
+    self.o = _param(rngs, (num_heads * head_dim, hidden), dtype)  # [N * H, D]
+    self.o_bias = nnx.Param(jnp.zeros((hidden,), dtype)) if o_bias else None
+
+  def __call__(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array,
+               cache_v: jax.Array, inv_freq: jax.Array):
+    """x [B, T, D] at positions [B, T] -> (out [B, T, D], cache_k, cache_v)."""
+    b, t, _ = x.shape
+    n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+    qkv = x @ self.qkv.value  # [B, T, (N + 2K) * H]
+    if self.qkv_bias is not None:
+      qkv = qkv + self.qkv_bias.value
+    q, key, val = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
+    q = apply_rope(q.reshape(b, t, n, h), positions, inv_freq)  # [B, T, N, H]
+    key = apply_rope(key.reshape(b, t, k, h), positions, inv_freq)  # [B, T, K, H]
+    val = val.reshape(b, t, k, h)  # [B, T, K, H]
+    cache_k, cache_v = kv.write(cache_k, cache_v, key, val, positions)
+    out = attend(q, cache_k, cache_v, positions)  # [B, T, N * H]
+    out = out @ self.o.value
+    if self.o_bias is not None:
+      out = out + self.o_bias.value
+    return out, cache_k, cache_v
+
+
+def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.Array) -> jax.Array:
+  """Causal attention of q [B, T, N, H] over cache slots [B, S, K, H]: slot s <= position."""
+  b, t, n, h = q.shape
+  k = cache_k.shape[2]
+  q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, cache_k,
+                      preferred_element_type=jnp.float32) / math.sqrt(h)  # [B, K, G, T, S]
+  slots = jnp.arange(cache_k.shape[1])
+  mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+  scores = jnp.where(mask[:, None, None], scores, -1e30)
+  probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, cache_v)  # [B, T, K, G, H]
+  return out.reshape(b, t, n * h)  # [B, T, N * H]
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm attention block then pre-norm SwiGLU MLP, both residual."""
+
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                          cfg.qkv_bias, dtype, rngs, o_bias=cfg.o_bias)
+    self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.gate_up = _param(rngs, (cfg.hidden_size, 2 * cfg.intermediate_size), dtype)  # [D, 2F]
+    self.down = _param(rngs, (cfg.intermediate_size, cfg.hidden_size), dtype)  # [F, D]
+
+  def __call__(self, x, positions, cache_k, cache_v, inv_freq):
+    attn_out, cache_k, cache_v = self.attn(self.input_norm(x), positions, cache_k, cache_v, inv_freq)
+    x = x + attn_out
+    gate, up = jnp.split(self.post_norm(x) @ self.gate_up.value, 2, axis=-1)  # [B, T, F] each
+    return x + (jax.nn.silu(gate) * up) @ self.down.value, cache_k, cache_v
+
+
+class Llama(nnx.Module):
+  """A Llama-family causal LM whose forward pass can run over any range of layers."""
+
+  def __init__(self, cfg: ModelConfig, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None):
+    rngs = rngs or nnx.Rngs(0)
+    self.cfg = cfg
+    self.dtype = dtype
+    self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)  # [V, D]
+    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    # Untied models keep their own head [D, V]; tied ones reuse the embedding.
+    self.lm_head = None if cfg.tie_embeddings else _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> hidden [B, T, D]."""
+    return jnp.take(self.embedding.value, tokens, axis=0)
+
+  def run_layers(self, x: jax.Array, positions: jax.Array, cache: kv.KVCache,
+                 start: int = 0, end: Optional[int] = None):
+    """Runs decoder layers [start, end) on x [B, T, D]; writes their cache entries.
+
+    Returns (hidden after layer end-1 [B, T, D], cache with entries start..end-1 updated).
+    """
+    end = self.cfg.num_layers if end is None else end
+    inv_freq = jnp.asarray(rope_inv_freq(self.cfg))
+    ks, vs = list(cache["k"]), list(cache["v"])
+    for i in range(start, end):
+      x, ks[i], vs[i] = self.layers[i](x, positions, ks[i], vs[i], inv_freq)
+    return x, {"k": ks, "v": vs}
+
+  def head_weight(self) -> jax.Array:
+    """The LM head as [V, D] (the embedding itself when tied)."""
+    return self.embedding.value if self.lm_head is None else self.lm_head.value.T
+
+  def logits(self, x: jax.Array, head: Optional[jax.Array] = None) -> jax.Array:
+    """Final norm + LM head: hidden [B, T, D] -> float32 logits [B, T, V].
+
+    `head` [V', D] replaces the full head (e.g. a reduced draft vocabulary).
+    """
+    x = self.norm(x)
+    if head is not None:
+      return jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
+    if self.lm_head is None:
+      return jnp.einsum("btd,vd->btv", x, self.embedding.value, preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", x, self.lm_head.value, preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache):
+    """Full forward: tokens [B, T] at positions [B, T] -> (logits [B, T, V], cache)."""
+    x, cache = self.run_layers(self.embed(tokens), positions, cache)
+    return self.logits(x), cache
+
+
+def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, np.ndarray], dtype=jnp.float32) -> Llama:
+  """Builds a Llama from Hugging Face-named weights ([out, in] linear layout)."""
+  model = nnx.eval_shape(lambda: Llama(cfg, dtype, nnx.Rngs(0)))
+  arr = lambda x: jnp.asarray(np.asarray(x, np.float32), dtype)
+  model.embedding.value = arr(sd["model.embed_tokens.weight"])
+  for i, layer in enumerate(model.layers):
+    p = f"model.layers.{i}."
+    a = p + "self_attn."
+    layer.input_norm.weight.value = arr(sd[p + "input_layernorm.weight"])
+    layer.post_norm.weight.value = arr(sd[p + "post_attention_layernorm.weight"])
+    layer.attn.qkv.value = arr(np.concatenate(
+        [sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]], axis=0).T)
+    if layer.attn.qkv_bias is not None:
+      layer.attn.qkv_bias.value = arr(np.concatenate(
+          [sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"]]))
+    layer.attn.o.value = arr(np.asarray(sd[a + "o_proj.weight"]).T)
+    if layer.attn.o_bias is not None:
+      layer.attn.o_bias.value = arr(sd[a + "o_proj.bias"])
+    m = p + "mlp."
+    layer.gate_up.value = arr(np.concatenate([sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]], 0).T)
+    layer.down.value = arr(np.asarray(sd[m + "down_proj.weight"]).T)
+  model.norm.weight.value = arr(sd["model.norm.weight"])
+  if model.lm_head is not None:
+    model.lm_head.value = arr(np.asarray(sd["lm_head.weight"]).T)
+  return model

