@@ -164,12 +164,15 @@ class Llama(nnx.Module):
     """The LM head as [V, D] (the embedding itself when tied)."""
     return self.embedding.value if self.lm_head is None else self.lm_head.value.T
 
-  def logits(self, x: jax.Array, head: Optional[jax.Array] = None) -> jax.Array:
-    """Final norm + LM head: hidden [B, T, D] -> float32 logits [B, T, V].
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Final norm + LM head: hidden [B, T, D] -> float32 logits [B, T, V]."""
+    return self.project(self.norm(x))
 
-    `head` [V', D] replaces the full head (e.g. a reduced draft vocabulary).
+  def project(self, x: jax.Array, head: Optional[jax.Array] = None) -> jax.Array:
+    """LM head only: normed hidden [B, T, D] -> float32 logits [B, T, V].
+
+    `head` [V', D] replaces the full head (a reduced draft vocabulary).
     """
-    x = self.norm(x)
     if head is not None:
       return jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
     if self.lm_head is None:

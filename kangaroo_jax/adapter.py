@@ -1,0 +1,87 @@
+"""The Kangaroo adapter: the tiny network that turns layer-`l` states into draft logits.
+
+  h_l -> RMSNorm -> self-attention (own q/k/v/o, RoPE at the same absolute positions,
+  own KV cache) -> + h_l -> RMSNorm -> the target's LM head
+
+One transformer block without the FFN (Liu et al., 2024). Only this module trains.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kangaroo_jax import cache as kv
+from kangaroo_jax.config import ModelConfig
+from kangaroo_jax.model import Attention, RMSNorm, rope_inv_freq
+
+
+class AdapterError(ValueError):
+  """An adapter that does not fit the model, or a missing/corrupt adapter file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+  """Where the draft exits (`exit_layer` = number of shallow layers) and the block's shape."""
+  exit_layer: int
+  hidden_size: int
+  num_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-5
+
+  @classmethod
+  def for_model(cls, cfg: ModelConfig, exit_layer: int, num_heads: Optional[int] = None):
+    """An adapter config matching `cfg`, with the model's head count unless given."""
+    heads = num_heads or cfg.num_heads
+    if cfg.hidden_size % heads:
+      raise AdapterError(f"adapter head count {heads} does not divide hidden size {cfg.hidden_size}")
+    return cls(exit_layer, cfg.hidden_size, heads, cfg.hidden_size // heads, cfg.rms_norm_eps)
+
+  def check(self, cfg: ModelConfig) -> None:
+    """Raises AdapterError unless this adapter fits the model `cfg`."""
+    if self.hidden_size != cfg.hidden_size:
+      raise AdapterError(f"adapter hidden size {self.hidden_size} != model hidden size {cfg.hidden_size}")
+    if not 1 <= self.exit_layer < cfg.num_layers:
+      raise AdapterError(f"exit layer {self.exit_layer} is out of range [1, {cfg.num_layers - 1}]"
+                         f" for a {cfg.num_layers}-layer model")
+    if self.head_dim % 2 or self.num_heads * self.head_dim <= 0:
+      raise AdapterError(f"adapter head count {self.num_heads} / head dim {self.head_dim} is invalid")
+
+
+class Adapter(nnx.Module):
+  """RMSNorm -> attention -> residual -> RMSNorm; the caller applies the target's head."""
+
+  def __init__(self, acfg: AdapterConfig, rope_cfg: ModelConfig, dtype=jnp.float32,
+               rngs: Optional[nnx.Rngs] = None):
+    rngs = rngs or nnx.Rngs(0)
+    self.acfg = acfg
+    # RoPE frequencies follow the target's theta/scaling at the adapter's own head dim.
+    self.rope_cfg = dataclasses.replace(rope_cfg, head_dim=acfg.head_dim, num_heads=acfg.num_heads,
+                                        num_kv_heads=acfg.num_heads)
+    self.dtype = dtype
+    self.input_norm = RMSNorm(acfg.hidden_size, acfg.rms_norm_eps, dtype)
+    self.attn = Attention(acfg.hidden_size, acfg.num_heads, acfg.num_heads, acfg.head_dim,
+                          False, dtype, rngs)
+    self.out_norm = RMSNorm(acfg.hidden_size, acfg.rms_norm_eps, dtype)
+
+  def init_cache(self, batch: int, max_len: int) -> kv.KVCache:
+    return kv.init_cache(1, batch, max_len, self.acfg.num_heads, self.acfg.head_dim, self.dtype)
+
+  def __call__(self, h: jax.Array, positions: jax.Array, cache: kv.KVCache):
+    """Layer-l states h [B, T, D] at positions [B, T] -> (normed states [B, T, D], cache)."""
+    inv_freq = jnp.asarray(rope_inv_freq(self.rope_cfg))
+    out, k, v = self.attn(self.input_norm(h), positions, cache["k"][0], cache["v"][0], inv_freq)
+    return self.out_norm(h + out), {"k": [k], "v": [v]}
+
+
+def init_adapter(cfg: ModelConfig, exit_layer: int, num_heads: Optional[int] = None,
+                 seed: int = 0, dtype=jnp.float32) -> Adapter:
+  """A freshly initialised adapter for model `cfg` exiting after `exit_layer` layers."""
+  acfg = AdapterConfig.for_model(cfg, exit_layer, num_heads)
+  acfg.check(cfg)
+  return Adapter(acfg, cfg, dtype, nnx.Rngs(seed))

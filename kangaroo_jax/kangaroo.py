@@ -1,0 +1,257 @@
+"""Kangaroo decoding: double early-exit drafting and one-pass verification.
+
+One round, per sequence, with pending token y0 at position n:
+
+  draft (`_draft`, a `lax.while_loop`):  shallow layers [0, l) on y_i -> h_i;
+      adapter + LM head on h_i -> q_i -> draft y_{i+1}; stop when max q_i < eta
+      (second early exit) or after gamma drafts. The shallow layers also run on the
+      last draft, so the block [y_0 .. y_k] has all its layer-l states.
+  verify (`_verify`): deep layers [l, L) once over the fixed block of gamma + 1 states
+      (the shallow layers are never recomputed), accept the longest agreeing prefix
+      (greedy) or use speculative sampling, and append the target's own next token.
+  roll back: the next round starts at n + accepted + 1. Every cache (shallow, deep,
+      adapter) simply overwrites the stale slots; nothing is copied.
+
+The adapter always processes two positions per step, the previous and the current
+state. Rewriting the previous slot is idempotent, and it fills the one slot a round
+that accepted every draft left empty (the adapter never saw the last draft).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kangaroo_jax import cache as kv
+from kangaroo_jax.adapter import Adapter, AdapterError
+from kangaroo_jax.decoding import (PAD_ID, DecodeResult, PromptError, cache_size, emit, is_eos,
+                                   last_hidden, pad_prompts, prefill, run_with_sink)
+from kangaroo_jax.model import Llama
+from kangaroo_jax.sampling import SamplingParams, probs, process_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class KangarooParams:
+  """eta: stop drafting when the draft's top-1 probability < eta; gamma: drafts per round at most."""
+  eta: float = 0.6
+  gamma: int = 6
+
+  def __post_init__(self):
+    if not 0 < self.eta <= 1:
+      raise ValueError(f"eta (--threshold) must be in (0, 1], got {self.eta}")
+    if self.gamma < 1:
+      raise ValueError(f"gamma (--max-draft) must be >= 1, got {self.gamma}")
+
+
+def _draft_distribution(model, adapter_out, draft_head, params):
+  """Draft probabilities [B, V'] over the draft vocabulary (processed like the target's)."""
+  logits = model.project(adapter_out, draft_head)[:, 0]  # [B, V']
+  if params.greedy:
+    return jax.nn.softmax(logits, axis=-1)  # confidence only; the token is the argmax
+  return jax.nn.softmax(process_logits(logits, params), axis=-1)
+
+
+def _draft(model: Llama, adapter: Adapter, draft_head, draft_ids, st, eta, *,
+           gamma: int, params: SamplingParams):
+  """Drafts up to gamma tokens for every sequence; returns block buffers and counts.
+
+  Returns (Y [B, K] block tokens with Y[:, 0] = y0, H [B, K, D] their layer-l states,
+  Q [B, gamma, V] draft distributions over the full vocabulary (sampling only),
+  k [B] drafts per sequence, model cache, adapter cache, rng), K = gamma + 1.
+  """
+  l = adapter.acfg.exit_layer
+  b = st["y0"].shape[0]
+  n = st["n"]
+  vocab = model.cfg.vocab_size
+  h0, cache = model.run_layers(model.embed(st["y0"][:, None]), n[:, None], st["cache"], 0, l)
+  Y = jnp.zeros((b, gamma + 1), jnp.int32).at[:, 0].set(st["y0"])
+  H = jnp.zeros((b, gamma + 1, h0.shape[-1]), h0.dtype).at[:, 0].set(h0[:, 0])
+  Q = jnp.zeros((b, gamma, vocab if not params.greedy else 1), jnp.float32)
+
+  def cond(s):
+    i, active = s[0], s[1]
+    return (i < gamma) & jnp.any(active)
+
+  def body(s):
+    i, active, k, Y, H, Q, cache, acache, rng = s
+    prev = jnp.where(i == 0, st["h_prev"], H[:, jnp.maximum(i - 1, 0)])  # [B, D]
+    pair = jnp.stack([prev, H[:, i]], axis=1)  # [B, 2, D]
+    pos = (n + i)[:, None] + jnp.arange(-1, 1)[None]  # [B, 2]
+    a_out, acache = adapter(pair, pos, acache)
+    q = _draft_distribution(model, a_out[:, 1:], draft_head, params)  # [B, V']
+    rng, sub = jax.random.split(rng)
+    if params.greedy:
+      choice = jnp.argmax(q, axis=-1)
+    else:
+      choice = jax.random.categorical(sub, jnp.log(q), axis=-1)
+      q_full = q if draft_ids is None else jnp.zeros((b, vocab), q.dtype).at[:, draft_ids].set(q)
+      Q = Q.at[:, i].set(q_full)
+    y = (choice if draft_ids is None else draft_ids[choice]).astype(jnp.int32)  # [B]
+    conf = jnp.max(q, axis=-1)
+    h, cache = model.run_layers(model.embed(y[:, None]), (n + i + 1)[:, None], cache, 0, l)
+    Y = Y.at[:, i + 1].set(y)
+    H = H.at[:, i + 1].set(h[:, 0])
+    k = jnp.where(active, i + 1, k)
+    active = active & (conf >= eta)
+    return i + 1, active, k, Y, H, Q, cache, acache, rng
+
+  init = (jnp.int32(0), ~st["done"], jnp.zeros((b,), jnp.int32), Y, H, Q, cache,
+          st["acache"], st["rng"])
+  _, _, k, Y, H, Q, cache, acache, rng = jax.lax.while_loop(cond, body, init)
+  return Y, H, Q, k, cache, acache, rng
+
+
+def _verify(model: Llama, Y, H, Q, k, n, cache, rng, *, l: int, params: SamplingParams):
+  """Deep layers over the block; returns (accepted drafts a [B], next token z [B], cache, rng)."""
+  b, kb = Y.shape
+  positions = n[:, None] + jnp.arange(kb)[None]  # [B, K]
+  h, cache = model.run_layers(H, positions, cache, l, None)
+  logits = model.logits(h)  # [B, K, V]
+  j = jnp.arange(kb - 1)[None]  # [1, K - 1]: draft y_{j+1} is judged by target position j
+  rng, r_acc, r_res = jax.random.split(rng, 3)
+  if params.greedy:
+    target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, K]
+    ok = (Y[:, 1:] == target[:, :-1]) & (j < k[:, None])
+    a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)  # longest agreeing prefix
+    z = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
+    return a, z, cache, rng
+  p = probs(logits, params)  # [B, K, V]
+  p_draft = jnp.take_along_axis(p[:, :-1], Y[:, 1:, None], axis=-1)[..., 0]  # [B, K-1]
+  q_draft = jnp.take_along_axis(Q, Y[:, 1:, None], axis=-1)[..., 0]  # [B, K-1]
+  u = jax.random.uniform(r_acc, p_draft.shape)
+  ok = (u * q_draft < p_draft) & (j < k[:, None])  # accept with prob min(1, p/q)
+  a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)
+  p_a = jnp.take_along_axis(p, a[:, None, None], axis=1)[:, 0]  # [B, V]
+  q_a = jnp.take_along_axis(Q, jnp.minimum(a, kb - 2)[:, None, None], axis=1)[:, 0]  # [B, V]
+  # First rejection: sample from normalize(max(0, p - q)); all accepted: the bonus from p.
+  residual = jnp.where((a < k)[:, None], jnp.maximum(p_a - q_a, 0.0), p_a)
+  residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
+  z = jax.random.categorical(r_res, jnp.log(residual), axis=-1).astype(jnp.int32)
+  return a, z, cache, rng
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "agraphdef", "params", "max_new_tokens",
+                                             "gamma", "stream"))
+def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt_lens, rng,
+                   eos_ids, eta, *, params: SamplingParams, max_new_tokens: int, gamma: int,
+                   stream: bool):
+  model = nnx.merge(graphdef, state)
+  adapter = nnx.merge(agraphdef, astate)
+  l = adapter.acfg.exit_layer
+  b = tokens.shape[0]
+  size = cache_size(tokens.shape[1], max_new_tokens, gamma + 2)
+  # A reduced draft vocabulary scores only its rows of the head.
+  draft_head = None if draft_ids is None else model.head_weight()[draft_ids]  # [N, D]
+
+  # Prefill: shallow layers, then the adapter (fills its cache), then deep layers.
+  cache = kv.init_model_cache(model.cfg, b, size, model.dtype)
+  h_l, cache = prefill(model, tokens, prompt_lens, cache, l)  # [B, P, D]
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  _, acache = adapter(h_l, positions, adapter.init_cache(b, size))
+  h, cache = model.run_layers(h_l, positions, cache, l, None)
+  rng, sub = jax.random.split(rng)
+  y0 = sample_first = jax.random.categorical(sub, process_logits(
+      model.logits(last_hidden(h, prompt_lens))[:, 0], params)) if not params.greedy else \
+      jnp.argmax(model.logits(last_hidden(h, prompt_lens))[:, 0], -1)
+  y0 = y0.astype(jnp.int32)
+  del sample_first
+  out = jnp.zeros((b, max_new_tokens + gamma + 1), jnp.int32).at[:, 0].set(y0)
+  if stream:
+    emit(y0[:, None], jnp.ones((b,), jnp.int32))
+  st = dict(n=prompt_lens, y0=y0, h_prev=last_hidden(h_l, prompt_lens)[:, 0], cache=cache,
+            acache=acache, rng=rng, out=out, count=jnp.ones((b,), jnp.int32),
+            done=is_eos(y0, eos_ids) | (max_new_tokens <= 1),
+            rounds=jnp.zeros((b,), jnp.int32), drafts=jnp.zeros((b,), jnp.int32),
+            total_rounds=jnp.int32(0))
+
+  def round_body(st):
+    Y, H, Q, k, cache, acache, rng = _draft(model, adapter, draft_head, draft_ids, st, eta,
+                                            gamma=gamma, params=params)
+    a, z, cache, rng = _verify(model, Y, H, Q, k, st["n"], cache, rng, l=l, params=params)
+    live = ~st["done"]
+    j = jnp.arange(gamma + 1)[None]  # [1, K]
+    # This round's new tokens: accepted drafts y_1..y_a, then z.
+    new = jnp.where(j < a[:, None], jnp.roll(Y, -1, axis=1), z[:, None])  # [B, K]
+    n_new = a + 1
+    # Cut at the first EOS (kept) and at the token budget.
+    eos_at = jnp.where(is_eos(new, eos_ids) & (j < n_new[:, None]), j, gamma + 1)
+    n_new = jnp.minimum(jnp.minimum(n_new, jnp.min(eos_at, axis=1) + 1),
+                        max_new_tokens - st["count"])
+    n_new = jnp.where(live, n_new, 0)
+    slots = st["count"][:, None] + j  # [B, K]
+    out = st["out"].at[jnp.arange(b)[:, None], slots].set(
+        jnp.where(j < n_new[:, None], new, PAD_ID), mode="drop")
+    if stream:
+      emit(new, n_new)
+    count = st["count"] + n_new
+    done = st["done"] | (jnp.min(eos_at, axis=1) < a + 1) | (count >= max_new_tokens)
+    return dict(
+        n=jnp.where(live, st["n"] + a + 1, st["n"]), y0=jnp.where(live, z, st["y0"]),
+        h_prev=jnp.where(live[:, None], jnp.take_along_axis(H, a[:, None, None], 1)[:, 0],
+                         st["h_prev"]),
+        cache=cache, acache=acache, rng=rng, out=out, count=count, done=done,
+        rounds=st["rounds"] + live, drafts=st["drafts"] + jnp.where(live, k, 0),
+        total_rounds=st["total_rounds"] + 1)
+
+  st = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), round_body, st)
+  return st["out"], st["count"], st["rounds"], st["drafts"], st["total_rounds"]
+
+
+def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[int]], *,
+                    max_new_tokens: int = 128, kparams: KangarooParams = KangarooParams(),
+                    params: SamplingParams = SamplingParams(), seed: int = 0,
+                    eos_ids: Sequence[int] = (), draft_ids: Optional[np.ndarray] = None,
+                    on_tokens: Optional[Callable] = None) -> DecodeResult:
+  """Decodes token prompts with Kangaroo self-speculation; output equals plain decoding.
+
+  Args:
+    model: the target model.
+    adapter: the draft adapter (its exit layer selects the shallow sub-network).
+    prompts: token id lists, one per sequence (lengths may differ).
+    max_new_tokens: new tokens per sequence at most.
+    kparams: eta (early-exit threshold) and gamma (max drafts per round).
+    params: greedy when temperature is 0, else lossless speculative sampling.
+    seed: PRNG seed.
+    eos_ids: generation of a sequence stops after any of these.
+    draft_ids: optional reduced draft vocabulary (token ids) for the draft head.
+    on_tokens: optional streaming sink `fn(tokens [B, C], counts [B])`.
+  Returns:
+    DecodeResult with each sequence's tokens and stats: mean accepted tokens per
+    verification step (the target's own token counted), rounds, draft steps, tokens/s.
+  """
+  adapter.acfg.check(model.cfg)
+  if max_new_tokens < 1:
+    raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings,
+                             max_new_tokens + kparams.gamma + 1)
+  if draft_ids is not None:
+    draft_ids = jnp.asarray(draft_ids, jnp.int32)
+    if draft_ids.ndim != 1 or not 0 < draft_ids.shape[0] <= model.cfg.vocab_size:
+      raise AdapterError(f"draft vocabulary must be 1..{model.cfg.vocab_size} ids, got shape {draft_ids.shape}")
+  graphdef, state = nnx.split(model)
+  agraphdef, astate = nnx.split(adapter)
+  eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+  start = time.perf_counter()
+  out, counts, rounds, drafts, total_rounds = run_with_sink(
+      _kangaroo_loop, on_tokens, graphdef, state, agraphdef, astate, draft_ids,
+      jnp.asarray(tokens), jnp.asarray(lens), jax.random.key(seed), eos, jnp.float32(kparams.eta),
+      params=params, max_new_tokens=max_new_tokens, gamma=kparams.gamma,
+      stream=on_tokens is not None)
+  out, counts = np.asarray(out), np.asarray(counts)
+  rounds, drafts = np.asarray(rounds), np.asarray(drafts)
+  seconds = time.perf_counter() - start
+  seqs = [out[i, :counts[i]].tolist() for i in range(len(prompts))]
+  new = int(counts.sum())
+  # The first token comes from the prefill, not from a verification step.
+  verified = int((counts - 1).sum())
+  return DecodeResult(seqs, seconds, {
+      "new_tokens": new, "seconds": seconds, "tokens_per_second": new / seconds,
+      "rounds": int(rounds.sum()), "steps": int(total_rounds), "draft_steps": int(drafts.sum()),
+      "mean_accepted_tokens": verified / max(1, int(rounds.sum())),
+      "drafts_per_round": int(drafts.sum()) / max(1, int(rounds.sum()))})
