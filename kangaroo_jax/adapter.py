@@ -85,3 +85,60 @@ def init_adapter(cfg: ModelConfig, exit_layer: int, num_heads: Optional[int] = N
   acfg = AdapterConfig.for_model(cfg, exit_layer, num_heads)
   acfg.check(cfg)
   return Adapter(acfg, cfg, dtype, nnx.Rngs(seed))
+
+
+# ---- the standalone adapter file: one safetensors file, config in its metadata ----
+_FORMAT = "kangaroo-jax-adapter/1"
+
+
+def _tensors(adapter: Adapter) -> dict[str, nnx.Param]:
+  return {"input_norm.weight": adapter.input_norm.weight, "attn.qkv": adapter.attn.qkv,
+          "attn.o": adapter.attn.o, "out_norm.weight": adapter.out_norm.weight}
+
+
+def save_adapter(path: str, adapter: Adapter, draft_ids: Optional[np.ndarray] = None,
+                 extra: Optional[dict] = None) -> None:
+  """Writes the adapter (and an optional reduced draft vocabulary) to one small file."""
+  from safetensors.numpy import save_file
+  arrays = {k: np.asarray(v.value, np.float32) for k, v in _tensors(adapter).items()}
+  if draft_ids is not None:
+    arrays["draft_ids"] = np.asarray(draft_ids, np.int32)
+  meta = {"format": _FORMAT, "config": json.dumps(dataclasses.asdict(adapter.acfg)),
+          "extra": json.dumps(extra or {})}
+  save_file(arrays, path, metadata=meta)
+
+
+def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32) -> tuple[Adapter, Optional[np.ndarray]]:
+  """Reads an adapter file written by `save_adapter`; checks it fits model `cfg`.
+
+  Returns (adapter, draft_ids or None). Raises AdapterError on a missing, corrupt or
+  mismatched file.
+  """
+  from safetensors import safe_open
+  import os
+  if not os.path.isfile(path):
+    raise AdapterError(f"no such adapter file: {path}")
+  try:
+    with safe_open(path, framework="numpy") as f:
+      meta = f.metadata() or {}
+      if meta.get("format") != _FORMAT:
+        raise AdapterError(f"{path} is not a kangaroo-jax adapter file")
+      acfg = AdapterConfig(**json.loads(meta["config"]))
+      arrays = {k: f.get_tensor(k) for k in f.keys()}
+  except AdapterError:
+    raise
+  except Exception as e:  # safetensors raises several types for damaged files
+    raise AdapterError(f"{path} is corrupt or truncated: {str(e).splitlines()[0]}") from None
+  acfg.check(cfg)
+  adapter = nnx.eval_shape(lambda: Adapter(acfg, cfg, dtype, nnx.Rngs(0)))
+  for name, var in _tensors(adapter).items():
+    if name not in arrays:
+      raise AdapterError(f"{path} lacks the tensor {name!r}")
+    if tuple(arrays[name].shape) != tuple(var.value.shape):
+      raise AdapterError(f"{path}: {name} has shape {arrays[name].shape}, the model needs "
+                         f"{tuple(var.value.shape)}")
+    var.value = jnp.asarray(arrays[name], dtype)
+  draft_ids = arrays.get("draft_ids")
+  if draft_ids is not None and (draft_ids.min() < 0 or draft_ids.max() >= cfg.vocab_size):
+    raise AdapterError(f"{path}: draft vocabulary ids fall outside the model's {cfg.vocab_size} tokens")
+  return adapter, draft_ids

