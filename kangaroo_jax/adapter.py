@@ -100,7 +100,7 @@ def save_adapter(path: str, adapter: Adapter, draft_ids: Optional[np.ndarray] = 
                  extra: Optional[dict] = None) -> None:
   """Writes the adapter (and an optional reduced draft vocabulary) to one small file."""
   from safetensors.numpy import save_file
-  arrays = {k: np.asarray(v.value, np.float32) for k, v in _tensors(adapter).items()}
+  arrays = {k: np.asarray(v[...], np.float32) for k, v in _tensors(adapter).items()}
   if draft_ids is not None:
     arrays["draft_ids"] = np.asarray(draft_ids, np.int32)
   meta = {"format": _FORMAT, "config": json.dumps(dataclasses.asdict(adapter.acfg)),
@@ -134,10 +134,10 @@ def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32) -> tuple[Adapte
   for name, var in _tensors(adapter).items():
     if name not in arrays:
       raise AdapterError(f"{path} lacks the tensor {name!r}")
-    if tuple(arrays[name].shape) != tuple(var.value.shape):
+    if tuple(arrays[name].shape) != tuple(var.shape):
       raise AdapterError(f"{path}: {name} has shape {arrays[name].shape}, the model needs "
-                         f"{tuple(var.value.shape)}")
-    var.value = jnp.asarray(arrays[name], dtype)
+                         f"{tuple(var.shape)}")
+    var.set_value(jnp.asarray(arrays[name], dtype))
   draft_ids = arrays.get("draft_ids")
   if draft_ids is not None and (draft_ids.min() < 0 or draft_ids.max() >= cfg.vocab_size):
     raise AdapterError(f"{path}: draft vocabulary ids fall outside the model's {cfg.vocab_size} tokens")

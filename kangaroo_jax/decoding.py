@@ -39,6 +39,16 @@ def cache_size(prompt_bucket: int, max_new_tokens: int, extra: int = 0) -> int:
   return -(-(prompt_bucket + max_new_tokens + extra) // 128) * 128
 
 
+def place_batch(mesh, *arrays):
+  """Puts [B, ...] arrays on the mesh's 'data' axis (replicated if B does not divide)."""
+  if mesh is None:
+    return tuple(jnp.asarray(a) for a in arrays)
+  from kangaroo_jax.sharding import data_sharding
+  if arrays[0].shape[0] % mesh.shape["data"]:
+    return tuple(jnp.asarray(a) for a in arrays)
+  return tuple(jax.device_put(a, data_sharding(mesh)) for a in arrays)
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], max_positions: int,
                 reserve: int) -> tuple[np.ndarray, np.ndarray]:
   """Right-pads token lists into [B, bucket] int32 plus lengths [B]; checks the sizes."""
@@ -144,7 +154,8 @@ def _plain_loop(graphdef, state, tokens, prompt_lens, rng, eos_ids, *,
 
 def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                  params: SamplingParams = SamplingParams(), seed: int = 0,
-                 eos_ids: Sequence[int] = (), on_tokens: Optional[Callable] = None) -> DecodeResult:
+                 eos_ids: Sequence[int] = (), on_tokens: Optional[Callable] = None,
+                 mesh=None) -> DecodeResult:
   """Decodes token prompts with the target model alone.
 
   Args:
@@ -155,6 +166,7 @@ def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
     seed: PRNG seed for sampling.
     eos_ids: generation of a sequence stops after any of these.
     on_tokens: optional streaming sink `fn(tokens [B, C], counts [B])`.
+    mesh: optional ('data', 'model') mesh; shard the model with `shard_module` first.
   Returns:
     DecodeResult with each sequence's new tokens (EOS included) and timings.
   """
@@ -163,9 +175,10 @@ def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
   tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens)
   graphdef, state = nnx.split(model)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+  tokens, lens = place_batch(mesh, tokens, lens)
   start = time.perf_counter()
   out, counts, steps = run_with_sink(
-      _plain_loop, on_tokens, graphdef, state, jnp.asarray(tokens), jnp.asarray(lens),
+      _plain_loop, on_tokens, graphdef, state, tokens, lens,
       jax.random.key(seed), eos, params=params, max_new_tokens=max_new_tokens,
       stream=on_tokens is not None)
   out, counts = np.asarray(out), np.asarray(counts)

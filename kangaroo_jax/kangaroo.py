@@ -31,9 +31,9 @@ from flax import nnx
 from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import Adapter, AdapterError
 from kangaroo_jax.decoding import (PAD_ID, DecodeResult, PromptError, cache_size, emit, is_eos,
-                                   last_hidden, pad_prompts, prefill, run_with_sink)
+                                   last_hidden, pad_prompts, place_batch, prefill, run_with_sink)
 from kangaroo_jax.model import Llama
-from kangaroo_jax.sampling import SamplingParams, probs, process_logits
+from kangaroo_jax.sampling import SamplingParams, probs, process_logits, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,11 +156,7 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
   _, acache = adapter(h_l, positions, adapter.init_cache(b, size))
   h, cache = model.run_layers(h_l, positions, cache, l, None)
   rng, sub = jax.random.split(rng)
-  y0 = sample_first = jax.random.categorical(sub, process_logits(
-      model.logits(last_hidden(h, prompt_lens))[:, 0], params)) if not params.greedy else \
-      jnp.argmax(model.logits(last_hidden(h, prompt_lens))[:, 0], -1)
-  y0 = y0.astype(jnp.int32)
-  del sample_first
+  y0 = sample(model.logits(last_hidden(h, prompt_lens))[:, 0], params, sub)  # [B]
   out = jnp.zeros((b, max_new_tokens + gamma + 1), jnp.int32).at[:, 0].set(y0)
   if stream:
     emit(y0[:, None], jnp.ones((b,), jnp.int32))
@@ -207,7 +203,7 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
                     max_new_tokens: int = 128, kparams: KangarooParams = KangarooParams(),
                     params: SamplingParams = SamplingParams(), seed: int = 0,
                     eos_ids: Sequence[int] = (), draft_ids: Optional[np.ndarray] = None,
-                    on_tokens: Optional[Callable] = None) -> DecodeResult:
+                    on_tokens: Optional[Callable] = None, mesh=None) -> DecodeResult:
   """Decodes token prompts with Kangaroo self-speculation; output equals plain decoding.
 
   Args:
@@ -221,6 +217,7 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
     eos_ids: generation of a sequence stops after any of these.
     draft_ids: optional reduced draft vocabulary (token ids) for the draft head.
     on_tokens: optional streaming sink `fn(tokens [B, C], counts [B])`.
+    mesh: optional ('data', 'model') mesh; shard model and adapter with `shard_module`.
   Returns:
     DecodeResult with each sequence's tokens and stats: mean accepted tokens per
     verification step (the target's own token counted), rounds, draft steps, tokens/s.
@@ -237,10 +234,11 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
   graphdef, state = nnx.split(model)
   agraphdef, astate = nnx.split(adapter)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+  tokens, lens = place_batch(mesh, tokens, lens)
   start = time.perf_counter()
   out, counts, rounds, drafts, total_rounds = run_with_sink(
       _kangaroo_loop, on_tokens, graphdef, state, agraphdef, astate, draft_ids,
-      jnp.asarray(tokens), jnp.asarray(lens), jax.random.key(seed), eos, jnp.float32(kparams.eta),
+      tokens, lens, jax.random.key(seed), eos, jnp.float32(kparams.eta),
       params=params, max_new_tokens=max_new_tokens, gamma=kparams.gamma,
       stream=on_tokens is not None)
   out, counts = np.asarray(out), np.asarray(counts)

@@ -62,7 +62,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (y * self.weight.value.astype(jnp.float32)).astype(x.dtype)
+    return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -82,18 +82,18 @@ class Attention(nnx.Module):
     """x [B, T, D] at positions [B, T] -> (out [B, T, D], cache_k, cache_v)."""
     b, t, _ = x.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-    qkv = x @ self.qkv.value  # [B, T, (N + 2K) * H]
+    qkv = x @ self.qkv[...]  # [B, T, (N + 2K) * H]
     if self.qkv_bias is not None:
-      qkv = qkv + self.qkv_bias.value
+      qkv = qkv + self.qkv_bias[...]
     q, key, val = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
     q = apply_rope(q.reshape(b, t, n, h), positions, inv_freq)  # [B, T, N, H]
     key = apply_rope(key.reshape(b, t, k, h), positions, inv_freq)  # [B, T, K, H]
     val = val.reshape(b, t, k, h)  # [B, T, K, H]
     cache_k, cache_v = kv.write(cache_k, cache_v, key, val, positions)
     out = attend(q, cache_k, cache_v, positions)  # [B, T, N * H]
-    out = out @ self.o.value
+    out = out @ self.o[...]
     if self.o_bias is not None:
-      out = out + self.o_bias.value
+      out = out + self.o_bias[...]
     return out, cache_k, cache_v
 
 
@@ -126,8 +126,8 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, positions, cache_k, cache_v, inv_freq):
     attn_out, cache_k, cache_v = self.attn(self.input_norm(x), positions, cache_k, cache_v, inv_freq)
     x = x + attn_out
-    gate, up = jnp.split(self.post_norm(x) @ self.gate_up.value, 2, axis=-1)  # [B, T, F] each
-    return x + (jax.nn.silu(gate) * up) @ self.down.value, cache_k, cache_v
+    gate, up = jnp.split(self.post_norm(x) @ self.gate_up[...], 2, axis=-1)  # [B, T, F] each
+    return x + (jax.nn.silu(gate) * up) @ self.down[...], cache_k, cache_v
 
 
 class Llama(nnx.Module):
@@ -145,7 +145,7 @@ class Llama(nnx.Module):
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] -> hidden [B, T, D]."""
-    return jnp.take(self.embedding.value, tokens, axis=0)
+    return jnp.take(self.embedding[...], tokens, axis=0)
 
   def run_layers(self, x: jax.Array, positions: jax.Array, cache: kv.KVCache,
                  start: int = 0, end: Optional[int] = None):
@@ -162,7 +162,7 @@ class Llama(nnx.Module):
 
   def head_weight(self) -> jax.Array:
     """The LM head as [V, D] (the embedding itself when tied)."""
-    return self.embedding.value if self.lm_head is None else self.lm_head.value.T
+    return self.embedding[...] if self.lm_head is None else self.lm_head[...].T
 
   def logits(self, x: jax.Array) -> jax.Array:
     """Final norm + LM head: hidden [B, T, D] -> float32 logits [B, T, V]."""
@@ -176,8 +176,8 @@ class Llama(nnx.Module):
     if head is not None:
       return jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
     if self.lm_head is None:
-      return jnp.einsum("btd,vd->btv", x, self.embedding.value, preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", x, self.lm_head.value, preferred_element_type=jnp.float32)
+      return jnp.einsum("btd,vd->btv", x, self.embedding[...], preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache):
     """Full forward: tokens [B, T] at positions [B, T] -> (logits [B, T, V], cache)."""
@@ -189,24 +189,24 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, np.ndarray], dtype=jnp.fl
   """Builds a Llama from Hugging Face-named weights ([out, in] linear layout)."""
   model = nnx.eval_shape(lambda: Llama(cfg, dtype, nnx.Rngs(0)))
   arr = lambda x: jnp.asarray(np.asarray(x, np.float32), dtype)
-  model.embedding.value = arr(sd["model.embed_tokens.weight"])
+  model.embedding.set_value(arr(sd["model.embed_tokens.weight"]))
   for i, layer in enumerate(model.layers):
     p = f"model.layers.{i}."
     a = p + "self_attn."
-    layer.input_norm.weight.value = arr(sd[p + "input_layernorm.weight"])
-    layer.post_norm.weight.value = arr(sd[p + "post_attention_layernorm.weight"])
-    layer.attn.qkv.value = arr(np.concatenate(
-        [sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]], axis=0).T)
+    layer.input_norm.weight.set_value(arr(sd[p + "input_layernorm.weight"]))
+    layer.post_norm.weight.set_value(arr(sd[p + "post_attention_layernorm.weight"]))
+    qkv = [sd[a + n + "_proj.weight"] for n in "qkv"]
+    layer.attn.qkv.set_value(arr(np.concatenate(qkv, axis=0).T))  # [D, (N + 2K) * H]
     if layer.attn.qkv_bias is not None:
-      layer.attn.qkv_bias.value = arr(np.concatenate(
-          [sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"]]))
-    layer.attn.o.value = arr(np.asarray(sd[a + "o_proj.weight"]).T)
+      layer.attn.qkv_bias.set_value(arr(np.concatenate([sd[a + n + "_proj.bias"] for n in "qkv"])))
+    layer.attn.o.set_value(arr(np.asarray(sd[a + "o_proj.weight"]).T))
     if layer.attn.o_bias is not None:
-      layer.attn.o_bias.value = arr(sd[a + "o_proj.bias"])
+      layer.attn.o_bias.set_value(arr(sd[a + "o_proj.bias"]))
     m = p + "mlp."
-    layer.gate_up.value = arr(np.concatenate([sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]], 0).T)
-    layer.down.value = arr(np.asarray(sd[m + "down_proj.weight"]).T)
-  model.norm.weight.value = arr(sd["model.norm.weight"])
+    gate_up = [sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]]
+    layer.gate_up.set_value(arr(np.concatenate(gate_up, axis=0).T))  # [D, 2F]
+    layer.down.set_value(arr(np.asarray(sd[m + "down_proj.weight"]).T))
+  model.norm.weight.set_value(arr(sd["model.norm.weight"]))
   if model.lm_head is not None:
-    model.lm_head.value = arr(np.asarray(sd["lm_head.weight"]).T)
+    model.lm_head.set_value(arr(np.asarray(sd["lm_head.weight"]).T))
   return model
