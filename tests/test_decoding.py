@@ -1,0 +1,102 @@
+"""Plain decoding: batches, buckets, stopping, sampling arguments, bad prompts."""
+import numpy as np
+import pytest
+
+from hf_tiny import make_hf_model
+from kangaroo_jax import model as M
+from kangaroo_jax.decoding import PromptError, _plain_loop, bucket, plain_decode
+from kangaroo_jax.sampling import SamplingError, SamplingParams
+
+EOS = 1
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  _, cfg, sd = make_hf_model("gqa_untied", num_layers=3)
+  return M.from_hf_state_dict(cfg, sd)
+
+
+def _prompts(lengths, seed=0):
+  rs = np.random.RandomState(seed)
+  return [rs.randint(2, 97, n).tolist() for n in lengths]
+
+
+def test_greedy_matches_step_by_step_argmax(tiny):
+  """The jitted loop equals a host loop of uncached full forwards."""
+  import jax.numpy as jnp
+  from kangaroo_jax import cache as kv
+  prompt = _prompts([6])[0]
+  got = plain_decode(tiny, [prompt], max_new_tokens=10).tokens[0]
+  seq = list(prompt)
+  for _ in range(10):
+    t = len(seq)
+    logits, _ = tiny(jnp.asarray([seq]), jnp.arange(t)[None], kv.init_model_cache(tiny.cfg, 1, t))
+    seq.append(int(np.argmax(np.asarray(logits)[0, -1])))
+  assert got == seq[len(prompt):]
+
+
+def test_batch_of_different_lengths_equals_each_alone(tiny):
+  prompts = _prompts([3, 17, 9, 1])
+  batch = plain_decode(tiny, prompts, max_new_tokens=25, eos_ids=[EOS]).tokens
+  for p, b in zip(prompts, batch):
+    assert plain_decode(tiny, [p], max_new_tokens=25, eos_ids=[EOS]).tokens[0] == b
+
+
+def test_stops_at_eos_and_max_new_tokens(tiny):
+  prompt = _prompts([5])[0]
+  free = plain_decode(tiny, [prompt], max_new_tokens=12).tokens[0]
+  assert len(free) == 12
+  eos = free[4]  # pretend the 5th generated token is EOS
+  stopped = plain_decode(tiny, [prompt], max_new_tokens=12, eos_ids=[eos]).tokens[0]
+  assert stopped == free[:free.index(eos) + 1]
+
+
+def test_same_bucket_does_not_recompile(tiny):
+  plain_decode(tiny, _prompts([5]), max_new_tokens=8)
+  before = _plain_loop._cache_size()
+  plain_decode(tiny, _prompts([7], seed=1), max_new_tokens=8)
+  plain_decode(tiny, _prompts([30], seed=2), max_new_tokens=8)  # same bucket of 32
+  assert _plain_loop._cache_size() == before
+  assert bucket(5) == bucket(30) == 32 and bucket(33) == 64
+
+
+def test_sampling_is_seeded_and_respects_top_k(tiny):
+  prompt = _prompts([4])
+  params = SamplingParams(temperature=1.0, top_k=1)
+  # top_k=1 is greedy whatever the seed.
+  assert (plain_decode(tiny, prompt, max_new_tokens=10, params=params, seed=3).tokens
+          == plain_decode(tiny, prompt, max_new_tokens=10).tokens)
+  params = SamplingParams(temperature=1.0, top_p=0.9)
+  a = plain_decode(tiny, prompt, max_new_tokens=10, params=params, seed=3).tokens
+  assert a == plain_decode(tiny, prompt, max_new_tokens=10, params=params, seed=3).tokens
+  assert a != plain_decode(tiny, prompt, max_new_tokens=10, params=params, seed=4).tokens
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+  import jax.numpy as jnp
+  from kangaroo_jax.sampling import probs
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  p = np.asarray(probs(logits, SamplingParams(temperature=1.0, top_p=0.8)))[0]
+  np.testing.assert_allclose(p, [0.625, 0.375, 0, 0], atol=1e-6)
+  p = np.asarray(probs(logits, SamplingParams(temperature=1.0, top_k=3)))[0]
+  np.testing.assert_allclose(p, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=1.0, top_p=0.0), "top_p"),
+    (dict(temperature=1.0, top_p=1.5), "top_p"),
+    (dict(temperature=1.0, top_k=-2), "top_k"),
+])
+def test_invalid_sampling_arguments(kwargs, match):
+  with pytest.raises(SamplingError, match=match):
+    SamplingParams(**kwargs)
+
+
+def test_bad_prompts(tiny):
+  with pytest.raises(PromptError, match="empty prompt"):
+    plain_decode(tiny, [[]], max_new_tokens=4)
+  with pytest.raises(PromptError, match="exceeds"):
+    plain_decode(tiny, [[3] * 250], max_new_tokens=10)  # the tiny model has 256 positions
+  with pytest.raises(PromptError, match="max_new_tokens"):
+    plain_decode(tiny, [[3]], max_new_tokens=0)
