@@ -100,3 +100,41 @@ def test_bad_prompts(tiny):
     plain_decode(tiny, [[3] * 250], max_new_tokens=10)  # the tiny model has 256 positions
   with pytest.raises(PromptError, match="max_new_tokens"):
     plain_decode(tiny, [[3]], max_new_tokens=0)
+
+
+def _cache_copies_in_loops(hlo_text: str, cache_dims: str) -> int:
+  """Counts copies of cache-shaped arrays outside the entry computation (i.e. in loops)."""
+  count, computation = 0, None
+  for line in hlo_text.splitlines():
+    if line and not line.startswith(" ") and "{" in line:
+      computation = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+    if " copy(" in line and f"[{cache_dims}]" in line and computation != "ENTRY":
+      count += 1
+  return count
+
+
+def test_no_cache_copy_per_step(tiny):
+  """The while loops update the KV cache in place: no copy of a cache array per token."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from kangaroo_jax.adapter import init_adapter
+  from kangaroo_jax.decoding import cache_size
+  from kangaroo_jax.kangaroo import _kangaroo_loop
+  graphdef, state = nnx.split(tiny)
+  agraphdef, astate = nnx.split(init_adapter(tiny.cfg, 1))
+  tokens, lens, eos = jnp.zeros((1, 32), jnp.int32), jnp.asarray([5]), jnp.asarray([EOS])
+  cfg = tiny.cfg
+  plain = _plain_loop.lower(graphdef, state, tokens, lens, jax.random.key(0), eos,
+                            params=SamplingParams(), max_new_tokens=64, stream=False)
+  dims = f"1,{cache_size(32, 64)},{cfg.num_kv_heads},{cfg.head_dim}"
+  text = plain.compile().as_text()
+  assert f"[{dims}]" in text
+  assert _cache_copies_in_loops(text, dims) == 0
+  spec = _kangaroo_loop.lower(graphdef, state, agraphdef, astate, None, tokens, lens,
+                              jax.random.key(0), eos, jnp.float32(0.6), params=SamplingParams(),
+                              max_new_tokens=64, gamma=6, stream=False)
+  dims = f"1,{cache_size(32, 64, 8)},{cfg.num_kv_heads},{cfg.head_dim}"
+  text = spec.compile().as_text()
+  assert f"[{dims}]" in text
+  assert _cache_copies_in_loops(text, dims) == 0

@@ -1,0 +1,96 @@
+"""The embedded SmolLM2-135M-Instruct: parity with transformers and lossless Kangaroo.
+
+These load the real 135M model (about 10-20 s) and are marked slow.
+"""
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from kangaroo_jax import cache as kv  # noqa: E402
+from kangaroo_jax.api import encode_prompt, eos_ids, load_adapter_for, load_model  # noqa: E402
+from kangaroo_jax.decoding import bucket, plain_decode  # noqa: E402
+from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode  # noqa: E402
+from kangaroo_jax.weights import default_model_path  # noqa: E402
+
+QUESTIONS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                         "spec_bench_question.jsonl")
+
+
+@pytest.fixture(scope="module")
+def smol():
+  return load_model()
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+  path = default_model_path()
+  torch.set_num_threads(2)
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+
+def test_logits_match_transformers_on_the_same_gguf(smol, hf_model):
+  model, tok = smol
+  ids = encode_prompt(tok, "Write a short poem about the ocean.")
+  with torch.no_grad():
+    want = hf_model(torch.tensor([ids])).logits.numpy()
+  t = len(ids)
+  got, _ = model(jnp.asarray([ids]), jnp.arange(t)[None], kv.init_model_cache(model.cfg, 1, t))
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-3, rtol=1e-3)
+  assert (np.asarray(got).argmax(-1) == want.argmax(-1)).all()
+
+
+def test_64_token_greedy_continuation_equals_transformers_generate(smol, hf_model):
+  model, tok = smol
+  ids = encode_prompt(tok, "Explain why the sky is blue in a few sentences.")
+  with torch.no_grad():
+    want = hf_model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
+                             min_new_tokens=64)[0, len(ids):].tolist()
+  assert plain_decode(model, [ids], max_new_tokens=64).tokens[0] == want
+
+
+def _spec_bench_prompts():
+  """Two first turns per category; one each for the long-context ones (rag, summarization)."""
+  by_cat = collections.defaultdict(list)
+  with open(QUESTIONS) as f:
+    for line in f:
+      q = json.loads(line)
+      n = 1 if q["category"] in ("rag", "summarization") else 2
+      if len(by_cat[q["category"]]) < n:
+        by_cat[q["category"]].append(q["turns"][0])
+  return by_cat
+
+
+def test_kangaroo_greedy_identical_on_spec_bench(smol):
+  """24 prompts over all 13 categories, batched by prompt-length bucket. The token limit
+  falls inside rounds, and the short answers (qa, translation) end on EOS mid-round."""
+  model, tok = smol
+  by_cat = _spec_bench_prompts()
+  assert len(by_cat) == 13
+  prompts = [encode_prompt(tok, q) for qs in by_cat.values() for q in qs]
+  assert len(prompts) >= 20
+  eos = eos_ids(model, tok)
+  adapter, draft_ids = load_adapter_for(model)
+  groups = collections.defaultdict(list)
+  for p in prompts:
+    groups[bucket(len(p))].append(p)
+  plain, spec, accepted = [], [], []
+  for group in groups.values():
+    plain += plain_decode(model, group, max_new_tokens=40, eos_ids=eos).tokens
+    out = kangaroo_decode(model, adapter, group, max_new_tokens=40, eos_ids=eos,
+                          kparams=KangarooParams(0.6, 6), draft_ids=draft_ids)
+    spec += out.tokens
+    accepted.append(out.stats["mean_accepted_tokens"])
+  mismatched = [i for i, (a, b) in enumerate(zip(plain, spec)) if a != b]
+  assert not mismatched, f"prompts {mismatched} differ from plain decoding"
+  assert sum(t[-1] in eos and len(t) < 40 for t in plain) >= 1  # stopped by EOS
+  assert sum(len(t) == 40 for t in plain) >= 1  # stopped by the token limit
