@@ -51,10 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
       "the model, else a fresh random one: still lossless, only slower)")
   add("--exit-layer", type=int, metavar="L",
       help="exit layer of a fresh adapter; must match --adapter's")
-  add("--threshold", type=float, default=0.6, metavar="ETA",
-      help="stop drafting when the draft's top-1 probability < ETA (default 0.6)")
-  add("--max-draft", type=int, default=6, metavar="GAMMA",
-      help="draft tokens per round at most (default 6)")
+  add("--threshold", type=float, metavar="ETA",
+      help="stop drafting when the draft's top-1 probability < ETA (default: the tuned "
+      "setting for this backend, else 0.6)")
+  add("--max-draft", type=int, metavar="GAMMA",
+      help="draft tokens per round at most (default: the tuned setting, else 6)")
   add("--draft-vocab", type=int, metavar="N", help="draft over the N most frequent ids of the "
       "adapter's stored draft vocabulary; 0 = full vocabulary (default: all it stores, if any)")
   add("--compare", action="store_true", help="also decode plainly; report the speedup and "
@@ -73,8 +74,10 @@ def validate(args: argparse.Namespace) -> None:
       (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
       (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
       (args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}"),
-      (0 < args.threshold <= 1, f"--threshold must be in (0, 1], got {args.threshold}"),
-      (args.max_draft >= 1, f"--max-draft must be >= 1, got {args.max_draft}"),
+      (args.threshold is None or 0 < args.threshold <= 1,
+       f"--threshold must be in (0, 1], got {args.threshold}"),
+      (args.max_draft is None or args.max_draft >= 1,
+       f"--max-draft must be >= 1, got {args.max_draft}"),
       (args.exit_layer is None or args.exit_layer >= 1,
        f"--exit-layer must be >= 1, got {args.exit_layer}"),
       (args.draft_vocab is None or args.draft_vocab >= 0,
@@ -86,23 +89,6 @@ def validate(args: argparse.Namespace) -> None:
   for ok, message in checks:
     if not ok:
       raise CliError(message)
-
-
-def select_draft_ids(stored, n):
-  """The draft vocabulary: the adapter's own (n None), full (n 0), or its first n ids.
-
-  Adapter files store draft ids most frequent first, so a prefix keeps the likeliest tokens.
-  """
-  if n is None:
-    return stored
-  if n == 0:
-    return None
-  if stored is None:
-    raise CliError(f"--draft-vocab {n}: the adapter has no draft vocabulary "
-                   "(use 0 or leave the flag out)")
-  if n > len(stored):
-    raise CliError(f"--draft-vocab {n} exceeds the adapter's {len(stored)} draft ids")
-  return stored[:n]
 
 
 def decode_kwargs(args, adapter, draft_ids, mode: str) -> dict:
@@ -172,7 +158,10 @@ def load(api, args):
   adapter = draft_ids = None
   if args.mode == "kangaroo":
     adapter, stored = api.load_adapter_for(model, args.adapter, args.exit_layer)
-    draft_ids = select_draft_ids(stored, args.draft_vocab)
+    from kangaroo_jax import tuning
+    # Without --draft-vocab: the tuned size for this backend, else all the adapter stores.
+    n = tuning.tuned_settings()["draft_vocab"] if args.draft_vocab is None else args.draft_vocab
+    draft_ids = tuning.select_draft_ids(stored, n, strict=args.draft_vocab is not None)
   return model, tokenizer, adapter, draft_ids, time.perf_counter() - start
 
 

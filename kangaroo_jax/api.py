@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import jax.numpy as jnp
 import numpy as np
 
-from kangaroo_jax import weights
+from kangaroo_jax import tuning, weights
 from kangaroo_jax.adapter import Adapter, init_adapter, load_adapter
 from kangaroo_jax.decoding import PromptError, plain_decode
 from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode
@@ -111,8 +111,12 @@ def _decode(model, tokenizer, prompts, *, mode, adapter, draft_ids, max_new_toke
   if mode == "plain":
     result = plain_decode(model, ids, **common)
   elif mode == "kangaroo":
+    tuned = tuning.tuned_settings()
+    eta = tuned["eta"] if eta is None else eta
+    gamma = tuned["gamma"] if gamma is None else gamma
     if adapter is None:
-      adapter, draft_ids = load_adapter_for(model)
+      adapter, stored = load_adapter_for(model)
+      draft_ids = tuning.select_draft_ids(stored, tuned["draft_vocab"], strict=False)
     result = kangaroo_decode(model, adapter, ids, kparams=KangarooParams(eta, gamma),
                              draft_ids=draft_ids, **common)
   else:
@@ -124,7 +128,8 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
              mode: str = "kangaroo", adapter: Optional[Adapter] = None,
              draft_ids: Optional[np.ndarray] = None, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eta: float = 0.6, gamma: int = 6, chat: bool = True) -> Generation:
+             eta: Optional[float] = None, gamma: Optional[int] = None,
+             chat: bool = True) -> Generation:
   """Generates text for one prompt or a batch.
 
   Args:
@@ -134,7 +139,8 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
     adapter, draft_ids: from `load_adapter_for`; None uses the default adapter.
     max_new_tokens: new tokens per prompt at most.
     temperature, top_k, top_p, seed: sampling (temperature 0 = greedy).
-    eta, gamma: Kangaroo's early-exit threshold and maximum drafts per round.
+    eta, gamma: Kangaroo's early-exit threshold and maximum drafts per round; None takes
+      the tuned setting for this backend (`kangaroo_jax/tuned/<backend>.json`), else 0.6 / 6.
     chat: apply the tokenizer's chat template to string prompts.
   Returns:
     A `Generation` with texts, token ids and stats (mean_accepted_tokens, rounds,
@@ -185,7 +191,7 @@ def stream(model: Llama, tokenizer, prompt: PromptLike, **kwargs) -> Iterator[st
 
 def _defaults(kwargs: dict) -> dict:
   out = dict(mode="kangaroo", adapter=None, draft_ids=None, max_new_tokens=256, temperature=0.0,
-             top_k=0, top_p=1.0, seed=0, eta=0.6, gamma=6, chat=True)
+             top_k=0, top_p=1.0, seed=0, eta=None, gamma=None, chat=True)
   unknown = set(kwargs) - set(out)
   if unknown:
     raise TypeError(f"unknown arguments: {', '.join(sorted(unknown))}")

@@ -6,7 +6,7 @@ One round, per sequence, with pending token y0 at position n:
       adapter + LM head on h_i -> q_i -> draft y_{i+1}; stop when max q_i < eta
       (second early exit) or after gamma drafts. The shallow layers also run on the
       last draft, so the block [y_0 .. y_k] has all its layer-l states.
-  verify (`_verify`): deep layers [l, L) once over the fixed block of gamma + 1 states
+  verify (`_verify`): deep layers [l, L) once over a fixed-size block of layer-l states
       (the shallow layers are never recomputed), accept the longest agreeing prefix
       (greedy) or use speculative sampling, and append the target's own next token.
   roll back: the next round starts at n + accepted + 1. Every cache (shallow, deep,
@@ -107,6 +107,47 @@ def _draft(model: Llama, adapter: Adapter, draft_head, draft_ids, st, eta, *,
   return Y, H, Q, k, cache, acache, rng
 
 
+def verify_block_sizes(gamma: int) -> tuple[int, ...]:
+  """Static verification block sizes: powers of two below gamma + 1, and gamma + 1.
+
+  A round verifies the smallest block that holds every sequence's drafts. On a CPU a
+  block of 2 costs far less than one of 7, and drafting often stops early; a few sizes
+  keep compile time small.
+  """
+  sizes = {gamma + 1}
+  t = 2
+  while t < gamma + 1:
+    sizes.add(t)
+    t *= 2
+  return tuple(sorted(sizes))
+
+
+def _verify_switch(model: Llama, Y, H, Q, k, live, n, cache, rng, *, l: int,
+                   params: SamplingParams):
+  """Verifies the smallest static block that holds y0 and every live sequence's drafts."""
+  sizes = verify_block_sizes(Y.shape[1] - 1)
+  need = jnp.max(jnp.where(live, k, 1)) + 1
+  branch = jnp.searchsorted(jnp.asarray(sizes), need)
+  # Only the deep layers' cache enters the branches: a cache entry that a branch passes
+  # through unchanged would be copied by XLA's conditional.
+  shallow = {name: entries[:l] for name, entries in cache.items()}
+
+  def block(t):
+    def run(Y, H, Q, k, n, deep, rng):
+      full = {name: shallow[name] + deep[name] for name in cache}
+      a, z, full, rng = _verify(model, Y[:, :t], H[:, :t], Q[:, :t - 1], k, n, full, rng, l=l,
+                                params=params)
+      return a, z, {name: entries[l:] for name, entries in full.items()}, rng
+    return run
+
+  deep = {name: entries[l:] for name, entries in cache.items()}
+  if len(sizes) == 1:
+    a, z, deep, rng = block(sizes[0])(Y, H, Q, k, n, deep, rng)
+  else:
+    a, z, deep, rng = jax.lax.switch(branch, [block(t) for t in sizes], Y, H, Q, k, n, deep, rng)
+  return a, z, {name: shallow[name] + deep[name] for name in cache}, rng
+
+
 def _verify(model: Llama, Y, H, Q, k, n, cache, rng, *, l: int, params: SamplingParams):
   """Deep layers over the block; returns (accepted drafts a [B], next token z [B], cache, rng)."""
   b, kb = Y.shape
@@ -169,8 +210,9 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
   def round_body(st):
     Y, H, Q, k, cache, acache, rng = _draft(model, adapter, draft_head, draft_ids, st, eta,
                                             gamma=gamma, params=params)
-    a, z, cache, rng = _verify(model, Y, H, Q, k, st["n"], cache, rng, l=l, params=params)
     live = ~st["done"]
+    a, z, cache, rng = _verify_switch(model, Y, H, Q, k, live, st["n"], cache, rng, l=l,
+                                      params=params)
     j = jnp.arange(gamma + 1)[None]  # [1, K]
     # This round's new tokens: accepted drafts y_1..y_a, then z.
     new = jnp.where(j < a[:, None], jnp.roll(Y, -1, axis=1), z[:, None])  # [B, K]

@@ -48,6 +48,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return out.astype(x.dtype)
 
 
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [B, T, D_in] @ w [D_in, D_out] -> [B, T, D_out]."""
+  return x @ w
+
+
 def _param(rngs: nnx.Rngs, shape, dtype, scale: float = 0.02) -> nnx.Param:
   return nnx.Param((scale * jax.random.normal(rngs.params(), shape)).astype(dtype))
 
@@ -82,7 +87,7 @@ class Attention(nnx.Module):
     """x [B, T, D] at positions [B, T] -> (out [B, T, D], cache_k, cache_v)."""
     b, t, _ = x.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-    qkv = x @ self.qkv[...]  # [B, T, (N + 2K) * H]
+    qkv = dense(x, self.qkv[...])  # [B, T, (N + 2K) * H]
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...]
     q, key, val = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
@@ -91,7 +96,7 @@ class Attention(nnx.Module):
     val = val.reshape(b, t, k, h)  # [B, T, K, H]
     cache_k, cache_v = kv.write(cache_k, cache_v, key, val, positions)
     out = attend(q, cache_k, cache_v, positions)  # [B, T, N * H]
-    out = out @ self.o[...]
+    out = dense(out, self.o[...])
     if self.o_bias is not None:
       out = out + self.o_bias[...]
     return out, cache_k, cache_v
@@ -126,8 +131,8 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, positions, cache_k, cache_v, inv_freq):
     attn_out, cache_k, cache_v = self.attn(self.input_norm(x), positions, cache_k, cache_v, inv_freq)
     x = x + attn_out
-    gate, up = jnp.split(self.post_norm(x) @ self.gate_up[...], 2, axis=-1)  # [B, T, F] each
-    return x + (jax.nn.silu(gate) * up) @ self.down[...], cache_k, cache_v
+    gate, up = jnp.split(dense(self.post_norm(x), self.gate_up[...]), 2, axis=-1)  # [B, T, F] each
+    return x + dense(jax.nn.silu(gate) * up, self.down[...]), cache_k, cache_v
 
 
 class Llama(nnx.Module):

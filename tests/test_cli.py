@@ -194,7 +194,7 @@ def test_draft_vocab_without_stored_vocabulary(cli, capsys, tiny):
 def test_draft_vocab_larger_than_stored(cli, capsys, tiny, tmp_path):
   path = _save_adapter(str(tmp_path / "a.safetensors"), TINY_CONFIG, 2, draft_ids=np.arange(2, 12))
   assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, "--adapter", path,
-                        "--draft-vocab", "11"), "exceeds the adapter's 10 draft ids")
+                        "--draft-vocab", "11"), "the adapter has 10 draft ids")
 
 
 @pytest.mark.parametrize("words, new", [(300, 8), (10, 1000)])

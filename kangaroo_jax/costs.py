@@ -1,0 +1,309 @@
+"""What Kangaroo's pieces cost, in units of one plain decoding step, and the speedup they imply.
+
+Each piece runs `n` times inside one jitted `lax.fori_loop`, each iteration feeding its
+argmax back as the next input so that nothing can be hoisted out of the loop. A piece's
+cost is the slope (t(n0 + iters) - t(n0)) / iters: dispatch, the copy of the cache
+argument and other per-call constants cancel out. Pieces, matching `kangaroo.py`:
+
+  plain      one full decoding step: all layers on 1 token, final norm, full LM head
+  shallow    layers [0, l) on 1 token (the pending token y0, once per round)
+  draft      one draft step: the adapter on 2 positions, the LM head over the draft
+             vocabulary, softmax + argmax, then layers [0, l) on the drafted token
+  verify[T]  layers [l, L) over T positions, final norm, full LM head, argmax
+
+Per round, with k draft steps (mean `drafts_per_round`) and a verify block of T:
+
+  cost   = shallow + k * draft + verify[T]        (plain steps)
+  tokens = mean accepted tokens per round (the target's own token included)
+  speedup = tokens / cost
+
+`kangaroo.py` always verifies a fixed block of T = gamma + 1 positions (masked where
+drafting stopped early), so T = gamma + 1 for the current code; T = k + 1 is what a
+variable-length verification would pay. Costs do not depend on the weights, so a
+randomly initialised model of the target's shape (`SEVEN_B`) gives the costs at scale.
+
+  python -m kangaroo_jax.costs --preset 7b --dtype bfloat16 --max-block 8
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kangaroo_jax import cache as kv
+from kangaroo_jax.adapter import Adapter, init_adapter
+from kangaroo_jax.config import ModelConfig
+from kangaroo_jax.decoding import cache_size
+from kangaroo_jax.model import Llama
+
+# Vicuna/Llama-2-7B shapes (the paper's main target).
+SEVEN_B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                      num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
+                      max_position_embeddings=4096)
+# SmolLM2-135M shapes (the embedded default model), for CPU checks without the weights.
+SMOLLM2_135M = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                           num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                           rope_theta=100000.0, tie_embeddings=True)
+TINY = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4,
+                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+PRESETS = {"7b": SEVEN_B, "135m": SMOLLM2_135M, "tiny": TINY}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> Llama:
+  """A randomly initialised model of `cfg`'s shape (costs do not depend on the weights)."""
+  return Llama(cfg, dtype, nnx.Rngs(seed))
+
+
+# ---- one iteration of each piece: carry -> carry ----
+
+def _plain_step(model, adapter, head, ids, pos, carry):
+  tok, cache = carry
+  logits, cache = model(tok[:, None], pos[:, None], cache)  # [1, 1, V]
+  return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
+
+
+def _shallow_step(model, adapter, head, ids, pos, carry):
+  tok, cache = carry
+  h, cache = model.run_layers(model.embed(tok[:, None]), pos[:, None], cache, 0,
+                              adapter.acfg.exit_layer)  # [1, 1, D]
+  # Any cheap token that depends on h keeps iterations in sequence.
+  return (jnp.argmax(h[:, 0], axis=-1) % model.cfg.vocab_size).astype(jnp.int32), cache
+
+
+def _draft_step(model, adapter, head, ids, pos, carry):
+  tok, h_prev, cache, acache = carry
+  h, cache = model.run_layers(model.embed(tok[:, None]), pos[:, None], cache, 0,
+                              adapter.acfg.exit_layer)  # [1, 1, D]
+  pair = jnp.concatenate([h_prev, h], axis=1)  # [1, 2, D]
+  a_out, acache = adapter(pair, pos[:, None] + jnp.arange(-1, 1)[None], acache)
+  q = jax.nn.softmax(model.project(a_out[:, 1:], head)[:, 0], axis=-1)  # [1, V']
+  # The confidence feeds the carry too, as it feeds the early-exit test in the real loop.
+  choice = jnp.argmax(q, axis=-1) + (jnp.max(q, axis=-1) < 0).astype(jnp.int32)
+  nxt = choice if ids is None else ids[choice]
+  return nxt.astype(jnp.int32), h, cache, acache
+
+
+def _verify_step(model, adapter, head, ids, pos, carry):
+  x, cache = carry  # x [1, T, D]
+  t = x.shape[1]
+  positions = pos[:, None] + jnp.arange(t)[None]  # [1, T]
+  h, cache = model.run_layers(x, positions, cache, adapter.acfg.exit_layer, None)
+  target = jnp.argmax(model.logits(h), axis=-1)  # [1, T]
+  return model.embed(target).astype(x.dtype), cache
+
+
+def _build(step: Callable, model: Llama, adapter: Adapter) -> Callable:
+  """A jitted fn(state, astate, head, ids, pos, carry, n) running `step` n times."""
+  graphdef, _ = nnx.split(model)
+  agraphdef, _ = nnx.split(adapter)
+
+  def run(state, astate, head, ids, pos, carry, n):
+    m, a = nnx.merge(graphdef, state), nnx.merge(agraphdef, astate)
+    return jax.lax.fori_loop(0, n, lambda _, c: step(m, a, head, ids, pos, c), carry)
+
+  return jax.jit(run)
+
+
+def _slope(fn: Callable, args: tuple, iters: int, reps: int) -> float:
+  """Seconds per iteration: (t(n0 + iters) - t(n0)) / iters, best of `reps` each."""
+  n0 = max(1, iters // 4)
+
+  def best(n):
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args, jnp.int32(n)))
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  jax.block_until_ready(fn(*args, jnp.int32(n0)))  # warm-up
+  return max(1e-9, (best(n0 + iters) - best(n0)) / iters)
+
+
+def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
+                  draft_ids: Optional[np.ndarray] = None, *, max_block: int = 8,
+                  context: int = 256, iters: int = 20, reps: int = 3,
+                  exit_layer: int = 2) -> dict:
+  """Times one plain step, a draft step and verification of 1..max_block positions.
+
+  Args:
+    model: the target (its weights do not matter; see `random_model`).
+    adapter: the draft adapter; None = a fresh one exiting after `exit_layer` layers.
+    draft_ids: the reduced draft vocabulary, or None for the full LM head. The draft
+      step is timed with the full head as well when a reduced one is given.
+    max_block: largest verification block (gamma + 1).
+    context: tokens already in the cache; its slots are sized as decoding sizes them.
+    iters: iterations per timing (the slope over this many); reps: timings per length.
+    exit_layer: for a fresh adapter only.
+  Returns:
+    {"seconds": {...}, "relative": {...}} where each has plain, shallow, draft,
+    draft_full_vocab and verify {T: ...}; relative = seconds / plain seconds. Also the
+    shapes measured (layers, exit_layer, hidden, vocab, draft_vocab, dtype, device).
+  """
+  adapter = adapter or init_adapter(model.cfg, exit_layer, dtype=model.dtype)
+  cfg, dtype = model.cfg, model.dtype
+  slots = cache_size(context, 0, max_block + 2)
+  _, state = nnx.split(model)
+  _, astate = nnx.split(adapter)
+  full_head = model.head_weight()  # [V, D]
+  head = None if draft_ids is None else full_head[jnp.asarray(draft_ids)]  # [V', D]
+  ids = None if draft_ids is None else jnp.asarray(draft_ids, jnp.int32)
+  pos = jnp.full((1,), context, jnp.int32)
+  tok = jnp.ones((1,), jnp.int32)
+  cache = kv.init_model_cache(cfg, 1, slots, dtype)
+  acache = adapter.init_cache(1, slots)
+  h0 = jnp.zeros((1, 1, cfg.hidden_size), dtype)
+
+  jobs = {"plain": (_plain_step, (None, None, (tok, cache))),
+          "shallow": (_shallow_step, (None, None, (tok, cache))),
+          "draft": (_draft_step, (head, ids, (tok, h0, cache, acache)))}
+  if draft_ids is not None:
+    jobs["draft_full_vocab"] = (_draft_step, (None, None, (tok, h0, cache, acache)))
+  for t in range(1, max_block + 1):
+    x = jnp.zeros((1, t, cfg.hidden_size), dtype)
+    jobs[f"verify{t}"] = (_verify_step, (None, None, (x, cache)))
+
+  # Trace one at a time (nnx graph handling is not meant for threads), then compile
+  # side by side: XLA compiles outside the GIL, which saves minutes on a many-core host.
+  lowered = []
+  for name, (step, (hd, ids_, carry)) in jobs.items():
+    args = (state, astate, hd, ids_, pos, carry)
+    lowered.append((name, _build(step, model, adapter).lower(*args, jnp.int32(1)), args))
+  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    executables = list(pool.map(lambda item: item[1].compile(), lowered))
+  compiled = [(name, fn, args) for (name, _, args), fn in zip(lowered, executables)]
+  seconds = {name: _slope(fn, args, iters, reps) for name, fn, args in compiled}
+  if draft_ids is None:
+    seconds["draft_full_vocab"] = seconds["draft"]
+  verify = {t: seconds.pop(f"verify{t}") for t in range(1, max_block + 1)}
+  seconds["verify"] = verify
+  plain = seconds["plain"]
+  relative = {k: (v / plain if not isinstance(v, dict) else {t: s / plain for t, s in v.items()})
+              for k, v in seconds.items()}
+  return {"seconds": seconds, "relative": relative, "shapes": dict(
+      layers=cfg.num_layers, exit_layer=adapter.acfg.exit_layer, hidden=cfg.hidden_size,
+      ffn=cfg.intermediate_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+      vocab=cfg.vocab_size, draft_vocab=cfg.vocab_size if draft_ids is None else len(draft_ids),
+      dtype=jnp.dtype(dtype).name, context=context, cache_slots=slots, iters=iters,
+      device=str(jax.devices()[0].device_kind))}
+
+
+def verify_cost(relative: dict, block: float) -> float:
+  """verify[T] at a fractional block size (linear between measured sizes)."""
+  v = {int(t): c for t, c in relative["verify"].items()}
+  lo = max(1, min(int(math.floor(block)), max(v)))
+  hi = min(lo + 1, max(v))
+  frac = min(max(block - lo, 0.0), 1.0) if hi > lo else 0.0
+  return v[lo] * (1 - frac) + v[hi] * frac
+
+
+def round_cost(relative: dict, drafts_per_round: float, block: float) -> float:
+  """Plain steps one round costs: shallow + k * draft + verify[block]."""
+  return relative["shallow"] + drafts_per_round * relative["draft"] + verify_cost(relative, block)
+
+
+def project_speedup(relative: dict, tokens_per_round: float, drafts_per_round: float,
+                    block: float) -> float:
+  """Speedup over plain decoding = tokens per round / plain steps per round.
+
+  Args:
+    relative: `measure_costs(...)["relative"]`.
+    tokens_per_round: mean accepted tokens per verification (bonus token included).
+    drafts_per_round: mean draft steps per round.
+    block: verified positions per round: gamma + 1 for `kangaroo.py`'s fixed block,
+      drafts_per_round + 1 for a variable-length verification.
+  """
+  return tokens_per_round / round_cost(relative, drafts_per_round, block)
+
+
+def projection_table(relative: dict, gamma: int, acceptance: Sequence[tuple[str, float, float]]
+                     ) -> list[dict]:
+  """Projected speedups for (label, tokens_per_round, drafts_per_round) rows."""
+  rows = []
+  for label, tau, k in acceptance:
+    rows.append(dict(label=label, tokens_per_round=tau, drafts_per_round=k,
+                     fixed_block=project_speedup(relative, tau, k, gamma + 1),
+                     variable_block=project_speedup(relative, tau, k, k + 1)))
+  return rows
+
+
+def format_costs(result: dict) -> str:
+  """A small text table of the relative costs."""
+  r, s, sh = result["relative"], result["seconds"], result["shapes"]
+  lines = [f"costs on {sh['device']} ({sh['dtype']}, {sh['layers']} layers, hidden {sh['hidden']}, "
+           f"exit layer {sh['exit_layer']}, draft vocab {sh['draft_vocab']}/{sh['vocab']}, "
+           f"{sh['cache_slots']} cache slots)",
+           f"  {'piece':<22}{'ms':>9}{'x plain':>9}"]
+  for name in ("plain", "shallow", "draft", "draft_full_vocab"):
+    lines.append(f"  {name:<22}{1e3 * s[name]:>9.3f}{r[name]:>9.3f}")
+  for t, rel in r["verify"].items():
+    lines.append(f"  {'verify T=' + str(t):<22}{1e3 * s['verify'][t]:>9.3f}{rel:>9.3f}")
+  return "\n".join(lines)
+
+
+def format_projection(rows: list[dict], gamma: int) -> str:
+  """A small text table of `projection_table` rows."""
+  lines = [f"  {'acceptance':<28}{'tokens/round':>13}{'drafts/round':>13}"
+           f"{'fixed T=' + str(gamma + 1):>12}{'T=k+1':>8}"]
+  for row in rows:
+    lines.append(f"  {row['label']:<28}{row['tokens_per_round']:>13.2f}"
+                 f"{row['drafts_per_round']:>13.2f}{row['fixed_block']:>11.2f}x"
+                 f"{row['variable_block']:>7.2f}x")
+  return "\n".join(lines)
+
+
+def default_acceptance(gamma: int) -> list[tuple[str, float, float]]:
+  """Illustrative acceptance rows when none was measured: k drafts, a fraction accepted."""
+  return [(f"{k} drafts, {tau - 1:.1f} accepted", tau, float(k))
+          for k, tau in ((2, 2.0), (3, 2.5), (gamma, 3.0), (gamma, 4.0)) if k <= gamma]
+
+
+def main(argv=None) -> int:
+  """Measures a randomly initialised preset and prints costs and projected speedups."""
+  p = argparse.ArgumentParser(description="Kangaroo piece costs relative to one plain step")
+  p.add_argument("--preset", choices=sorted(PRESETS), default="7b",
+                 help="model shape, randomly initialised (default 7b)")
+  p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+  p.add_argument("--exit-layer", type=int, default=2)
+  p.add_argument("--max-block", type=int, default=8, help="verify T = 1..this (gamma + 1)")
+  p.add_argument("--draft-vocab", type=int, default=0,
+                 help="reduced draft vocabulary size (0 = full head only)")
+  p.add_argument("--context", type=int, default=256)
+  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--accepted", type=float, action="append", default=[],
+                 help="tokens per round to project (repeatable; with --drafts)")
+  p.add_argument("--drafts", type=float, action="append", default=[],
+                 help="draft steps per round, one per --accepted")
+  p.add_argument("--json", metavar="PATH", help="also write the results here")
+  args = p.parse_args(argv)
+  if len(args.accepted) != len(args.drafts):
+    p.error("give one --drafts per --accepted")
+  cfg = PRESETS[args.preset]
+  model = random_model(cfg, DTYPES[args.dtype])
+  ids = np.arange(args.draft_vocab) if 0 < args.draft_vocab < cfg.vocab_size else None
+  result = measure_costs(model, None, ids, max_block=args.max_block, context=args.context,
+                         iters=args.iters, exit_layer=args.exit_layer)
+  gamma = args.max_block - 1
+  acceptance = ([(f"given {a:.2f}/{k:.2f}", a, k) for a, k in zip(args.accepted, args.drafts)]
+                or default_acceptance(gamma))
+  result["projection"] = projection_table(result["relative"], gamma, acceptance)
+  print(format_costs(result))
+  print(format_projection(result["projection"], gamma))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

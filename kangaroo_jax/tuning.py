@@ -1,0 +1,109 @@
+"""Per-backend Kangaroo settings (eta, gamma, draft vocabulary) found by the benchmark sweep.
+
+The best setting depends on the hardware: on a CPU verification of a long block costs
+more than one plain step and the LM head dominates a draft step, so short drafts over a
+reduced vocabulary win; on an accelerator verifying 8 positions costs about as much as
+one, so longer drafts pay. `python -m kangaroo_jax.bench --sweep` measures and writes
+`tuned/<backend>.json`; `tuned_settings()` reads it (defaults when absent).
+
+    {"eta": 0.6, "gamma": 6, "draft_vocab": null, "measured": {...}}
+
+`draft_vocab`: null = the adapter's stored draft vocabulary (if any), 0 = the full
+vocabulary, N = the first N stored ids (stored most frequent first).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Optional, Sequence
+
+import numpy as np
+
+TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
+DEFAULTS = {"eta": 0.6, "gamma": 6, "draft_vocab": None}
+
+
+class TuningError(ValueError):
+  """A tuned-settings file or value that cannot be used."""
+
+
+def current_backend() -> str:
+  """jax's default backend name ('cpu', 'gpu', 'tpu')."""
+  import jax  # Deferred: reading settings for another backend needs no jax.
+  return jax.default_backend()
+
+
+def tuned_path(backend: Optional[str] = None) -> str:
+  """Where the tuned settings of `backend` (default: the current one) live."""
+  return os.path.join(TUNED_DIR, f"{backend or current_backend()}.json")
+
+
+def check_settings(s: dict) -> dict:
+  """Validates eta/gamma/draft_vocab; returns just those three keys. Raises TuningError."""
+  try:
+    eta, gamma, vocab = float(s["eta"]), s["gamma"], s.get("draft_vocab")
+  except (KeyError, TypeError, ValueError) as e:
+    raise TuningError(f"settings need numeric 'eta' and 'gamma': {e}") from None
+  if not 0 < eta <= 1:
+    raise TuningError(f"eta must be in (0, 1], got {eta}")
+  if not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1:
+    raise TuningError(f"gamma must be an integer >= 1, got {gamma!r}")
+  if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 0):
+    raise TuningError(f"draft_vocab must be null or an integer >= 0, got {vocab!r}")
+  return {"eta": eta, "gamma": gamma, "draft_vocab": vocab}
+
+
+def tuned_settings(backend: Optional[str] = None, path: Optional[str] = None) -> dict:
+  """The tuned {eta, gamma, draft_vocab} for a backend, or DEFAULTS when none were tuned.
+
+  Args:
+    backend: 'cpu', 'gpu', 'tpu'; None = jax's default backend.
+    path: read this file instead of `tuned/<backend>.json`.
+  Returns:
+    A new dict with keys eta (float), gamma (int), draft_vocab (None or int). A damaged
+    file warns and yields the defaults: a bad tuning file must not stop decoding.
+  """
+  path = path or tuned_path(backend)
+  if not os.path.isfile(path):
+    return dict(DEFAULTS)
+  try:
+    with open(path) as f:
+      return check_settings(json.load(f))
+  except (OSError, json.JSONDecodeError, TuningError, AttributeError) as e:
+    warnings.warn(f"ignoring tuned settings {path}: {' '.join(str(e).split())}")
+    return dict(DEFAULTS)
+
+
+def write_tuned(settings: dict, path: str, measured: Optional[dict] = None) -> str:
+  """Writes checked settings (plus what they were measured with) to `path`; returns it."""
+  out = dict(check_settings(settings), measured=measured or {})
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(out, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)  # readers never see a half-written file
+  return path
+
+
+def select_draft_ids(stored: Optional[Sequence[int]], n: Optional[int],
+                     strict: bool = True) -> Optional[np.ndarray]:
+  """The draft vocabulary: the adapter's own (n None), the full one (n 0), or its first n ids.
+
+  Args:
+    stored: the adapter's stored draft ids (most frequent first) or None.
+    n: as `draft_vocab` above.
+    strict: raise TuningError when n does not fit `stored`; else fall back to `stored`
+      (for tuned defaults, which may have been measured with another adapter).
+  """
+  if n is None:
+    return None if stored is None else np.asarray(stored)
+  if n == 0:
+    return None
+  if stored is None or n > len(stored):
+    if strict:
+      have = "no draft vocabulary" if stored is None else f"{len(stored)} draft ids"
+      raise TuningError(f"draft vocabulary of {n} ids: the adapter has {have}")
+    return None if stored is None else np.asarray(stored)
+  return np.asarray(stored[:n])
