@@ -40,7 +40,7 @@ import time
 from typing import Any, Callable, Hashable, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_QUESTIONS = os.path.join(HERE, "data", "spec_bench_small.jsonl")
+DEFAULT_QUESTIONS = os.path.join(HERE, "questions", "spec_bench_small.jsonl")
 METHODS = ("plain", "kangaroo", "hf", "hf_early_exit", "hf_pld")
 DESCRIPTIONS = {
     "plain": "kangaroo-jax plain greedy decoding (JAX)",
