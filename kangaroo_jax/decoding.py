@@ -58,8 +58,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], max_positions: int,
   if min(lens) == 0:
     raise PromptError("empty prompt: it must hold at least one token")
   if max(lens) + reserve > max_positions:
-    raise PromptError(f"prompt of {max(lens)} tokens plus {reserve} new tokens exceeds the "
-                      f"model's {max_positions} positions")
+    raise PromptError(f"prompt of {max(lens)} tokens plus room for {reserve} new tokens "
+                      f"exceeds the model's {max_positions} positions")
   width = bucket(max(lens))
   tokens = np.full((len(prompts), width), PAD_ID, np.int32)
   for i, p in enumerate(prompts):
