@@ -41,11 +41,13 @@ class Conversation:
   ids: token ids [T]. assistant: [T] bool, token t is part of an assistant turn.
   teacher_ids / teacher_probs: optional [T, K] top-k of the target's distribution over
   token t given tokens < t (rows of non-assistant tokens are unused).
+  hidden: optional [T, D] layer-l states of the frozen target (see `training.add_hidden`).
   """
   ids: np.ndarray
   assistant: np.ndarray
   teacher_ids: Optional[np.ndarray] = None
   teacher_probs: Optional[np.ndarray] = None
+  hidden: Optional[np.ndarray] = None
 
 
 @dataclasses.dataclass
@@ -377,7 +379,7 @@ def magpie_generate(model, tokenizer, out_dir: str, s: MagpieSettings, eos_ids: 
   from kangaroo_jax.sampling import SamplingParams
   os.makedirs(out_dir, exist_ok=True)
   prefix, header = user_prefix(tokenizer, chat_template)
-  have = _count_magpie(out_dir)
+  have = count_magpie(out_dir)
   seen: set = set()
   rnd = len(glob.glob(os.path.join(out_dir, "shard_*.npz")))
   while have < s.num:
@@ -391,6 +393,7 @@ def magpie_generate(model, tokenizer, out_dir: str, s: MagpieSettings, eos_ids: 
       if u and u[-1] in eos_ids and len(text) >= 8 and text not in seen:
         seen.add(text)
         keep.append(u[:-1])
+    answers = []
     if keep:
       # Pad the batch with repeats so one compiled loop serves every round.
       prompts = [prefix + u + header for u in keep]
@@ -398,22 +401,26 @@ def magpie_generate(model, tokenizer, out_dir: str, s: MagpieSettings, eos_ids: 
       answers = generate_answers(model, prompts, max_new=s.answer_max,
                                  temperature=s.answer_temperature, top_p=s.top_p,
                                  k=s.teacher_top_k, seed=seed + 7, eos_ids=eos_ids)[:len(keep)]
-      _write_shard(out_dir, rnd, tokenizer, [prefix + u + header for u in keep], answers)
-      have += len(keep)
-      if progress:
-        progress(len(keep))
+    # Every round writes a shard, even an empty one: the round number (and seed) of a
+    # resumed run is the number of shards.
+    _write_shard(out_dir, rnd, tokenizer, [prefix + u + header for u in keep], answers,
+                 s.teacher_top_k)
+    have += len(keep)
+    if progress and keep:
+      progress(len(keep))
     rnd += 1
   return have
 
 
-def _write_shard(out_dir, rnd, tokenizer, prompts, answers) -> None:
+def _write_shard(out_dir, rnd, tokenizer, prompts, answers, k) -> None:
   ids = [np.concatenate([np.asarray(p, np.int32), a]) for p, (a, _, _) in zip(prompts, answers)]
+  cat = lambda xs, shape, dtype: np.concatenate(xs).astype(dtype) if xs else np.zeros(shape, dtype)
   arrays = dict(
-      ids=np.concatenate(ids).astype(np.int32),
+      ids=cat(ids, (0,), np.int32),
       offsets=np.cumsum([0] + [len(x) for x in ids]).astype(np.int64),
       prompt_lens=np.asarray([len(p) for p in prompts], np.int64),
-      teacher_ids=np.concatenate([t for _, t, _ in answers]).astype(np.int32),
-      teacher_probs=np.concatenate([p for _, _, p in answers]).astype(np.float16))
+      teacher_ids=cat([t for _, t, _ in answers], (0, k), np.int32),
+      teacher_probs=cat([p for _, _, p in answers], (0, k), np.float16))
   base = os.path.join(out_dir, f"shard_{rnd:05d}")
   with open(base + ".jsonl.tmp", "w", encoding="utf-8") as f:
     for p, (a, _, _) in zip(prompts, answers):
@@ -423,7 +430,8 @@ def _write_shard(out_dir, rnd, tokenizer, prompts, answers) -> None:
   os.replace(base + ".tmp.npz", base + ".npz")  # the npz marks the shard complete
 
 
-def _count_magpie(out_dir: str) -> int:
+def count_magpie(out_dir: str) -> int:
+  """Number of self-distilled conversations already written to `out_dir`."""
   return sum(len(np.load(f)["prompt_lens"]) for f in sorted(glob.glob(os.path.join(out_dir, "shard_*.npz"))))
 
 
@@ -468,20 +476,26 @@ def token_frequencies(examples: Sequence[Conversation], vocab_size: int) -> np.n
   return counts
 
 
-def make_batch(examples: Sequence[Conversation], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-  """Right-pads conversations into arrays.
+def make_batch(examples: Sequence[Conversation], seq_len: int, pad_id: int = 0,
+               rows: Optional[int] = None) -> dict[str, np.ndarray]:
+  """Right-pads conversations into arrays (`rows` >= len(examples) adds empty rows).
 
   Returns tokens [B, T] int32, assistant [B, T] bool, and when every example has a
   teacher cache, teacher_ids [B, T, K] int32 / teacher_probs [B, T, K] float32 (row t:
-  the target's distribution of token t). Alignment to predictions happens in training.
+  the target's distribution of token t), when every one has them, hidden [B, T, D].
+  Alignment to predictions happens in training.
   """
-  b = len(examples)
+  b = rows or len(examples)
   out = {"tokens": np.full((b, seq_len), pad_id, np.int32), "assistant": np.zeros((b, seq_len), bool)}
   cached = all(ex.teacher_ids is not None for ex in examples)
   if cached:
     k = examples[0].teacher_ids.shape[1]
     out["teacher_ids"] = np.zeros((b, seq_len, k), np.int32)
     out["teacher_probs"] = np.zeros((b, seq_len, k), np.float32)
+  if examples and all(ex.hidden is not None for ex in examples):
+    out["hidden"] = np.zeros((b, seq_len, examples[0].hidden.shape[-1]), np.float32)
+    for i, ex in enumerate(examples):
+      out["hidden"][i, :min(len(ex.ids), seq_len)] = ex.hidden[:seq_len]
   for i, ex in enumerate(examples):
     n = min(len(ex.ids), seq_len)
     out["tokens"][i, :n] = ex.ids[:n]

@@ -1,0 +1,37 @@
+"""Vicuna-7B / Llama-2-7B (32 layers), exit layer 2, ShareGPT: the paper's setting.
+
+  python train.py --config configs/llama7b.py --config.model_path=/path/to/vicuna-7b-v1.3 \
+      --config.data.path=/path/to/ShareGPT_V4.3_unfiltered_cleaned_split.json
+"""
+from configs import smollm2_135m
+
+# Vicuna v1.1 format (FastChat), for checkpoints whose tokenizer has no chat template.
+VICUNA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }} "
+    "{% elif loop.first %}A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions. {% endif %}"
+    "{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+    "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def get_config():
+  c = smollm2_135m.get_config()
+  c.model_path = ""  # required: a Hugging Face folder
+  c.dtype = "bfloat16"
+  c.exit_layer = 2
+  c.draft_vocab = 0
+  c.data.source = "sharegpt"
+  c.data.chat_template = VICUNA_TEMPLATE
+  c.data.eval_examples = 256
+  c.workdir = "runs/llama7b"
+  c.seq_len = 2048
+  c.batch_size = 32           # the paper: 4 per device x 8 devices
+  c.steps = 21000             # about 10 epochs of 68k conversations
+  c.lr = 5e-5
+  c.warmup_steps = 2000
+  c.grad_clip = 0.5            # the paper clips gradient values at 0.5; we clip the global norm
+  c.checkpoint_every = 1000
+  c.eval_every = 1000
+  return c

@@ -1,0 +1,57 @@
+"""The embedded SmolLM2-135M-Instruct: the shipped adapter's recipe (self-distilled data).
+
+  python train.py --config configs/smollm2_135m.py
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model_path = ""           # "" = the embedded GGUF; else a HF folder or .gguf file
+  c.dtype = "float32"
+  c.exit_layer = 2            # shallow layers in the draft
+  c.adapter_heads = 0         # 0 = the model's head count
+  c.draft_vocab = 8192        # 0 = full vocabulary; else the N most frequent answer tokens
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "magpie"    # magpie | sharegpt | tfds
+  c.data.path = ""            # sharegpt: file/glob; tfds: name or prepared dir; magpie: shard dir ("" = workdir/magpie)
+  c.data.split = "train"      # tfds split
+  c.data.tfds_data_dir = ""
+  c.data.chat_template = ""   # "" = the tokenizer's own
+  c.data.eval_examples = 24   # held out from the training conversations
+  c.data.magpie_num = 384
+  c.data.magpie_batch = 32
+  c.data.magpie_user_max = 64
+  c.data.magpie_answer_max = 160
+  c.data.magpie_user_temperature = 1.0
+  c.data.magpie_answer_temperature = 0.0  # greedy: the text Spec-Bench decoding sees
+  c.data.magpie_top_p = 1.0     # plain temperature-1 sampling of user turns (Magpie)
+  c.data.teacher_top_k = 20
+
+  c.workdir = "runs/smollm2_135m"
+  c.export_path = ""          # "" = workdir/adapter.safetensors
+  c.seq_len = 256
+  c.batch_size = 8
+  c.steps = 600
+  c.lr = 4e-3
+  c.warmup_steps = 30
+  c.end_lr_fraction = 0.05
+  c.weight_decay = 0.0
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.grad_clip = 1.0
+  c.seed = 0
+
+  c.log_every = 10
+  c.eval_every = 100
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 3
+
+  c.mesh_data = -1            # -1 = every device on the 'data' axis
+  c.mesh_model = 1
+  c.distributed = False       # call jax.distributed.initialize (TPU pods: no address needed)
+  c.coordinator_address = ""
+  c.num_processes = 1
+  c.process_id = 0
+  return c

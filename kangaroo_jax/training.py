@@ -1,0 +1,500 @@
+"""Adapter training: the distillation loss, the jitted train step, evaluation.
+
+The loss (Liu et al., 2024) at position t compares two distributions over token t+1:
+
+  q_A(.|t) = softmax(head(adapter(h_l)[t]))   the draft, trained
+  p_T(.|t) = softmax(head(norm(h_L)[t]))      the frozen target
+
+  L = -(1 / sum_t m_t) sum_t m_t sum_v p_T(v|t) log q_A(v|t),   m_t = [token t+1 is assistant]
+
+Both predict token t+1, so the mask is the assistant flag shifted left by one
+(`prediction_mask`); the reference code shifts inputs and targets but not the mask.
+The teacher comes either on the fly (the deep layers run inside the step) or from a
+top-k cache recorded when the target wrote the data (`teacher_ids`/`teacher_probs` rows
+are indexed by the token they describe, so they shift the same way as the mask).
+With a reduced draft vocabulary V' both distributions live on V' (the draft can never
+propose another token); top-1 agreement still compares with the target's full argmax.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from kangaroo_jax import cache as kv
+from kangaroo_jax.adapter import Adapter
+from kangaroo_jax.model import Llama
+
+
+def prediction_mask(assistant: jax.Array) -> jax.Array:
+  """[B, T] assistant flags -> [B, T] loss mask: m[t] = assistant[t + 1] (last is 0)."""
+  return jnp.pad(assistant[:, 1:], ((0, 0), (0, 1)))
+
+
+def next_rows(x: jax.Array) -> jax.Array:
+  """Row t <- row t + 1 along axis 1 (zero past the end): token-indexed -> prediction-indexed."""
+  return jnp.pad(x[:, 1:], [(0, 0), (0, 1)] + [(0, 0)] * (x.ndim - 2))
+
+
+def draft_index(draft_ids: Optional[np.ndarray], vocab_size: int) -> np.ndarray:
+  """[V] map token id -> position in the draft vocabulary, or V' when it is not in it."""
+  if draft_ids is None:
+    return np.arange(vocab_size, dtype=np.int32)
+  inv = np.full(vocab_size, len(draft_ids), np.int32)
+  inv[np.asarray(draft_ids)] = np.arange(len(draft_ids), dtype=np.int32)
+  return inv
+
+
+def pick_draft_vocab(counts: np.ndarray, size: int, always: tuple[int, ...] = ()) -> np.ndarray:
+  """The `size` most frequent token ids (plus `always`, e.g. EOS), sorted; ties by id."""
+  order = np.argsort(-counts, kind="stable")
+  chosen = list(dict.fromkeys(list(always) + order.tolist()))[:size]
+  return np.sort(np.asarray(chosen, np.int32))
+
+
+def distill_loss(draft_logits: jax.Array, teacher_probs: jax.Array, teacher_top1: jax.Array,
+                 mask: jax.Array) -> tuple[jax.Array, dict]:
+  """Soft cross-entropy of draft vs teacher, masked, plus agreement metrics.
+
+  Args:
+    draft_logits: [B, T, V'] the draft's logits at each position.
+    teacher_probs: [B, T, V'] the target's probabilities at the same positions.
+    teacher_top1: [B, T] index (in V') of the target's full-vocabulary argmax; V' when
+      that token is outside the draft vocabulary.
+    mask: [B, T] which positions count.
+  Returns:
+    (loss, {"loss", "top1_agreement", "expected_acceptance", "tokens"}).
+  """
+  m = mask.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(m), 1.0)
+  logq = jax.nn.log_softmax(draft_logits.astype(jnp.float32), axis=-1)  # [B, T, V']
+  ce = -jnp.sum(teacher_probs * logq, axis=-1)  # [B, T]
+  loss = jnp.sum(ce * m) / n
+  agree = (jnp.argmax(logq, axis=-1) == teacher_top1).astype(jnp.float32)  # [B, T]
+  accept = jnp.sum(jnp.minimum(teacher_probs, jnp.exp(logq)), axis=-1)  # [B, T]
+  return loss, {"loss": loss, "top1_agreement": jnp.sum(agree * m) / n,
+                "expected_acceptance": jnp.sum(accept * m) / n, "tokens": jnp.sum(m)}
+
+
+def forward(model: Llama, adapter: Adapter, batch: dict, inv: jax.Array,
+            draft_ids: Optional[jax.Array]) -> tuple[jax.Array, dict]:
+  """Loss and metrics of the adapter on a batch (see the module docstring).
+
+  batch: tokens [B, T], assistant [B, T] and optionally teacher_ids / teacher_probs
+  [B, T, K]; inv [V] from `draft_index`; draft_ids [V'] or None.
+  """
+  return distill_loss(*draft_and_teacher(model, adapter, batch, inv, draft_ids))
+
+
+def draft_and_teacher(model: Llama, adapter: Adapter, batch: dict, inv: jax.Array,
+                      draft_ids: Optional[jax.Array]):
+  """(draft logits [B, T, V'], teacher probs [B, T, V'], teacher top-1 [B, T], mask [B, T])."""
+  tokens = batch["tokens"]
+  b, t = tokens.shape
+  l = adapter.acfg.exit_layer
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B, T]
+  cache = kv.init_model_cache(model.cfg, b, t, model.dtype)
+  if "hidden" in batch:  # precomputed by `add_hidden`
+    h_l = batch["hidden"].astype(model.dtype)
+  else:
+    h_l, cache = model.run_layers(model.embed(tokens), positions, cache, 0, l)  # [B, T, D]
+  h_l = jax.lax.stop_gradient(h_l)
+  out, _ = adapter(h_l, positions, adapter.init_cache(b, t))
+  head = None if draft_ids is None else model.head_weight()[draft_ids]  # [V', D]
+  logits = model.project(out, jax.lax.stop_gradient(head) if head is not None else None)
+  v = logits.shape[-1]  # V'
+  if "teacher_ids" in batch:
+    idx = inv[next_rows(batch["teacher_ids"])]  # [B, T, K] in V', V' = not in the draft vocab
+    probs = next_rows(batch["teacher_probs"]).astype(jnp.float32)  # [B, T, K]
+    bi = jnp.arange(b)[:, None, None]
+    ti = jnp.arange(t)[None, :, None]
+    p = jnp.zeros((b, t, v), jnp.float32).at[bi, ti, idx].add(probs, mode="drop")  # [B, T, V']
+    top1 = idx[..., 0]  # [B, T]
+  else:
+    h, _ = model.run_layers(h_l, positions, cache, l, None)
+    full = jax.lax.stop_gradient(model.logits(h))  # [B, T, V]
+    p = jax.nn.softmax(full, axis=-1)
+    p = p if draft_ids is None else p[..., draft_ids]  # [B, T, V']
+    top1 = inv[jnp.argmax(full, axis=-1)]  # [B, T]
+  return logits, p, top1, prediction_mask(batch["assistant"])
+
+
+def warm_start(adapter: Adapter, model: Llama) -> Adapter:
+  """Starts the adapter as the "logit lens" of layer l: head(final_norm(h_l)).
+
+  Zeroing the attention's output projection makes the block the identity on h_l, and
+  copying the target's final norm makes the draft the target's own head read at layer l.
+  Training then only has to learn the correction, not undo a random projection (at
+  random init the draft's loss is ~3x higher and the first epochs are spent there).
+  """
+  adapter.attn.o.value = jnp.zeros_like(adapter.attn.o.value)
+  adapter.out_norm.weight.value = model.norm.weight.value.astype(adapter.out_norm.weight.value.dtype)
+  return adapter
+
+
+def add_hidden(model: Llama, examples, exit_layer: int, seq_len: int, batch_size: int) -> None:
+  """Stores each conversation's frozen layer-l states in it (`Conversation.hidden`).
+
+  With a cached teacher the shallow layers are the only frozen compute left in a step;
+  they see the same tokens every epoch, so running them once saves about a third of
+  each step. Causal attention makes a row's states independent of its padding.
+  """
+  from kangaroo_jax import data
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def shallow(state, tokens):
+    m = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B, T]
+    return m.run_layers(m.embed(tokens), pos, kv.init_model_cache(m.cfg, b, t, m.dtype), 0,
+                        exit_layer)[0]  # [B, T, D]
+
+  for i in range(0, len(examples), batch_size):
+    chunk = examples[i:i + batch_size]
+    h = np.asarray(shallow(state, data.make_batch(chunk, seq_len, rows=batch_size)["tokens"]),
+                   np.float32)
+    for j, ex in enumerate(chunk):
+      ex.hidden = h[j, :min(len(ex.ids), seq_len)]
+
+
+def make_optimizer(lr: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.0,
+                   b1: float = 0.9, b2: float = 0.95, grad_clip: float = 1.0,
+                   end_lr_fraction: float = 0.1) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then cosine decay, after global-norm gradient clipping."""
+  warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1), lr * end_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+
+
+def make_train_step(model_graphdef, adapter_graphdef, tx: optax.GradientTransformation,
+                    state_shardings=None):
+  """A jitted `step(params, opt_state, model_state, batch, inv, draft_ids)`.
+
+  Returns (params, opt_state, metrics). Only the adapter's params get gradients; the
+  model state is an argument (not a constant) so the compiled step stays small.
+  `state_shardings` = (params, opt_state) shardings pins the outputs to the inputs'
+  layout, so the second step does not compile again for a new layout.
+  """
+
+  def loss_fn(params, model_state, batch, inv, draft_ids):
+    model = nnx.merge(model_graphdef, model_state)
+    adapter = nnx.merge(adapter_graphdef, params)
+    return forward(model, adapter, batch, inv, draft_ids)
+
+  out = None if state_shardings is None else (*state_shardings, None)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out)
+  def step(params, opt_state, model_state, batch, inv, draft_ids):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, model_state, batch, inv, draft_ids)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return params, opt_state, metrics
+
+  return step
+
+
+def make_eval_step(model_graphdef, adapter_graphdef):
+  """A jitted `eval(params, model_state, batch, inv, draft_ids)` -> metrics."""
+
+  @jax.jit
+  def evaluate(params, model_state, batch, inv, draft_ids):
+    model = nnx.merge(model_graphdef, model_state)
+    logits, p, top1, mask = draft_and_teacher(model, nnx.merge(adapter_graphdef, params), batch,
+                                              inv, draft_ids)
+    metrics = distill_loss(logits, p, top1, mask)[1]
+    # Per position, for `simulate_acceptance` (keys with "_" are not averaged).
+    metrics["_correct"] = jnp.argmax(logits, axis=-1) == top1  # [B, T]
+    metrics["_confidence"] = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, T]
+    metrics["_mask"] = mask
+    return metrics
+
+  return evaluate
+
+
+def simulate_acceptance(correct: np.ndarray, confidence: np.ndarray, mask: np.ndarray,
+                        eta: float = 0.6, gamma: int = 6) -> tuple[int, int]:
+  """Kangaroo rounds replayed on teacher-forced text: (tokens accepted, rounds).
+
+  On text the target wrote greedily this is exactly what greedy Kangaroo decoding would
+  accept there: each round drafts while the draft is confident (the first token below
+  `eta` is still sent) up to `gamma` tokens, accepts the drafts up to the first one that
+  differs from the target's argmax, and adds the target's own token. Positions outside
+  `mask` (the answer) are skipped; tokens/rounds is the mean accepted tokens per step.
+  """
+  tokens = rounds = 0
+  for ok, conf, m in zip(correct, confidence, mask):
+    idx = np.flatnonzero(m)
+    t = 0
+    while t < len(idx):
+      a = 0
+      while a < gamma and t + a < len(idx) and ok[idx[t + a]]:
+        a += 1
+        if conf[idx[t + a - 1]] < eta:
+          break
+      n = min(a + 1, len(idx) - t)
+      tokens, rounds, t = tokens + n, rounds + 1, t + n
+  return tokens, rounds
+
+
+def average(metrics: list[dict]) -> dict:
+  """Token-weighted mean of per-batch metrics (host floats)."""
+  n = sum(float(m["tokens"]) for m in metrics)
+  keys = [k for k in metrics[0] if k not in ("tokens", "grad_norm") and not k.startswith("_")]
+  out = {k: sum(float(m[k]) * float(m["tokens"]) for m in metrics) / max(n, 1.0) for k in keys}
+  out["tokens"] = n
+  return out
+
+
+# ---- the training run: data, mesh, resume, loop, export ----
+SOURCES = ("magpie", "sharegpt", "tfds")
+
+
+def check_config(c) -> None:
+  """Raises ValueError naming the first config value that cannot work."""
+  positive = ("steps", "batch_size", "lr")
+  for name in positive:
+    if not c[name] > 0:
+      raise ValueError(f"config.{name} must be > 0, got {c[name]}")
+  if c.seq_len < 2:
+    raise ValueError(f"config.seq_len must be >= 2, got {c.seq_len}")
+  if c.data.source not in SOURCES:
+    raise ValueError(f"config.data.source must be one of {', '.join(SOURCES)}, got {c.data.source!r}")
+  if c.data.source in ("sharegpt", "tfds") and not c.data.path:
+    raise ValueError(f"config.data.path is required for data.source={c.data.source!r}")
+  for name in ("warmup_steps", "log_every", "eval_every", "checkpoint_every", "draft_vocab",
+               "data.eval_examples"):
+    value = c.data[name[5:]] if name.startswith("data.") else c[name]
+    if value < 0:
+      raise ValueError(f"config.{name} must be >= 0, got {value}")
+
+
+def load_dataset(c, model, tokenizer, eos_ids, progress=None):
+  """The configured data source -> `data.Dataset` (generating self-distilled data if needed)."""
+  from kangaroo_jax import data
+  template = c.data.chat_template or None
+  common = dict(max_len=c.seq_len, eos_ids=eos_ids, chat_template=template)
+  if c.data.source == "sharegpt":
+    return data.sharegpt(c.data.path, tokenizer, **common)
+  if c.data.source == "tfds":
+    return data.tfds_source(c.data.path, tokenizer, c.data.split, c.data.tfds_data_dir or None, **common)
+  folder = c.data.path or os.path.join(c.workdir, "magpie")
+  settings = data.MagpieSettings(
+      num=c.data.magpie_num, batch=c.data.magpie_batch, user_max=c.data.magpie_user_max,
+      answer_max=c.data.magpie_answer_max, user_temperature=c.data.magpie_user_temperature,
+      answer_temperature=c.data.magpie_answer_temperature, top_p=c.data.magpie_top_p,
+      teacher_top_k=c.data.teacher_top_k, seed=c.seed)
+  if not os.path.isdir(folder) or data.count_magpie(folder) < settings.num:
+    if jax.process_count() > 1:
+      raise ValueError(f"generate the self-distilled data on one host first ({folder})")
+    data.magpie_generate(model, tokenizer, folder, settings, eos_ids, template, progress)
+  return data.load_magpie(folder, c.seq_len)
+
+
+def _global(tree, shardings):
+  """Host arrays -> global jax.Arrays (each process supplies the shards it holds)."""
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(put, tree, shardings)
+
+
+def _fingerprint(examples) -> int:
+  """A cheap identity of the training data, so a resume on different data is caught."""
+  h = len(examples)
+  for ex in examples[:64]:
+    h = (h * 1000003 + int(np.asarray(ex.ids, np.int64).sum()) + len(ex.ids)) % (1 << 31)
+  return h
+
+
+def train(c, log=print) -> dict:
+  """Trains an adapter as configured by `c` (see configs/); resumes from `c.workdir`.
+
+  Returns the final metrics (train and held-out). Writes checkpoints under
+  workdir/checkpoints, metrics to workdir/metrics.jsonl, and the standalone adapter to
+  `c.export_path` (default workdir/adapter.safetensors).
+  """
+  import json
+  import time
+
+  from tqdm import tqdm
+
+  from kangaroo_jax import api, checkpoint, data, sharding
+  from kangaroo_jax.adapter import init_adapter, save_adapter
+
+  check_config(c)
+  if c.distributed or c.num_processes > 1:
+    kw = {}
+    if c.coordinator_address:
+      kw = dict(coordinator_address=c.coordinator_address, num_processes=c.num_processes,
+                process_id=c.process_id)
+    jax.distributed.initialize(**kw)
+  main = jax.process_index() == 0
+  t_start = time.time()
+  model, tokenizer = api.load_model(c.model_path or None, c.dtype)
+  eos = api.eos_ids(model, tokenizer)
+
+  # Data: hold out a fixed slice for evaluation, draft vocabulary from the training part.
+  gen_bar = None
+  if c.data.source == "magpie" and main:
+    folder = c.data.path or os.path.join(c.workdir, "magpie")
+    have = data.count_magpie(folder) if os.path.isdir(folder) else 0
+    gen_bar = tqdm(total=c.data.magpie_num, initial=min(have, c.data.magpie_num),
+                   desc="self-distilling", unit="conv", disable=have >= c.data.magpie_num)
+  ds = load_dataset(c, model, tokenizer, eos, gen_bar.update if gen_bar else None)
+  if gen_bar:
+    gen_bar.close()
+  order = np.random.default_rng([c.seed, 1]).permutation(len(ds.examples))
+  n_eval = min(c.data.eval_examples, max(0, len(ds.examples) - c.batch_size))
+  eval_set = [ds.examples[i] for i in order[:n_eval]]
+  train_set = [ds.examples[i] for i in order[n_eval:]]
+  batches = data.Batches(train_set, c.batch_size, c.seq_len, c.seed)
+  if main:
+    log(f"data: {len(train_set)} training / {len(eval_set)} held-out conversations; {ds.skipped}")
+  if all(ex.teacher_ids is not None for ex in ds.examples):
+    add_hidden(model, ds.examples, c.exit_layer, c.seq_len, c.batch_size)
+  draft_ids = None
+  if c.draft_vocab and c.draft_vocab < model.cfg.vocab_size:
+    draft_ids = pick_draft_vocab(data.token_frequencies(train_set, model.cfg.vocab_size),
+                                 c.draft_vocab, tuple(eos))
+
+  # Mesh: batch over 'data', parameters over 'model'.
+  n_dev = len(jax.devices())
+  mesh = sharding.make_mesh(n_dev // c.mesh_model if c.mesh_data == -1 else c.mesh_data, c.mesh_model)
+  if c.batch_size % mesh.shape["data"]:
+    raise ValueError(f"config.batch_size {c.batch_size} is not a multiple of the 'data' axis "
+                     f"({mesh.shape['data']} devices)")
+  model_graphdef, model_state = nnx.split(model)
+  model_state = _global(model_state, sharding.param_shardings(model_state, mesh))
+  adapter = warm_start(init_adapter(model.cfg, c.exit_layer, c.adapter_heads or None, c.seed,
+                                    model.dtype), model)
+  adapter_graphdef, params = nnx.split(adapter)
+  params = _global(params, sharding.param_shardings(params, mesh))
+  tx = make_optimizer(c.lr, c.warmup_steps, c.steps, c.weight_decay, c.b1, c.b2, c.grad_clip,
+                      c.end_lr_fraction)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # Moments follow the params' layout; scalars (the step count) are replicated on the mesh.
+  opt_state = jax.tree.map(
+      lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else _global(np.asarray(x), replicated),
+      jax.jit(tx.init)(params))
+  # [-1] stands for "the full vocabulary" (orbax cannot store an empty array).
+  vocab_ids = draft_ids if draft_ids is not None else np.full((1,), -1, np.int32)
+
+  # Resume: step, optimizer state, parameters, data position and draft vocabulary.
+  mgr = checkpoint.manager(os.path.join(c.workdir, "checkpoints"), c.keep_checkpoints)
+  like = {"params": params, "opt_state": opt_state, "step": np.int64(0), "epoch": np.int64(0),
+          "index": np.int64(0), "draft_ids": vocab_ids, "data_fingerprint": np.int64(0)}
+  restored = checkpoint.restore_latest(mgr, like)
+  start = 0
+  if restored is not None:
+    start = int(restored["step"])
+    if int(restored["data_fingerprint"]) != _fingerprint(train_set):
+      raise ValueError(f"{c.workdir} holds a run on different data; use a new workdir")
+    if (int(restored["epoch"]), int(restored["index"])) != batches.position(start):
+      raise ValueError(f"{c.workdir}: the checkpoint's data position does not match this "
+                       "config's batch size; use the original config or a new workdir")
+    params, opt_state = restored["params"], restored["opt_state"]
+    vocab_ids = np.asarray(restored["draft_ids"])
+    draft_ids = None if vocab_ids[0] < 0 else vocab_ids
+    if main:
+      log(f"resumed from step {start} (epoch {batches.position(start)[0]})")
+  inv = _global(draft_index(draft_ids, model.cfg.vocab_size), replicated)
+  dids = None if draft_ids is None else _global(np.asarray(draft_ids, np.int32), replicated)
+
+  shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+  step_fn = make_train_step(model_graphdef, adapter_graphdef, tx, shardings)
+  eval_fn = make_eval_step(model_graphdef, adapter_graphdef)
+  batch_sharding = sharding.data_sharding(mesh)
+  to_device = lambda b: _global(b, {k: batch_sharding for k in b})
+
+  def evaluate(params) -> dict:
+    if not eval_set:
+      return {}
+    out = []
+    for i in range(0, len(eval_set), c.batch_size):
+      chunk = eval_set[i:i + c.batch_size]
+      batch = to_device(data.make_batch(chunk, c.seq_len, rows=c.batch_size))
+      # Per-token outputs are sharded over every process's devices: gather them whole.
+      out.append(multihost_utils.process_allgather(
+          eval_fn(params, model_state, batch, inv, dids), tiled=True))
+    accepted, rounds = map(sum, zip(*(simulate_acceptance(m["_correct"], m["_confidence"], m["_mask"])
+                                      for m in out)))
+    return {f"eval_{k}": v for k, v in average(out).items()} | {
+        "eval_simulated_accepted_tokens": accepted / max(rounds, 1)}
+
+  def save(step):
+    epoch, index = batches.position(step)
+    checkpoint.save(mgr, step, {"params": params, "opt_state": opt_state, "step": np.int64(step),
+                                "epoch": np.int64(epoch), "index": np.int64(index),
+                                "draft_ids": vocab_ids, "data_fingerprint": np.int64(_fingerprint(train_set))})
+
+  metrics_file = os.path.join(c.workdir, "metrics.jsonl")
+  if main:
+    os.makedirs(c.workdir, exist_ok=True)
+    if os.path.isfile(metrics_file):  # drop lines logged after the checkpoint we resume from
+      with open(metrics_file) as f:
+        kept = [l for l in f if l.strip() and json.loads(l)["step"] <= start]
+      with open(metrics_file, "w") as f:
+        f.writelines(kept)
+  bar = tqdm(total=c.steps, initial=start, desc="training", unit="step", disable=not main,
+             dynamic_ncols=True)
+  window: list = []
+  last: dict = {}
+  t_train = time.time()
+  for step in range(start, c.steps):
+    params, opt_state, m = step_fn(params, opt_state, model_state, to_device(batches(step)), inv, dids)
+    window.append(m)
+    done = step + 1
+    if done % max(c.log_every, 1) == 0 or done == c.steps:
+      last = average(jax.device_get(window)) | {"step": done, "epoch": batches.position(step)[0],
+                                                 "lr": float(tx_lr(c, done))}
+      window = []
+      bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last['top1_agreement']:.3f}",
+                      accept=f"{last['expected_acceptance']:.3f}")
+      if main:
+        with open(metrics_file, "a") as f:
+          f.write(json.dumps(last) + "\n")
+    if c.eval_every and done % c.eval_every == 0 and done != c.steps:
+      ev = evaluate(params)
+      if main:
+        bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+    if c.checkpoint_every and (done % c.checkpoint_every == 0 or done == c.steps):
+      save(done)
+    bar.update(1)
+  bar.close()
+  train_seconds = time.time() - t_train
+  final = dict(last) | evaluate(params) | {
+      "steps": c.steps, "resumed_from": start, "train_seconds_this_run": round(train_seconds, 1),
+      "wall_seconds_this_run": round(time.time() - t_start, 1), "exit_layer": c.exit_layer,
+      "draft_vocab": 0 if draft_ids is None else len(draft_ids),
+      "train_conversations": len(train_set), "eval_conversations": len(eval_set),
+      "data_skipped": ds.skipped}
+  if main:
+    path = c.export_path or os.path.join(c.workdir, "adapter.safetensors")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    nnx.update(adapter, jax.device_get(params))
+    save_adapter(path, adapter, draft_ids, extra={k: v for k, v in final.items()
+                                                  if isinstance(v, (int, float))})
+    with open(os.path.join(c.workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=1)
+    log(f"adapter written to {path}")
+    log(json.dumps(final))
+  return final
+
+
+def tx_lr(c, step: int) -> float:
+  """The learning rate of `make_optimizer`'s schedule at `step` (for logging)."""
+  warmup = min(c.warmup_steps, max(c.steps - 1, 0))
+  return float(optax.warmup_cosine_decay_schedule(
+      0.0, c.lr, warmup, max(c.steps, warmup + 1), c.lr * c.end_lr_fraction)(step))

@@ -1,0 +1,399 @@
+"""Tests for kangaroo_jax.training / checkpoint and train.py, on a tiny random model."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kangaroo_jax import api, checkpoint, data, sharding, training
+from kangaroo_jax.adapter import init_adapter, load_adapter
+
+from fixtures import tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import tiny as tiny_config  # noqa: E402
+
+WORDS = "the cat sat on a mat and dog ran far away up down it is good bad yes no".split()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """(model folder, model, tokenizer, sharegpt file) shared by the tests."""
+  folder = tiny_model.write(str(tmp_path_factory.mktemp("tiny_model")))
+  rng = np.random.default_rng(0)
+  lines = []
+  for _ in range(40):
+    q = " ".join(rng.choice(WORDS, 3))
+    a = " ".join(rng.choice(WORDS, int(rng.integers(3, 6)))) + "."
+    lines.append(json.dumps({"conversations": [{"from": "human", "value": q},
+                                               {"from": "gpt", "value": a}]}))
+  path = str(tmp_path_factory.mktemp("data") / "chats.jsonl")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  model, tok = api.load_model(folder)
+  return folder, model, tok, path
+
+
+def _config(tiny, workdir, **overrides):
+  c = tiny_config.get_config()
+  c.model_path, c.data.path, c.workdir = tiny[0], tiny[3], str(workdir)
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+# ---- the loss and its alignment ----
+def test_prediction_mask_shifts_assistant_flags_left():
+  assistant = jnp.asarray([[0, 0, 1, 1, 0], [1, 0, 0, 0, 1]], bool)
+  np.testing.assert_array_equal(training.prediction_mask(assistant),
+                                [[0, 1, 1, 0, 0], [0, 0, 0, 1, 0]])
+
+
+def test_distill_loss_metrics():
+  logits = jnp.log(jnp.asarray([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]))
+  p = jnp.asarray([[[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]]])
+  top1 = jnp.asarray([[0, 0]])
+  loss, m = training.distill_loss(logits, p, top1, jnp.asarray([[1, 0]]))
+  entropy = -np.sum(np.array([0.7, 0.2, 0.1]) * np.log([0.7, 0.2, 0.1]))
+  np.testing.assert_allclose(loss, entropy, rtol=1e-6)
+  assert float(m["top1_agreement"]) == 1.0
+  np.testing.assert_allclose(m["expected_acceptance"], 1.0, rtol=1e-6)
+  _, m = training.distill_loss(logits, p, top1, jnp.asarray([[0, 1]]))
+  assert float(m["top1_agreement"]) == 0.0  # draft says 2, target 0
+  np.testing.assert_allclose(m["expected_acceptance"], 0.1 + 0.1 + 0.1, rtol=1e-6)
+
+
+def _one_hot_batch(tiny, j):
+  """A batch whose only assistant token is token j of row 0."""
+  _, _, tok, _ = tiny
+  ids = np.asarray([tok.convert_tokens_to_ids(list("the cat sat on the mat"))], np.int32)
+  assistant = np.zeros_like(ids, bool)
+  assistant[0, j] = True
+  return {"tokens": jnp.asarray(ids), "assistant": jnp.asarray(assistant)}
+
+
+def test_loss_reads_the_position_that_predicts_the_assistant_token(tiny):
+  """The off-by-one test: token j is assistant -> only the prediction at j-1 counts."""
+  _, model, _, _ = tiny
+  adapter = init_adapter(model.cfg, 1, seed=3)
+  j = 7
+  batch = _one_hot_batch(tiny, j)
+  inv = jnp.asarray(training.draft_index(None, model.cfg.vocab_size))
+  loss, m = training.forward(model, adapter, batch, inv, None)
+  assert float(m["tokens"]) == 1.0
+  # Independent reference: full target forward and draft forward over the sequence.
+  tokens = batch["tokens"]
+  t = tokens.shape[1]
+  pos = jnp.arange(t)[None]
+  from kangaroo_jax import cache as kv
+  h1, _ = model.run_layers(model.embed(tokens), pos, kv.init_model_cache(model.cfg, 1, t), 0, 1)
+  logits_t, _ = model(tokens, pos, kv.init_model_cache(model.cfg, 1, t))
+  out, _ = adapter(h1, pos, adapter.init_cache(1, t))
+  logq = jax.nn.log_softmax(model.project(out), -1)[0]  # [T, V]
+  p = jax.nn.softmax(logits_t, -1)[0]  # [T, V]
+  ce = -jnp.sum(p * logq, -1)  # [T]
+  np.testing.assert_allclose(loss, ce[j - 1], rtol=1e-5)
+  assert abs(float(loss) - float(ce[j])) > 1e-3  # the reference code's misalignment differs
+
+
+def test_cached_teacher_rows_are_shifted_like_the_mask(tiny):
+  """Row j of the teacher cache describes token j, so it is used at position j - 1."""
+  _, model, _, _ = tiny
+  adapter = init_adapter(model.cfg, 1, seed=3)
+  j = 5
+  batch = _one_hot_batch(tiny, j)
+  t = batch["tokens"].shape[1]
+  tid = np.zeros((1, t, 2), np.int32)
+  tp = np.zeros((1, t, 2), np.float32)
+  tid[0, j] = [9, 11]
+  tp[0, j] = [0.75, 0.25]
+  tid[0, j - 1] = [30, 31]  # decoys at the neighbouring rows
+  tid[0, j + 1] = [40, 41]
+  tp[0, j - 1] = tp[0, j + 1] = [1.0, 0.0]
+  batch |= {"teacher_ids": jnp.asarray(tid), "teacher_probs": jnp.asarray(tp)}
+  inv = jnp.asarray(training.draft_index(None, model.cfg.vocab_size))
+  loss, m = training.forward(model, adapter, batch, inv, None)
+  from kangaroo_jax import cache as kv
+  pos = jnp.arange(t)[None]
+  h1, _ = model.run_layers(model.embed(batch["tokens"]), pos, kv.init_model_cache(model.cfg, 1, t), 0, 1)
+  logq = jax.nn.log_softmax(model.project(adapter(h1, pos, adapter.init_cache(1, t))[0]), -1)[0]
+  np.testing.assert_allclose(loss, -(0.75 * logq[j - 1, 9] + 0.25 * logq[j - 1, 11]), rtol=1e-5)
+  assert float(m["top1_agreement"]) == float(jnp.argmax(logq[j - 1]) == 9)
+
+
+def test_reduced_draft_vocabulary(tiny):
+  _, model, _, _ = tiny
+  counts = np.arange(64)[::-1].copy()
+  ids = training.pick_draft_vocab(counts, 8, always=(60,))
+  assert ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 60]
+  inv = training.draft_index(ids, 64)
+  assert inv[60] == 7 and inv[7] == 8  # 8 = "not in the draft vocabulary"
+  adapter = init_adapter(model.cfg, 1, seed=3)
+  batch = _one_hot_batch(tiny, 7)
+  loss, m = training.forward(model, adapter, batch, jnp.asarray(inv), jnp.asarray(ids))
+  assert np.isfinite(float(loss)) and 0 <= float(m["expected_acceptance"]) <= 1
+
+
+# ---- optimisation ----
+def _step_setup(tiny, batch_size=4, mesh=None):
+  folder, model, tok, path = tiny
+  ds = data.sharegpt(path, tok, max_len=64, eos_ids=[2])
+  batch = data.make_batch(ds.examples[:batch_size], 64)
+  adapter = init_adapter(model.cfg, 1, seed=0)
+  mg, ms = nnx.split(model)
+  ag, params = nnx.split(adapter)
+  tx = training.make_optimizer(3e-2, 2, 40)
+  inv = jnp.asarray(training.draft_index(None, model.cfg.vocab_size))
+  return mg, ms, ag, params, tx, batch, inv
+
+
+def test_loss_falls_on_a_fixed_batch(tiny):
+  mg, ms, ag, params, tx, batch, inv = _step_setup(tiny)
+  step = training.make_train_step(mg, ag, tx)
+  opt = tx.init(params)
+  losses = []
+  for _ in range(40):
+    params, opt, m = step(params, opt, ms, batch, inv, None)
+    losses.append(float(m["loss"]))
+  # Soft targets: the loss cannot fall below the teacher's entropy; the gap (the KL) must shrink.
+  from kangaroo_jax import cache as kv
+  model = nnx.merge(mg, ms)
+  tokens = jnp.asarray(batch["tokens"])
+  pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  logits, _ = model(tokens, pos, kv.init_model_cache(model.cfg, *tokens.shape))
+  p = jax.nn.softmax(logits, -1)
+  entropy, _ = training.distill_loss(jnp.log(p), p, jnp.argmax(p, -1),
+                                     training.prediction_mask(jnp.asarray(batch["assistant"])))
+  gaps = np.asarray(losses) - float(entropy)
+  assert gaps[-1] < 0.3 * gaps[0], (float(entropy), losses)
+  assert float(m["expected_acceptance"]) > 0.5
+
+
+def test_only_the_adapter_trains(tiny):
+  mg, ms, ag, params, tx, batch, inv = _step_setup(tiny)
+  before = jax.tree.map(np.asarray, ms)
+  step = training.make_train_step(mg, ag, tx)
+  p0 = jax.tree.map(np.array, params)
+  opt = tx.init(params)
+  for _ in range(2):  # the warm-up's first learning rate is 0
+    params, opt, _ = step(params, opt, ms, batch, inv, None)
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, ms))
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(params)))
+
+
+def test_sharded_step_on_8_devices_matches_one_device(tiny):
+  assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
+  mg, ms, ag, params, tx, batch, inv = _step_setup(tiny, batch_size=8)
+  step = training.make_train_step(mg, ag, tx)
+  _, _, m1 = step(jax.tree.map(jnp.copy, params), tx.init(params), ms, batch, inv, None)
+  mesh = sharding.make_mesh(4, 2)
+  ms_s = jax.device_put(ms, sharding.param_shardings(ms, mesh))
+  params_s = jax.device_put(params, sharding.param_shardings(params, mesh))
+  batch_s = jax.device_put(batch, sharding.data_sharding(mesh))
+  new, _, m8 = step(params_s, tx.init(params_s), ms_s, batch_s, inv, None)
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  assert jax.tree.leaves(new["attn"]["qkv"])[0].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+
+
+# ---- checkpoints ----
+def test_checkpoint_save_restore_is_bit_exact(tiny, tmp_path):
+  mg, ms, ag, params, tx, batch, inv = _step_setup(tiny)
+  step = training.make_train_step(mg, ag, tx)
+  params, opt, _ = step(params, tx.init(params), ms, batch, inv, None)
+  state = {"params": params, "opt_state": opt, "step": np.int64(1), "epoch": np.int64(0),
+           "index": np.int64(4), "draft_ids": np.arange(5, dtype=np.int32),
+           "data_fingerprint": np.int64(7)}
+  mgr = checkpoint.manager(str(tmp_path), keep=2)
+  for s in (1, 2, 3):
+    checkpoint.save(mgr, s, state)
+  assert mgr.all_steps() == [2, 3]  # keeps the last 2
+  zeros = jax.tree.map(jnp.zeros_like, state)
+  restored = checkpoint.restore_latest(mgr, zeros)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+
+
+# ---- the training run: in-process resume, CLI, kill -9, errors ----
+def test_train_resumes_step_count_and_data_position(tiny, tmp_path):
+  quiet = lambda s: None
+  full = training.train(_config(tiny, tmp_path / "full", steps=12, checkpoint_every=4), log=quiet)
+  # Interrupted after step 8: drop the last checkpoint, rerun the same config.
+  split = _config(tiny, tmp_path / "split", steps=12, checkpoint_every=4)
+  training.train(split, log=quiet)
+  import shutil
+  shutil.rmtree(tmp_path / "split" / "checkpoints" / "12")
+  rest = training.train(split, log=quiet)
+  assert rest["resumed_from"] == 8
+  assert rest["loss"] == full["loss"] and rest["eval_loss"] == full["eval_loss"]
+  a, _ = load_adapter(str(tmp_path / "full" / "adapter.safetensors"), tiny[1].cfg)
+  b, _ = load_adapter(str(tmp_path / "split" / "adapter.safetensors"), tiny[1].cfg)
+  for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+    np.testing.assert_array_equal(x, y)
+  # The metrics log continues: no step twice, none missing.
+  logged = [json.loads(l)["step"] for l in open(tmp_path / "split" / "metrics.jsonl")]
+  assert logged == list(range(1, 13))
+  # The checkpoint records where the data stands: 38 training conversations, 8 a batch
+  # -> 4 batches an epoch, so after 8 steps: epoch 2, index 0.
+  mgr = checkpoint.manager(str(tmp_path / "split" / "checkpoints"), 2)
+  import orbax.checkpoint as ocp
+  got = mgr.restore(8, args=ocp.args.StandardRestore())
+  assert (int(got["step"]), int(got["epoch"]), int(got["index"])) == (8, 2, 0)
+
+
+def _cli(tiny, workdir, *extra, env=None):
+  return [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+          os.path.join(ROOT, "configs", "tiny.py"), f"--config.model_path={tiny[0]}",
+          f"--config.data.path={tiny[3]}", f"--config.workdir={workdir}", *extra]
+
+
+def _env(devices=1):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return env
+
+
+def test_kill_9_mid_run_then_rerun_loses_nothing(tiny, tmp_path):
+  args = ("--config.steps=400", "--config.checkpoint_every=20", "--config.log_every=10")
+  ref = subprocess.run(_cli(tiny, tmp_path / "ref", *args), env=_env(), capture_output=True,
+                       text=True, timeout=300)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  cmd = _cli(tiny, tmp_path / "run", *args)
+  proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = tmp_path / "run" / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if ckpts.is_dir() and any(int(p.name) >= 60 for p in ckpts.iterdir() if p.name.isdigit()):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run ended before it could be killed; raise steps"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "resumed from step" in again.stdout + again.stderr
+  final_ref = json.load(open(tmp_path / "ref" / "final_metrics.json"))
+  final = json.load(open(tmp_path / "run" / "final_metrics.json"))
+  assert final["resumed_from"] >= 60 and final["loss"] == final_ref["loss"]
+  a, _ = load_adapter(str(tmp_path / "ref" / "adapter.safetensors"), tiny[1].cfg)
+  b, _ = load_adapter(str(tmp_path / "run" / "adapter.safetensors"), tiny[1].cfg)
+  for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_cli_rejects_an_unknown_config_field(tiny, tmp_path):
+  r = subprocess.run(_cli(tiny, tmp_path, "--config.no_such_field=1"), env=_env(),
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0 and "no_such_field" in r.stderr
+
+
+def test_empty_or_unusable_data_is_a_clear_error(tiny, tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"conversations": [{"from": "human", "value": "q"}]}\nnot json\n')
+  with pytest.raises(data.DataError, match="no usable conversation"):
+    training.train(_config(tiny, tmp_path / "w", **{"data.path": str(bad)}), log=lambda s: None)
+  with pytest.raises(ValueError, match="data.source"):
+    training.train(_config(tiny, tmp_path / "w", **{"data.source": "csv"}), log=lambda s: None)
+  with pytest.raises(data.DataError, match="fewer than one batch"):
+    training.train(_config(tiny, tmp_path / "w", batch_size=64, **{"data.eval_examples": 0}),
+                   log=lambda s: None)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_one_step_same_loss_as_one(tiny, tmp_path):
+  """Multi-host: two local CPU processes via jax.distributed on 127.0.0.1."""
+  args = ("--config.steps=1", "--config.batch_size=8", "--config.checkpoint_every=0")
+  single = subprocess.run(_cli(tiny, tmp_path / "one", *args), env=_env(2), capture_output=True,
+                          text=True, timeout=120)
+  assert single.returncode == 0, single.stderr[-2000:]
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cli(tiny, tmp_path / "two", *args, f"--config.coordinator_address=127.0.0.1:{port}",
+           "--config.num_processes=2", f"--config.process_id={i}"),
+      env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=180) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+  one = json.load(open(tmp_path / "one" / "final_metrics.json"))
+  two = json.load(open(tmp_path / "two" / "final_metrics.json"))
+  np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-6)
+
+
+def test_self_distilled_run_end_to_end(tiny, tmp_path):
+  """data.source=magpie: the target writes the data, then the adapter trains on its cache."""
+  c = _config(tiny, tmp_path / "w", steps=4, batch_size=8, checkpoint_every=2,
+              **{"data.source": "magpie", "data.path": "", "data.magpie_num": 12,
+                 "data.magpie_user_max": 12, "data.eval_examples": 2})
+  # The random tiny model seldom ends a user turn with <|im_end|>: let '.' end it too.
+  import unittest.mock
+  with unittest.mock.patch.object(api, "eos_ids", lambda m, t: [2, t.convert_tokens_to_ids(".")]):
+    final = training.train(c, log=lambda s: None)
+  assert data.count_magpie(str(tmp_path / "w" / "magpie")) >= 12
+  assert np.isfinite(final["loss"]) and final["eval_tokens"] > 0
+  adapter, ids = load_adapter(str(tmp_path / "w" / "adapter.safetensors"), tiny[1].cfg)
+  assert ids is None and adapter.acfg.exit_layer == 1
+
+
+def test_precomputed_hidden_states_give_the_same_loss(tiny):
+  _, model, tok, path = tiny
+  ds = data.sharegpt(path, tok, max_len=64, eos_ids=[2])
+  examples = ds.examples[:4]
+  batch = {k: jnp.asarray(v) for k, v in data.make_batch(examples, 64).items()}
+  training.add_hidden(model, examples, 1, 64, 3)  # a batch size that splits the examples
+  with_hidden = {k: jnp.asarray(v) for k, v in data.make_batch(examples, 64).items()}
+  assert "hidden" in with_hidden
+  inv = jnp.asarray(training.draft_index(None, model.cfg.vocab_size))
+  adapter = init_adapter(model.cfg, 1, seed=2)
+  a, _ = training.forward(model, adapter, batch, inv, None)
+  b, _ = training.forward(model, adapter, with_hidden, inv, None)
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_configs():
+  from configs import llama7b, llama13b, smollm2_135m
+  for mod, exit_layer in ((llama7b, 2), (llama13b, 3), (smollm2_135m, 2), (tiny_config, 1)):
+    c = mod.get_config()
+    assert c.exit_layer == exit_layer
+    for field in ("model_path", "workdir", "steps", "batch_size", "lr", "seq_len"):
+      assert field in c
+    assert "source" in c.data and "path" in c.data
+  assert "USER:" in llama7b.get_config().data.chat_template
+
+
+def test_simulate_acceptance_replays_kangaroo_rounds():
+  ok = np.array([[1, 1, 0, 1, 1, 1, 1, 1]], bool)
+  sure = np.ones((1, 8))
+  m = np.ones((1, 8), bool)
+  # Round 1 accepts 2 drafts + the target's token at 2; round 2 accepts 4 drafts + 1 token.
+  assert training.simulate_acceptance(ok, sure, m) == (8, 2)
+  # Unsure at 0: round 1 stops after that (accepted) draft; round 2 fails at 2 at once.
+  unsure = sure.copy()
+  unsure[0, 0] = 0.5
+  assert training.simulate_acceptance(ok, unsure, m) == (8, 3)
+  assert training.simulate_acceptance(ok, sure, m, gamma=2) == (8, 3)  # 3 + 3 + 2
+  m[0, :3] = False  # only the answer counts
+  assert training.simulate_acceptance(ok, sure, m) == (5, 1)
