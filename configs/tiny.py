@@ -1,13 +1,18 @@
-"""A tiny random model for tests: `model_path` points at a folder the test writes."""
+"""Tests and smoke runs: a few steps at sequence length 64 on a 16-conversation fixture.
+
+The tests point `model_path` at a tiny random model they write; left empty it is the
+embedded SmolLM2-135M (`python train.py --config configs/tiny.py` runs in about a minute).
+"""
 from configs import smollm2_135m
 
 
 def get_config():
   c = smollm2_135m.get_config()
-  c.model_path = ""  # set by the test (a tiny HF folder)
+  c.model_path = ""  # the tests set a tiny random model folder
   c.exit_layer = 1
   c.draft_vocab = 0
   c.data.source = "sharegpt"
+  c.data.path = "tests/fixtures/sharegpt_tiny.jsonl"
   c.data.eval_examples = 2
   c.data.magpie_num = 8
   c.data.magpie_batch = 4

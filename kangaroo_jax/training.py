@@ -134,8 +134,8 @@ def warm_start(adapter: Adapter, model: Llama) -> Adapter:
   Training then only has to learn the correction, not undo a random projection (at
   random init the draft's loss is ~3x higher and the first epochs are spent there).
   """
-  adapter.attn.o.value = jnp.zeros_like(adapter.attn.o.value)
-  adapter.out_norm.weight.value = model.norm.weight.value.astype(adapter.out_norm.weight.value.dtype)
+  adapter.attn.o[...] = jnp.zeros_like(adapter.attn.o[...])
+  adapter.out_norm.weight[...] = model.norm.weight[...].astype(adapter.out_norm.weight.dtype)
   return adapter
 
 

@@ -268,6 +268,7 @@ def _env(devices=1):
   return env
 
 
+@pytest.mark.slow  # subprocesses: about a minute
 def test_kill_9_mid_run_then_rerun_loses_nothing(tiny, tmp_path):
   args = ("--config.steps=400", "--config.checkpoint_every=20", "--config.log_every=10")
   ref = subprocess.run(_cli(tiny, tmp_path / "ref", *args), env=_env(), capture_output=True,
@@ -320,6 +321,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # subprocesses: about a minute
 def test_two_processes_one_step_same_loss_as_one(tiny, tmp_path):
   """Multi-host: two local CPU processes via jax.distributed on 127.0.0.1."""
   args = ("--config.steps=1", "--config.batch_size=8", "--config.checkpoint_every=0")
