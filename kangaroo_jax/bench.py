@@ -531,7 +531,8 @@ def cost_markdown(results: dict) -> str:
     lines.append(f"| verify T={t} (layers {sh['exit_layer']}..{sh['layers'] - 1} + head) "
                  f"| {v:.3f} |")
   lines += ["", "Per round: shallow + k x draft + verify[T]; speedup = tokens per round / that "
-            f"cost. `kangaroo.py` verifies a fixed block T = gamma + 1 = {gamma + 1}.", "",
+            f"cost. `kangaroo.py` verifies the smallest static block (powers of two, or "
+            f"gamma + 1 = {gamma + 1}) holding the drafts, so T = k + 1 is the closer model.", "",
             "| category | tokens/round | drafts/round | predicted (T = gamma+1) | "
             "predicted (T = k+1) | measured |", "| --- | --- | --- | --- | --- | --- |"]
   cats = list(results["categories"]) + ["overall"]

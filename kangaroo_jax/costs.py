@@ -17,9 +17,9 @@ Per round, with k draft steps (mean `drafts_per_round`) and a verify block of T:
   tokens = mean accepted tokens per round (the target's own token included)
   speedup = tokens / cost
 
-`kangaroo.py` always verifies a fixed block of T = gamma + 1 positions (masked where
-drafting stopped early), so T = gamma + 1 for the current code; T = k + 1 is what a
-variable-length verification would pay. Costs do not depend on the weights, so a
+`kangaroo.py` verifies the smallest of a few static block sizes (powers of two and
+gamma + 1) that holds every sequence's drafts, so T lies between k + 1 and gamma + 1;
+at batch 1 it is close to k + 1. Costs do not depend on the weights, so a
 randomly initialised model of the target's shape (`SEVEN_B`) gives the costs at scale.
 
   python -m kangaroo_jax.costs --preset 7b --dtype bfloat16 --max-block 8
@@ -220,8 +220,8 @@ def project_speedup(relative: dict, tokens_per_round: float, drafts_per_round: f
     relative: `measure_costs(...)["relative"]`.
     tokens_per_round: mean accepted tokens per verification (bonus token included).
     drafts_per_round: mean draft steps per round.
-    block: verified positions per round: gamma + 1 for `kangaroo.py`'s fixed block,
-      drafts_per_round + 1 for a variable-length verification.
+    block: verified positions per round: gamma + 1 for a fixed block,
+      drafts_per_round + 1 for an exactly sized one (`kangaroo.py` is in between).
   """
   return tokens_per_round / round_cost(relative, drafts_per_round, block)
 
