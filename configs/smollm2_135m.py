@@ -22,11 +22,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_examples = 24   # held out from the training conversations
   c.data.magpie_num = 384
   c.data.magpie_batch = 32
-  c.data.magpie_user_max = 64
+  c.data.magpie_user_max = 128  # room for the steered openings' passages
   c.data.magpie_answer_max = 160
   c.data.magpie_user_temperature = 1.0
   c.data.magpie_answer_temperature = 0.0  # greedy: the text Spec-Bench decoding sees
   c.data.magpie_top_p = 1.0     # plain temperature-1 sampling of user turns (Magpie)
+  # User-turn openings cycled over each batch's rows: "" is pure Magpie; the others steer
+  # the model to write the task kinds Spec-Bench asks for (copying from a text, translating,
+  # step-by-step math, code) that it rarely writes unprompted.
+  c.data.magpie_user_starts = (
+      "", "", "", "",
+      "Translate the following sentence into English: ",
+      "Summarize the following text in a few sentences:\n\n",
+      "Read the passage and answer the question at the end.\n\nPassage: ",
+      "Solve this math word problem step by step: ",
+      "Write a Python function that ",
+      "Extract the names, dates and numbers from this text:\n\n",
+      "Write a short story about ",
+      "Pretend you are ",
+      "Rewrite this paragraph in a more formal tone:\n\n",
+  )
   c.data.teacher_top_k = 20
 
   c.workdir = "runs/smollm2_135m"

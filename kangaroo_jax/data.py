@@ -282,6 +282,9 @@ class MagpieSettings:
   top_p: float = 0.95
   teacher_top_k: int = 32    # teacher probabilities kept per token
   seed: int = 0
+  # Optional openings of the user turn, cycled over the rows ("" = pure Magpie): they steer
+  # the model to write task kinds it rarely writes unprompted (translation, summaries...).
+  user_starts: tuple[str, ...] = ()
 
 
 def _answer_loop_fn():
@@ -382,11 +385,15 @@ def magpie_generate(model, tokenizer, out_dir: str, s: MagpieSettings, eos_ids: 
   have = count_magpie(out_dir)
   seen: set = set()
   rnd = len(glob.glob(os.path.join(out_dir, "shard_*.npz")))
+  starts = [_encode(tokenizer, t) if t else [] for t in (s.user_starts or ("",))]
   while have < s.num:
     seed = s.seed * 100003 + rnd
-    users = plain_decode(model, [prefix] * s.batch, max_new_tokens=s.user_max,
+    # Row i of round r opens with start (r * batch + i) mod len(starts).
+    opens = [starts[(rnd * s.batch + i) % len(starts)] for i in range(s.batch)]
+    users = plain_decode(model, [prefix + o for o in opens], max_new_tokens=s.user_max,
                          params=SamplingParams(s.user_temperature, 0, s.top_p), seed=seed,
                          eos_ids=eos_ids).tokens
+    users = [o + u for o, u in zip(opens, users)]
     keep = []
     for u in users:
       text = tokenizer.decode(u, skip_special_tokens=True).strip()

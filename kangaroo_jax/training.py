@@ -294,7 +294,8 @@ def load_dataset(c, model, tokenizer, eos_ids, progress=None):
       num=c.data.magpie_num, batch=c.data.magpie_batch, user_max=c.data.magpie_user_max,
       answer_max=c.data.magpie_answer_max, user_temperature=c.data.magpie_user_temperature,
       answer_temperature=c.data.magpie_answer_temperature, top_p=c.data.magpie_top_p,
-      teacher_top_k=c.data.teacher_top_k, seed=c.seed)
+      teacher_top_k=c.data.teacher_top_k, seed=c.seed,
+      user_starts=tuple(c.data.get("magpie_user_starts", ())))
   if not os.path.isdir(folder) or data.count_magpie(folder) < settings.num:
     if jax.process_count() > 1:
       raise ValueError(f"generate the self-distilled data on one host first ({folder})")

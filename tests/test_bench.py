@@ -216,9 +216,11 @@ def test_cost_section_names_the_levers():
       seconds={}, shapes=dict(device="cpu", cache_slots=256, exit_layer=2, draft_vocab=8192,
                               vocab=49152, layers=30))
   text = bench.markdown(results)
-  # Overall: 3 tokens per round, 2 drafts, fixed block 4: 0.05 + 0.2 + 1.2 = 1.45 steps.
-  assert "| overall | 3.00 | 2.00 | 2.07x | 2.40x | 2.00x |" in text
-  assert "a round costs 1.45 plain steps" in text and "needs 2.17 tokens per round" in text
+  # Overall: 3 tokens per round, 2 drafts. Block k + 1 = 3: 0.05 + 0.2 + 1.0 = 1.25 steps;
+  # a fixed block of gamma + 1 = 4: 0.05 + 0.2 + 1.2 = 1.45; a block costing verify[1]: 1.05.
+  assert "| overall | 3.00 | 2.00 | 2.40x | 2.07x | 2.00x |" in text
+  assert "a round costs 1.25 plain steps" in text and "needs 1.88 tokens per round" in text
+  assert "no more than one position (as on an accelerator): 2.86x" in text
 
 
 def _fake_results():

@@ -173,3 +173,16 @@ def test_make_batch_pads_rows_and_keeps_teacher_rows():
   assert b["tokens"].tolist() == [[1, 2, 3, 4, 0, 0], [0] * 6]
   assert b["teacher_ids"][0, 3].tolist() == [6, 7] and not b["assistant"][1].any()
   assert b["teacher_probs"].dtype == np.float32
+
+
+def test_magpie_user_starts_open_the_user_turns(tiny, tmp_path):
+  _, model, tok = tiny
+  starts = ("Translate this:", "Summarize this:")
+  s = data.MagpieSettings(num=6, batch=4, user_max=12, answer_max=4, answer_temperature=0.0,
+                          teacher_top_k=4, seed=2, user_starts=starts)
+  data.magpie_generate(model, tok, str(tmp_path), s, EOS + [tok.convert_tokens_to_ids(".")])
+  users = [tok.decode(ex.ids[:int(np.argmax(ex.assistant))]) for ex in
+           data.load_magpie(str(tmp_path), max_len=64).examples]
+  opening = lambda u: next((t for t in starts if u.startswith("<|im_start|>user\n" + t)), None)
+  # Every user turn opens with one of the starts, and the rows cycle through them.
+  assert all(map(opening, users)) and {opening(u) for u in users} == set(starts)
