@@ -102,9 +102,48 @@ def load_tokenizer(path: Optional[str] = None) -> Any:
   try:
     if os.path.isdir(path):
       return AutoTokenizer.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    cached = _tokenizer_cache_dir(path)
+    if os.path.isfile(os.path.join(cached, "tokenizer.json")):
+      try:
+        return AutoTokenizer.from_pretrained(cached)
+      except Exception:  # A damaged cache: convert again below and replace it.
+        import shutil
+        shutil.rmtree(cached, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                              gguf_file=os.path.basename(path))
   except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError...).
     raise WeightsError(f"cannot load a tokenizer from {path}: {_one_line(e)}") from e
+  _save_tokenizer_cache(tokenizer, cached)
+  return tokenizer
+
+
+def _tokenizer_cache_dir(gguf_path: str) -> str:
+  """Where the tokenizer converted from a GGUF file is kept: keyed by path, size, mtime.
+
+  Building a tokenizer from GGUF metadata takes transformers 10-20 s on a small CPU;
+  reading the converted tokenizer.json takes well under a second.
+  """
+  import hashlib
+  st = os.stat(gguf_path)
+  key = hashlib.sha1(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+  root = os.environ.get("KANGAROO_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "kangaroo_jax")
+  return os.path.join(root, "tokenizers", key.hexdigest()[:16])
+
+
+def _save_tokenizer_cache(tokenizer, folder: str) -> None:
+  """Writes the tokenizer to `folder` atomically; a cache that cannot be written is skipped."""
+  import shutil
+  import tempfile
+  tmp = None
+  try:
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder))
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+  except OSError:  # read-only home, or another process won the rename: load from GGUF next time
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _existing(path: Optional[str]) -> str:

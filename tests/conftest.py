@@ -6,6 +6,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The converted-tokenizer cache (weights.load_tokenizer) lives in a fresh folder per run, so
+# tests never read a stale cache from the user's home, yet share one conversion.
+if "KANGAROO_JAX_CACHE" not in os.environ:
+  import tempfile
+  os.environ["KANGAROO_JAX_CACHE"] = tempfile.mkdtemp(prefix="kangaroo_jax_cache_")
 
 import pytest  # noqa: E402
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from transformers import AutoTokenizer
 
 from kangaroo_jax import weights
 from kangaroo_jax.weights import WeightsError, load_checkpoint
@@ -214,6 +215,28 @@ def test_default_tokenizer():
   tok = weights.load_tokenizer()
   assert tok.convert_tokens_to_ids("<|im_end|>") == 2
   assert tok.decode(tok("Hello, ocean!")["input_ids"]) == "Hello, ocean!"
+
+
+@needs_default
+@pytest.mark.slow
+def test_gguf_tokenizer_cache_is_identical_to_a_fresh_conversion(tmp_path, monkeypatch):
+  monkeypatch.setenv("KANGAROO_JAX_CACHE", str(tmp_path))
+  fresh = weights.load_tokenizer()
+  cached_dir = weights._tokenizer_cache_dir(weights.default_model_path())
+  assert os.path.isfile(os.path.join(cached_dir, "tokenizer.json"))
+  cached = weights.load_tokenizer()
+  msgs = [{"role": "system", "content": "Be brief."},
+          {"role": "user", "content": "Ünïcödé 🤖\n\n  spaces\ttab <|im_end|> 12345"}]
+  for tok in (fresh, cached):
+    assert tok.eos_token == "<|im_end|>" and len(tok) == len(fresh)
+  text = fresh.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+  assert cached.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == text
+  assert cached(text)["input_ids"] == fresh(text)["input_ids"]
+  # A damaged cache is converted again and replaced.
+  with open(os.path.join(cached_dir, "tokenizer.json"), "w") as f:
+    f.write("{")
+  assert weights.load_tokenizer()(text)["input_ids"] == fresh(text)["input_ids"]
+  assert AutoTokenizer.from_pretrained(cached_dir)(text)["input_ids"] == fresh(text)["input_ids"]
 
 
 def test_default_model_path_without_package(monkeypatch):
