@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
       "setting for this backend, else 0.6)")
   add("--max-draft", type=int, metavar="GAMMA",
       help="draft tokens per round at most (default: the tuned setting, else 6)")
+  add("--send-unconfident", choices=("yes", "no"), default=None,
+      help="verify the draft that fell below ETA too, as the paper does (default: the tuned "
+      "setting, else yes); 'no' pays where verifying one more position is costly (CPUs)")
   add("--draft-vocab", type=int, metavar="N", help="draft over the N most frequent ids of the "
       "adapter's stored draft vocabulary; 0 = full vocabulary (default: all it stores, if any)")
   add("--compare", action="store_true", help="also decode plainly; report the speedup and "
@@ -95,7 +98,9 @@ def decode_kwargs(args, adapter, draft_ids, mode: str) -> dict:
   return dict(mode=mode, adapter=adapter, draft_ids=draft_ids,
               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, seed=args.seed, eta=args.threshold,
-              gamma=args.max_draft, chat=not args.no_chat)
+              gamma=args.max_draft, chat=not args.no_chat,
+              send_unconfident=(None if args.send_unconfident is None
+                                else args.send_unconfident == "yes"))
 
 
 def run_stream(api, model, tokenizer, prompt, kwargs, show: bool):

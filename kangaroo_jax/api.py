@@ -101,7 +101,7 @@ def eos_ids(model: Llama, tokenizer) -> list[int]:
 
 
 def _decode(model, tokenizer, prompts, *, mode, adapter, draft_ids, max_new_tokens, temperature,
-            top_k, top_p, seed, eta, gamma, chat, on_tokens=None):
+            top_k, top_p, seed, eta, gamma, chat, send_unconfident=None, on_tokens=None):
   if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
     prompts = [prompts]
   ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
@@ -114,10 +114,11 @@ def _decode(model, tokenizer, prompts, *, mode, adapter, draft_ids, max_new_toke
     tuned = tuning.tuned_settings()
     eta = tuned["eta"] if eta is None else eta
     gamma = tuned["gamma"] if gamma is None else gamma
+    send = tuned["send_unconfident"] if send_unconfident is None else send_unconfident
     if adapter is None:
       adapter, stored = load_adapter_for(model)
       draft_ids = tuning.select_draft_ids(stored, tuned["draft_vocab"], strict=False)
-    result = kangaroo_decode(model, adapter, ids, kparams=KangarooParams(eta, gamma),
+    result = kangaroo_decode(model, adapter, ids, kparams=KangarooParams(eta, gamma, send),
                              draft_ids=draft_ids, **common)
   else:
     raise ValueError(f"mode must be 'kangaroo' or 'plain', got {mode!r}")
@@ -129,7 +130,7 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
              draft_ids: Optional[np.ndarray] = None, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eta: Optional[float] = None, gamma: Optional[int] = None,
-             chat: bool = True) -> Generation:
+             send_unconfident: Optional[bool] = None, chat: bool = True) -> Generation:
   """Generates text for one prompt or a batch.
 
   Args:
@@ -141,6 +142,8 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
     temperature, top_k, top_p, seed: sampling (temperature 0 = greedy).
     eta, gamma: Kangaroo's early-exit threshold and maximum drafts per round; None takes
       the tuned setting for this backend (`kangaroo_jax/tuned/<backend>.json`), else 0.6 / 6.
+    send_unconfident: verify the draft that fell below eta too (the paper's rule);
+      None takes the tuned setting, else True.
     chat: apply the tokenizer's chat template to string prompts.
   Returns:
     A `Generation` with texts, token ids and stats (mean_accepted_tokens, rounds,
@@ -148,7 +151,8 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
   """
   ids, result = _decode(model, tokenizer, prompts, mode=mode, adapter=adapter, draft_ids=draft_ids,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, eta=eta, gamma=gamma, chat=chat)
+                        top_p=top_p, seed=seed, eta=eta, gamma=gamma, chat=chat,
+                        send_unconfident=send_unconfident)
   texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
   return Generation(texts, result.tokens, ids, result.stats)
 
@@ -191,7 +195,7 @@ def stream(model: Llama, tokenizer, prompt: PromptLike, **kwargs) -> Iterator[st
 
 def _defaults(kwargs: dict) -> dict:
   out = dict(mode="kangaroo", adapter=None, draft_ids=None, max_new_tokens=256, temperature=0.0,
-             top_k=0, top_p=1.0, seed=0, eta=None, gamma=None, chat=True)
+             top_k=0, top_p=1.0, seed=0, eta=None, gamma=None, send_unconfident=None, chat=True)
   unknown = set(kwargs) - set(out)
   if unknown:
     raise TypeError(f"unknown arguments: {', '.join(sorted(unknown))}")

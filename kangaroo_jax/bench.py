@@ -184,18 +184,21 @@ def jax_plain(model, eos: Sequence[int], max_new_tokens: int) -> Method:
                 lambda ids: ("plain", bucket(len(ids))))
 
 
-def kangaroo_label(eta: float, gamma: int, draft_vocab: Optional[int]) -> str:
-  """The method name of one sweep setting, e.g. kangaroo[eta=0.6,gamma=4,vocab=stored]."""
+def kangaroo_label(eta: float, gamma: int, draft_vocab: Optional[int],
+                   send_unconfident: bool = True) -> str:
+  """The method name of one sweep setting, e.g. kangaroo[eta=0.6,gamma=4,vocab=stored,send=yes]."""
   vocab = "stored" if draft_vocab is None else ("full" if draft_vocab == 0 else draft_vocab)
-  return f"kangaroo[eta={eta:g},gamma={gamma},vocab={vocab}]"
+  send = "yes" if send_unconfident else "no"
+  return f"kangaroo[eta={eta:g},gamma={gamma},vocab={vocab},send={send}]"
 
 
 def jax_kangaroo(model, adapter, draft_ids, eos: Sequence[int], max_new_tokens: int, eta: float,
-                 gamma: int, name: str = "kangaroo", draft_vocab: Optional[int] = None) -> Method:
-  """Kangaroo decoding with one (eta, gamma, draft vocabulary) setting."""
+                 gamma: int, name: str = "kangaroo", draft_vocab: Optional[int] = None,
+                 send_unconfident: bool = True) -> Method:
+  """Kangaroo decoding with one (eta, gamma, draft vocabulary, send_unconfident) setting."""
   from kangaroo_jax.decoding import bucket
   from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode
-  kparams = KangarooParams(eta, gamma)
+  kparams = KangarooParams(eta, gamma, send_unconfident)
   vocab = None if draft_ids is None else len(draft_ids)
 
   def run(ids):
@@ -206,9 +209,9 @@ def jax_kangaroo(model, adapter, draft_ids, eos: Sequence[int], max_new_tokens: 
 
   # eta is a traced argument: settings that differ only in eta share compiled code.
   return Method(name, DESCRIPTIONS["kangaroo"], "plain", run,
-                lambda ids: ("kangaroo", gamma, vocab, bucket(len(ids))),
+                lambda ids: ("kangaroo", gamma, send_unconfident, vocab, bucket(len(ids))),
                 dict(eta=eta, gamma=gamma, draft_vocab=draft_vocab, draft_vocab_size=vocab,
-                     exit_layer=adapter.acfg.exit_layer))
+                     send_unconfident=send_unconfident, exit_layer=adapter.acfg.exit_layer))
 
 
 def load_hf_model(path: Optional[str], threads: int):
@@ -510,8 +513,10 @@ def markdown(results: dict, chart: Optional[str] = None) -> str:
 def _kangaroo_line(k: dict) -> str:
   vocab = ("the full vocabulary" if k["draft_vocab_size"] is None
            else f"a {k['draft_vocab_size']}-token draft vocabulary")
+  send = ("the draft that fell below eta is verified too (the paper's rule)"
+          if k.get("send_unconfident", True) else "the draft that fell below eta is dropped")
   return (f"Kangaroo settings: eta {k['eta']:g}, gamma {k['gamma']}, exit layer "
-          f"{k['exit_layer']}, drafting over {vocab}.")
+          f"{k['exit_layer']}, drafting over {vocab}; {send}.")
 
 
 def cost_markdown(results: dict) -> str:
@@ -665,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
   add("--gamma", type=int, metavar="G", help="default: the tuned setting, else 6")
   add("--draft-vocab", type=int, metavar="N",
       help="0 = full vocabulary, N = first N stored ids (default: tuned, else all stored)")
+  add("--send-unconfident", choices=("yes", "no"),
+      help="verify the draft that fell below eta too (default: tuned, else yes)")
   add("--hf-threads", type=int, default=os.cpu_count() or 1, metavar="N",
       help="torch threads for the transformers peers (default: all CPUs)")
   add("--out", default="runs/bench", metavar="DIR", help="results.json, results.md, speedup.png")
@@ -678,6 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
   add("--sweep-gamma", default="2,4,6", metavar="A,B")
   add("--sweep-draft-vocab", default="stored,0", metavar="A,B",
       help="'stored' = the adapter's own, 0 = full, N = first N stored ids")
+  add("--sweep-send-unconfident", default="yes,no", metavar="A,B", help="yes, no or both")
   add("--tuned-file", metavar="PATH",
       help="where --sweep writes (default: kangaroo_jax/tuned/<backend>.json)")
   add("--quiet", action="store_true", help="no per-prompt progress on stderr")
@@ -723,8 +731,14 @@ def validate(args) -> None:
       raise BenchError(message)
 
 
-def sweep_grid(args, stored) -> list[tuple[float, int, Optional[int]]]:
-  """(eta, gamma, draft_vocab) settings; vocab sizes the adapter cannot give are dropped."""
+def sweep_grid(args, stored) -> list[tuple[float, int, Optional[int], bool]]:
+  """(eta, gamma, draft_vocab, send_unconfident) settings; vocab sizes the adapter cannot
+  give are dropped."""
+  sends = []
+  for v in _csv(args.sweep_send_unconfident):
+    if v not in ("yes", "no"):
+      raise BenchError(f"--sweep-send-unconfident: expected yes/no values, got {v!r}")
+    sends.append(v == "yes")
   etas = _numbers(args.sweep_eta, float, "--sweep-eta")
   gammas = _numbers(args.sweep_gamma, int, "--sweep-gamma")
   vocabs = []
@@ -740,9 +754,10 @@ def sweep_grid(args, stored) -> list[tuple[float, int, Optional[int]]]:
   # Without stored ids, 'stored' is the full vocabulary: keep one of the two.
   vocabs = list(dict.fromkeys(0 if v is None and stored is None else v for v in vocabs
                               if v is None or v == 0 or v <= n))
-  if not (etas and gammas and vocabs):
+  if not (etas and gammas and vocabs and sends):
     raise BenchError("the sweep grid is empty")
-  return [(e, g, v) for v in vocabs for g in gammas for e in etas]
+  return [(e, g, v, s) for s in dict.fromkeys(sends) for v in vocabs for g in gammas
+          for e in etas]
 
 
 def best_setting(results: dict, labels: dict) -> Optional[tuple[str, dict]]:
@@ -767,6 +782,8 @@ def run(args) -> dict:
   eta = args.eta if args.eta is not None else tuned["eta"]
   gamma = args.gamma if args.gamma is not None else tuned["gamma"]
   draft_vocab = args.draft_vocab if args.draft_vocab is not None else tuned["draft_vocab"]
+  send = (tuned["send_unconfident"] if args.send_unconfident is None
+          else args.send_unconfident == "yes")
   start = time.perf_counter()
   model, tokenizer = api.load_model(args.model)
   eos = api.eos_ids(model, tokenizer)
@@ -779,15 +796,16 @@ def run(args) -> dict:
   runners = [jax_plain(model, eos, args.max_new_tokens)]
   labels: dict[str, dict] = {}
   if args.sweep:
-    for e, g, v in sweep_grid(args, stored):
-      name = kangaroo_label(e, g, v)
+    for e, g, v, s in sweep_grid(args, stored):
+      name = kangaroo_label(e, g, v, s)
       runners.append(jax_kangaroo(model, adapter, tuning.select_draft_ids(stored, v), eos,
-                                  args.max_new_tokens, e, g, name=name, draft_vocab=v))
-      labels[name] = dict(eta=e, gamma=g, draft_vocab=v)
+                                  args.max_new_tokens, e, g, name=name, draft_vocab=v,
+                                  send_unconfident=s))
+      labels[name] = dict(eta=e, gamma=g, draft_vocab=v, send_unconfident=s)
     methods = ["plain"] + list(labels)
   elif "kangaroo" in methods:
     runners.append(jax_kangaroo(model, adapter, draft_ids, eos, args.max_new_tokens, eta, gamma,
-                                draft_vocab=draft_vocab))
+                                draft_vocab=draft_vocab, send_unconfident=send))
   skipped = {}
   hf_names = [m for m in methods if m.startswith("hf")]
   if hf_names:
@@ -815,7 +833,7 @@ def run(args) -> dict:
       max_new_tokens=args.max_new_tokens, questions=_short(args.questions),
       questions_used=len({r.question_id for r in records}), prompts=sum(
           1 for r in records if r.method == "plain"),
-      kangaroo=dict(eta=eta, gamma=gamma, draft_vocab=draft_vocab,
+      kangaroo=dict(eta=eta, gamma=gamma, draft_vocab=draft_vocab, send_unconfident=send,
                     draft_vocab_size=None if draft_ids is None else len(draft_ids),
                     exit_layer=adapter.acfg.exit_layer if adapter else None),
       sweep=args.sweep), methods_run=ran, descriptions={m: DESCRIPTIONS.get(m.split("[")[0], m)
@@ -861,12 +879,13 @@ def sweep_report(results: dict, labels: dict, args, log) -> dict:
       rows.append(dict(s, speedup=o["speedup"], tokens_per_second=o["tokens_per_second"],
                        mean_accepted_tokens=o["mean_accepted_tokens"],
                        drafts_per_round=o["drafts_per_round"], lossless=o["lossless"]))
-  log(f"{'eta':>5} {'gamma':>5} {'vocab':>7} {'speedup':>8} {'accepted':>9} {'drafts':>7} "
-      f"{'lossless':>9}")
+  log(f"{'eta':>5} {'gamma':>5} {'vocab':>7} {'send':>5} {'speedup':>8} {'accepted':>9} "
+      f"{'drafts':>7} {'lossless':>9}")
   for r in rows:
     v = "stored" if r["draft_vocab"] is None else r["draft_vocab"]
-    log(f"{r['eta']:>5g} {r['gamma']:>5} {v!s:>7} {r['speedup']:>7.2f}x "
-        f"{r['mean_accepted_tokens']:>9.2f} {r['drafts_per_round']:>7.2f} {r['lossless']:>9.0%}")
+    log(f"{r['eta']:>5g} {r['gamma']:>5} {v!s:>7} {'yes' if r['send_unconfident'] else 'no':>5} "
+        f"{r['speedup']:>7.2f}x {r['mean_accepted_tokens']:>9.2f} {r['drafts_per_round']:>7.2f} "
+        f"{r['lossless']:>9.0%}")
   best = best_setting(results, labels)
   out = dict(rows=rows, best=None, tuned_file=None)
   if best is None:

@@ -4,8 +4,10 @@ One round, per sequence, with pending token y0 at position n:
 
   draft (`_draft`, a `lax.while_loop`):  shallow layers [0, l) on y_i -> h_i;
       adapter + LM head on h_i -> q_i -> draft y_{i+1}; stop when max q_i < eta
-      (second early exit) or after gamma drafts. The shallow layers also run on the
-      last draft, so the block [y_0 .. y_k] has all its layer-l states.
+      (second early exit) or after gamma drafts. The unconfident draft is verified too
+      (the paper) or dropped (`send_unconfident=False`, cheaper where verifying one more
+      position costs much). The shallow layers also run on the last draft, so the block
+      [y_0 .. y_k] has all its layer-l states.
   verify (`_verify`): deep layers [l, L) once over a fixed-size block of layer-l states
       (the shallow layers are never recomputed), accept the longest agreeing prefix
       (greedy) or use speculative sampling, and append the target's own next token.
@@ -38,9 +40,19 @@ from kangaroo_jax.sampling import SamplingParams, probs, process_logits, sample
 
 @dataclasses.dataclass(frozen=True)
 class KangarooParams:
-  """eta: stop drafting when the draft's top-1 probability < eta; gamma: drafts per round at most."""
+  """Drafting settings.
+
+  eta: stop drafting when the draft's top-1 probability < eta (second early exit).
+  gamma: drafts per round at most.
+  send_unconfident: the paper sends the draft that fell below eta to verification too.
+    False drops it, so a round whose first draft is unsure verifies the pending token
+    alone, a plain step. Either way the output is lossless: which drafts are sent
+    depends on the draft's own probabilities only. False pays where verifying one more
+    position is expensive (on a CPU a block of 2 costs ~1.5 plain steps, of 1 about 1).
+  """
   eta: float = 0.6
   gamma: int = 6
+  send_unconfident: bool = True
 
   def __post_init__(self):
     if not 0 < self.eta <= 1:
@@ -58,12 +70,13 @@ def _draft_distribution(model, adapter_out, draft_head, params):
 
 
 def _draft(model: Llama, adapter: Adapter, draft_head, draft_ids, st, eta, *,
-           gamma: int, params: SamplingParams):
+           gamma: int, params: SamplingParams, send_unconfident: bool = True):
   """Drafts up to gamma tokens for every sequence; returns block buffers and counts.
 
   Returns (Y [B, K] block tokens with Y[:, 0] = y0, H [B, K, D] their layer-l states,
   Q [B, gamma, V] draft distributions over the full vocabulary (sampling only),
-  k [B] drafts per sequence, model cache, adapter cache, rng), K = gamma + 1.
+  k [B] drafts to verify, steps [B] draft steps run (k, or k + 1 when an unconfident
+  draft was dropped), model cache, adapter cache, rng), K = gamma + 1.
   """
   l = adapter.acfg.exit_layer
   b = st["y0"].shape[0]
@@ -79,7 +92,7 @@ def _draft(model: Llama, adapter: Adapter, draft_head, draft_ids, st, eta, *,
     return (i < gamma) & jnp.any(active)
 
   def body(s):
-    i, active, k, Y, H, Q, cache, acache, rng = s
+    i, active, k, steps, Y, H, Q, cache, acache, rng = s
     prev = jnp.where(i == 0, st["h_prev"], H[:, jnp.maximum(i - 1, 0)])  # [B, D]
     pair = jnp.stack([prev, H[:, i]], axis=1)  # [B, 2, D]
     pos = (n + i)[:, None] + jnp.arange(-1, 1)[None]  # [B, 2]
@@ -97,24 +110,26 @@ def _draft(model: Llama, adapter: Adapter, draft_head, draft_ids, st, eta, *,
     h, cache = model.run_layers(model.embed(y[:, None]), (n + i + 1)[:, None], cache, 0, l)
     Y = Y.at[:, i + 1].set(y)
     H = H.at[:, i + 1].set(h[:, 0])
-    k = jnp.where(active, i + 1, k)
-    active = active & (conf >= eta)
-    return i + 1, active, k, Y, H, Q, cache, acache, rng
+    confident = conf >= eta
+    k = jnp.where(active & (confident | send_unconfident), i + 1, k)
+    steps = jnp.where(active, i + 1, steps)
+    active = active & confident
+    return i + 1, active, k, steps, Y, H, Q, cache, acache, rng
 
-  init = (jnp.int32(0), ~st["done"], jnp.zeros((b,), jnp.int32), Y, H, Q, cache,
-          st["acache"], st["rng"])
-  _, _, k, Y, H, Q, cache, acache, rng = jax.lax.while_loop(cond, body, init)
-  return Y, H, Q, k, cache, acache, rng
+  zeros = jnp.zeros((b,), jnp.int32)
+  init = (jnp.int32(0), ~st["done"], zeros, zeros, Y, H, Q, cache, st["acache"], st["rng"])
+  _, _, k, steps, Y, H, Q, cache, acache, rng = jax.lax.while_loop(cond, body, init)
+  return Y, H, Q, k, steps, cache, acache, rng
 
 
-def verify_block_sizes(gamma: int) -> tuple[int, ...]:
+def verify_block_sizes(gamma: int, send_unconfident: bool = True) -> tuple[int, ...]:
   """Static verification block sizes: powers of two below gamma + 1, and gamma + 1.
 
   A round verifies the smallest block that holds every sequence's drafts. On a CPU a
   block of 2 costs far less than one of 7, and drafting often stops early; a few sizes
-  keep compile time small.
+  keep compile time small. Size 1 (no draft sent) only occurs without send_unconfident.
   """
-  sizes = {gamma + 1}
+  sizes = {gamma + 1} | ({1} if not send_unconfident else set())
   t = 2
   while t < gamma + 1:
     sizes.add(t)
@@ -123,10 +138,10 @@ def verify_block_sizes(gamma: int) -> tuple[int, ...]:
 
 
 def _verify_switch(model: Llama, Y, H, Q, k, live, n, cache, rng, *, l: int,
-                   params: SamplingParams):
+                   params: SamplingParams, send_unconfident: bool = True):
   """Verifies the smallest static block that holds y0 and every live sequence's drafts."""
-  sizes = verify_block_sizes(Y.shape[1] - 1)
-  need = jnp.max(jnp.where(live, k, 1)) + 1
+  sizes = verify_block_sizes(Y.shape[1] - 1, send_unconfident)
+  need = jnp.max(jnp.where(live, k, 0)) + 1
   branch = jnp.searchsorted(jnp.asarray(sizes), need)
   # Only the deep layers' cache enters the branches: a cache entry that a branch passes
   # through unchanged would be copied by XLA's conditional.
@@ -163,6 +178,9 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, *, l: int, params: Sampling
     z = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
     return a, z, cache, rng
   p = probs(logits, params)  # [B, K, V]
+  if kb == 1:  # no draft sent: a plain sampling step
+    z = jax.random.categorical(r_res, jnp.log(p[:, 0]), axis=-1).astype(jnp.int32)
+    return jnp.zeros((b,), jnp.int32), z, cache, rng
   p_draft = jnp.take_along_axis(p[:, :-1], Y[:, 1:, None], axis=-1)[..., 0]  # [B, K-1]
   q_draft = jnp.take_along_axis(Q, Y[:, 1:, None], axis=-1)[..., 0]  # [B, K-1]
   u = jax.random.uniform(r_acc, p_draft.shape)
@@ -178,10 +196,10 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, *, l: int, params: Sampling
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "agraphdef", "params", "max_new_tokens",
-                                             "gamma", "stream"))
+                                             "gamma", "send_unconfident", "stream"))
 def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt_lens, rng,
                    eos_ids, eta, *, params: SamplingParams, max_new_tokens: int, gamma: int,
-                   stream: bool):
+                   send_unconfident: bool, stream: bool):
   model = nnx.merge(graphdef, state)
   adapter = nnx.merge(agraphdef, astate)
   l = adapter.acfg.exit_layer
@@ -208,11 +226,12 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
             total_rounds=jnp.int32(0))
 
   def round_body(st):
-    Y, H, Q, k, cache, acache, rng = _draft(model, adapter, draft_head, draft_ids, st, eta,
-                                            gamma=gamma, params=params)
+    Y, H, Q, k, steps, cache, acache, rng = _draft(
+        model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, params=params,
+        send_unconfident=send_unconfident)
     live = ~st["done"]
     a, z, cache, rng = _verify_switch(model, Y, H, Q, k, live, st["n"], cache, rng, l=l,
-                                      params=params)
+                                      params=params, send_unconfident=send_unconfident)
     j = jnp.arange(gamma + 1)[None]  # [1, K]
     # This round's new tokens: accepted drafts y_1..y_a, then z.
     new = jnp.where(j < a[:, None], jnp.roll(Y, -1, axis=1), z[:, None])  # [B, K]
@@ -234,7 +253,7 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
         h_prev=jnp.where(live[:, None], jnp.take_along_axis(H, a[:, None, None], 1)[:, 0],
                          st["h_prev"]),
         cache=cache, acache=acache, rng=rng, out=out, count=count, done=done,
-        rounds=st["rounds"] + live, drafts=st["drafts"] + jnp.where(live, k, 0),
+        rounds=st["rounds"] + live, drafts=st["drafts"] + jnp.where(live, steps, 0),
         total_rounds=st["total_rounds"] + 1)
 
   st = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), round_body, st)
@@ -253,7 +272,7 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
     adapter: the draft adapter (its exit layer selects the shallow sub-network).
     prompts: token id lists, one per sequence (lengths may differ).
     max_new_tokens: new tokens per sequence at most.
-    kparams: eta (early-exit threshold) and gamma (max drafts per round).
+    kparams: eta (early-exit threshold), gamma (max drafts per round), send_unconfident.
     params: greedy when temperature is 0, else lossless speculative sampling.
     seed: PRNG seed.
     eos_ids: generation of a sequence stops after any of these.
@@ -282,7 +301,7 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
       _kangaroo_loop, on_tokens, graphdef, state, agraphdef, astate, draft_ids,
       tokens, lens, jax.random.key(seed), eos, jnp.float32(kparams.eta),
       params=params, max_new_tokens=max_new_tokens, gamma=kparams.gamma,
-      stream=on_tokens is not None)
+      send_unconfident=kparams.send_unconfident, stream=on_tokens is not None)
   out, counts = np.asarray(out), np.asarray(counts)
   rounds, drafts = np.asarray(rounds), np.asarray(drafts)
   seconds = time.perf_counter() - start

@@ -6,10 +6,12 @@ reduced vocabulary win; on an accelerator verifying 8 positions costs about as m
 one, so longer drafts pay. `python -m kangaroo_jax.bench --sweep` measures and writes
 `tuned/<backend>.json`; `tuned_settings()` reads it (defaults when absent).
 
-    {"eta": 0.6, "gamma": 6, "draft_vocab": null, "measured": {...}}
+    {"eta": 0.6, "gamma": 6, "draft_vocab": null, "send_unconfident": true, "measured": {...}}
 
 `draft_vocab`: null = the adapter's stored draft vocabulary (if any), 0 = the full
 vocabulary, N = the first N stored ids (stored most frequent first).
+`send_unconfident`: whether the draft that fell below eta is verified too (the paper's
+rule; see `kangaroo.KangarooParams`). Files without it mean true.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
-DEFAULTS = {"eta": 0.6, "gamma": 6, "draft_vocab": None}
+DEFAULTS = {"eta": 0.6, "gamma": 6, "draft_vocab": None, "send_unconfident": True}
 
 
 class TuningError(ValueError):
@@ -40,7 +42,7 @@ def tuned_path(backend: Optional[str] = None) -> str:
 
 
 def check_settings(s: dict) -> dict:
-  """Validates eta/gamma/draft_vocab; returns just those three keys. Raises TuningError."""
+  """Validates eta/gamma/draft_vocab/send_unconfident; returns just those. Raises TuningError."""
   try:
     eta, gamma, vocab = float(s["eta"]), s["gamma"], s.get("draft_vocab")
   except (KeyError, TypeError, ValueError) as e:
@@ -51,17 +53,21 @@ def check_settings(s: dict) -> dict:
     raise TuningError(f"gamma must be an integer >= 1, got {gamma!r}")
   if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 0):
     raise TuningError(f"draft_vocab must be null or an integer >= 0, got {vocab!r}")
-  return {"eta": eta, "gamma": gamma, "draft_vocab": vocab}
+  send = s.get("send_unconfident", True)
+  if not isinstance(send, bool):
+    raise TuningError(f"send_unconfident must be true or false, got {send!r}")
+  return {"eta": eta, "gamma": gamma, "draft_vocab": vocab, "send_unconfident": send}
 
 
 def tuned_settings(backend: Optional[str] = None, path: Optional[str] = None) -> dict:
-  """The tuned {eta, gamma, draft_vocab} for a backend, or DEFAULTS when none were tuned.
+  """The tuned {eta, gamma, draft_vocab, send_unconfident} of a backend, else DEFAULTS.
 
   Args:
     backend: 'cpu', 'gpu', 'tpu'; None = jax's default backend.
     path: read this file instead of `tuned/<backend>.json`.
   Returns:
-    A new dict with keys eta (float), gamma (int), draft_vocab (None or int). A damaged
+    A new dict: eta (float), gamma (int), draft_vocab (None or int), send_unconfident
+    (bool). A damaged
     file warns and yields the defaults: a bad tuning file must not stop decoding.
   """
   path = path or tuned_path(backend)

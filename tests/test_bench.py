@@ -280,7 +280,8 @@ def test_sweep_writes_tuned_settings(tiny, qfile, tmp_path):
   path = tmp_path / "tuned" / "cpu.json"
   results = bench.bench(["--sweep", "--model", tiny, "--questions", qfile, "--categories", "qa",
                          "--sweep-eta", "0.3,0.9", "--sweep-gamma", "3",
-                         "--sweep-draft-vocab", "stored,0", "--tuned-file", str(path),
+                         "--sweep-draft-vocab", "stored,0", "--sweep-send-unconfident", "yes",
+                         "--tuned-file", str(path),
                          "--out", str(tmp_path / "out"), *COMMON])
   rows = results["sweep"]["rows"]
   # A fresh adapter stores no draft vocabulary: 'stored' and 0 are the same setting.
@@ -289,6 +290,18 @@ def test_sweep_writes_tuned_settings(tiny, qfile, tmp_path):
   saved = json.loads(path.read_text())
   assert saved["measured"]["speedup"] > 0
   assert tuning.tuned_settings(path=str(path)) == results["sweep"]["best"]
+
+
+def test_sweep_grid_covers_send_unconfident():
+  args = bench.build_parser().parse_args(["--sweep", "--sweep-eta", "0.5", "--sweep-gamma", "2,4",
+                                          "--sweep-draft-vocab", "stored"])
+  grid = bench.sweep_grid(args, stored=[5, 6, 7])
+  assert grid == [(0.5, 2, None, True), (0.5, 4, None, True), (0.5, 2, None, False),
+                  (0.5, 4, None, False)]
+  assert len({bench.kangaroo_label(*g) for g in grid}) == 4
+  args.sweep_send_unconfident = "yes,perhaps"
+  with pytest.raises(BenchError, match="--sweep-send-unconfident"):
+    bench.sweep_grid(args, stored=None)
 
 
 # ---- tuned settings ----
@@ -303,7 +316,15 @@ def test_tuned_settings_defaults_and_damage(tmp_path):
   with pytest.warns(UserWarning):
     assert tuning.tuned_settings(path=str(bad)) == tuning.DEFAULTS
   good = tuning.write_tuned(dict(eta=0.5, gamma=4, draft_vocab=2048), str(tmp_path / "g.json"))
-  assert tuning.tuned_settings(path=good) == dict(eta=0.5, gamma=4, draft_vocab=2048)
+  # Files written before send_unconfident existed mean the paper's rule.
+  assert tuning.tuned_settings(path=good) == dict(eta=0.5, gamma=4, draft_vocab=2048,
+                                                 send_unconfident=True)
+  bad.write_text('{"eta": 0.5, "gamma": 3, "send_unconfident": "no"}')
+  with pytest.warns(UserWarning, match="send_unconfident must be true or false"):
+    assert tuning.tuned_settings(path=str(bad)) == tuning.DEFAULTS
+  cpu = tuning.write_tuned(dict(eta=0.4, gamma=2, draft_vocab=None, send_unconfident=False),
+                           str(tmp_path / "c.json"))
+  assert tuning.tuned_settings(path=cpu)["send_unconfident"] is False
   assert tuning.tuned_path("gpu").endswith(os.path.join("tuned", "gpu.json"))
 
 

@@ -109,6 +109,7 @@ def _save_adapter(path: str, config: dict, exit_layer: int, draft_ids=None) -> s
     (["--prompt", "hi", "--threshold", "0"], "--threshold"),
     (["--prompt", "hi", "--threshold", "1.5"], "--threshold"),
     (["--prompt", "hi", "--max-draft", "0"], "--max-draft"),
+    (["--prompt", "hi", "--send-unconfident", "maybe"], "--send-unconfident"),
     (["--prompt", "hi", "--exit-layer", "0"], "--exit-layer"),
     (["--prompt", "hi", "--draft-vocab", "-3"], "--draft-vocab"),
     (["--prompt", "hi", "--adapter", "/no/such/adapter.safetensors"], "no such adapter file"),
@@ -210,7 +211,7 @@ def test_streams_text_to_stdout_and_stats_to_stderr(tiny, tmp_path):
   path = _save_adapter(str(tmp_path / "a.safetensors"), TINY_CONFIG, 2,
                        draft_ids=np.arange(96, 1, -1))
   proc = run_cli("--prompt", "w5 w6 w7", "--model", tiny, "--adapter", path, "--draft-vocab",
-                 "16", "--max-new-tokens", "12")
+                 "16", "--max-new-tokens", "12", "--send-unconfident", "no")
   assert proc.returncode == 0, proc.stderr
   assert "Traceback" not in proc.stderr
   text = proc.stdout.strip()

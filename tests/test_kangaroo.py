@@ -46,19 +46,23 @@ def _easy_draft_model(num_layers=4, exit_layer=2, seed=0):
   return model, adapter
 
 
-@pytest.mark.parametrize("eta, gamma", [(0.6, 6), (1e-6, 1), (1e-6, 4), (1.0, 3), (0.3, 6)])
-def test_greedy_identical_to_plain(tiny, eta, gamma):
+@pytest.mark.parametrize("eta, gamma, send", [(0.6, 6, True), (1e-6, 1, True), (1e-6, 4, True),
+                                              (1.0, 3, True), (0.3, 6, True), (0.05, 4, False),
+                                              (1.0, 3, False)])
+def test_greedy_identical_to_plain(tiny, eta, gamma, send):
   adapter = init_adapter(tiny.cfg, 2)
   prompts = _prompts([5, 12, 3])
   plain = plain_decode(tiny, prompts, max_new_tokens=30, eos_ids=[EOS]).tokens
   out = kangaroo_decode(tiny, adapter, prompts, max_new_tokens=30, eos_ids=[EOS],
-                        kparams=KangarooParams(eta, gamma))
+                        kparams=KangarooParams(eta, gamma, send))
   assert out.tokens == plain
-  if eta == 1.0:  # every draft is below the threshold: exactly one draft per round
+  if eta == 1.0:  # every draft is below the threshold: exactly one draft step per round
     assert out.stats["drafts_per_round"] == 1.0
+    if not send:  # ... and it is never verified: each round commits one token, as plain does
+      assert out.stats["mean_accepted_tokens"] == 1.0
 
 
-def _reference_kangaroo(model, adapter, prompt, max_new, eta, gamma, eos):
+def _reference_kangaroo(model, adapter, prompt, max_new, eta, gamma, eos, send=True):
   """Host-side Kangaroo with no caches at all: every step recomputes from scratch.
 
   Sequences are right-padded to a fixed width (causal attention ignores the padding) so
@@ -90,11 +94,14 @@ def _reference_kangaroo(model, adapter, prompt, max_new, eta, gamma, eos):
   while len(gen) < max_new and gen[-1] not in eos:
     ctx = seq + gen
     d = []
+    steps = 0
     for _ in range(gamma):
       q = draft_probs(ctx + d)
-      d.append(int(np.argmax(q)))
+      steps += 1
       if q.max() < eta:
+        d += [int(np.argmax(q))] if send else []
         break
+      d.append(int(np.argmax(q)))
     t = target(ctx + d)[len(ctx) - 1:]
     acc = 0
     while acc < len(d) and d[acc] == t[acc]:
@@ -104,27 +111,33 @@ def _reference_kangaroo(model, adapter, prompt, max_new, eta, gamma, eos):
       if len(gen) < max_new and gen[-1] not in eos:
         gen.append(tok)
     rounds += 1
-    drafts += len(d)
+    drafts += steps
   return gen, rounds, drafts
 
 
-def _check_against_reference(gamma, seeds=(0, 1)):
+def _check_against_reference(gamma, seeds=(0, 1), eta=0.2, send=True, sharpen=1.0,
+                             min_accepted=1.3):
   model, adapter = _easy_draft_model()
+  _scale(adapter.out_norm.weight, sharpen)  # sharper drafts: some confident, some not
   for seed in seeds:
     prompt = _prompts([6], seed=seed)[0]
-    gen, rounds, drafts = _reference_kangaroo(model, adapter, prompt, 24, 0.2, gamma, [])
+    gen, rounds, drafts = _reference_kangaroo(model, adapter, prompt, 24, eta, gamma, [], send)
     out = kangaroo_decode(model, adapter, [prompt], max_new_tokens=24,
-                          kparams=KangarooParams(0.2, gamma))
+                          kparams=KangarooParams(eta, gamma, send))
     assert out.tokens[0] == gen
     assert (out.stats["rounds"], out.stats["draft_steps"]) == (rounds, drafts)
-    assert out.stats["mean_accepted_tokens"] > 1.3  # many rounds accepted all drafts
+    assert out.stats["mean_accepted_tokens"] > min_accepted  # many rounds accepted all drafts
 
 
-@pytest.mark.parametrize("gamma", [1, 3])
-def test_matches_cache_free_reference_round_by_round(gamma):
+@pytest.mark.parametrize("gamma, eta, send, sharpen, min_accepted", [
+    (1, 0.2, True, 1.0, 1.3), (3, 0.2, True, 1.0, 1.3),
+    # Without send_unconfident: many rounds stop early (60) or verify no draft at all (20).
+    (3, 0.5, False, 60.0, 1.3), (3, 0.5, False, 20.0, 1.05)])
+def test_matches_cache_free_reference_round_by_round(gamma, eta, send, sharpen, min_accepted):
   """Same tokens, rounds and draft steps as a cache-free reference: this catches a wrong
-  roll-back or a missing adapter cache entry after a round that accepted every draft."""
-  _check_against_reference(gamma)
+  roll-back or a missing adapter cache entry after a round that accepted every draft (or,
+  without send_unconfident, after a round that verified no draft at all)."""
+  _check_against_reference(gamma, eta=eta, send=send, sharpen=sharpen, min_accepted=min_accepted)
 
 
 def test_reference_check_catches_a_broken_adapter_cache(monkeypatch):
@@ -246,16 +259,17 @@ def _empirical_tv(model, adapter, prompt, params, kp, n, draft_ids=None, steps=3
 N_SAMPLES, TV_BOUND = 4000, 0.05
 
 
-@pytest.mark.parametrize("params, draft_ids", [
-    (SamplingParams(temperature=1.0), None),
-    (SamplingParams(temperature=0.7, top_k=4), None),
-    (SamplingParams(temperature=1.0, top_p=0.8), None),
-    (SamplingParams(temperature=1.0), np.asarray([0, 2, 3, 5])),
+@pytest.mark.parametrize("params, draft_ids, kp", [
+    (SamplingParams(temperature=1.0), None, KangarooParams(1e-6, 2)),
+    (SamplingParams(temperature=0.7, top_k=4), None, KangarooParams(1e-6, 2)),
+    (SamplingParams(temperature=1.0, top_p=0.8), None, KangarooParams(1e-6, 2)),
+    (SamplingParams(temperature=1.0), np.asarray([0, 2, 3, 5]), KangarooParams(1e-6, 2)),
+    # Drafts dropped by confidence (some rounds verify no draft): still the target's law.
+    (SamplingParams(temperature=1.0), None, KangarooParams(0.5, 2, send_unconfident=False)),
 ])
-def test_sampling_distribution_equals_target(params, draft_ids):
+def test_sampling_distribution_equals_target(params, draft_ids, kp):
   model, adapter = _peaky_tiny_model()
-  tv = _empirical_tv(model, adapter, [1, 4, 2], params, KangarooParams(1e-6, 2), N_SAMPLES,
-                     draft_ids)
+  tv = _empirical_tv(model, adapter, [1, 4, 2], params, kp, N_SAMPLES, draft_ids)
   assert tv < TV_BOUND
 
 
