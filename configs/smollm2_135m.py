@@ -19,8 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.split = "train"      # tfds split
   c.data.tfds_data_dir = ""
   c.data.chat_template = ""   # "" = the tokenizer's own
-  c.data.eval_examples = 24   # held out from the training conversations
-  c.data.magpie_num = 384
+  c.data.eval_examples = 48   # held out from the training conversations
+  c.data.magpie_num = 951
   c.data.magpie_batch = 32
   c.data.magpie_user_max = 128  # room for the steered openings' passages
   c.data.magpie_answer_max = 160
@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.export_path = ""          # "" = workdir/adapter.safetensors
   c.seq_len = 256
   c.batch_size = 8
-  c.steps = 600
+  c.steps = 800
   c.lr = 4e-3
   c.warmup_steps = 30
   c.end_lr_fraction = 0.05
