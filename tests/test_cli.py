@@ -241,3 +241,27 @@ def test_end_to_end_compare_json():
   assert out["speedup"] == pytest.approx(
       out["stats"]["tokens_per_second"] / out["plain_stats"]["tokens_per_second"])
   assert out["plain_stats"]["mean_accepted_tokens"] == 1.0
+
+
+def test_generate_uses_the_tuned_settings_unless_overridden(tiny, monkeypatch, tmp_path):
+  from kangaroo_jax import api, tuning
+  from kangaroo_jax.kangaroo import KangarooParams
+  path = tuning.write_tuned(dict(eta=0.7, gamma=2, draft_vocab=None, send_unconfident=False),
+                            str(tmp_path / "cpu.json"))
+  monkeypatch.setattr(tuning, "tuned_path", lambda backend=None: path)
+  seen = []
+  real = api.kangaroo_decode
+
+  def spy(*args, kparams, **kwargs):
+    seen.append(kparams)
+    return real(*args, kparams=kparams, **kwargs)
+
+  monkeypatch.setattr(api, "kangaroo_decode", spy)
+  model, tok = api.load_model(tiny)
+  adapter, ids = api.load_adapter_for(model, exit_layer=2)
+  plain = api.generate(model, tok, "w5 w6 w7", mode="plain", max_new_tokens=6, chat=False)
+  out = api.generate(model, tok, "w5 w6 w7", adapter=adapter, max_new_tokens=6, chat=False)
+  api.generate(model, tok, "w5 w6 w7", adapter=adapter, max_new_tokens=6, chat=False, eta=0.5,
+               send_unconfident=True)
+  assert seen == [KangarooParams(0.7, 2, False), KangarooParams(0.5, 2, True)]
+  assert out.tokens == plain.tokens
