@@ -149,12 +149,14 @@ class Output:
   """One decoded turn: new tokens (EOS included when hit) and step counts.
 
   `verified` tokens came out of `steps` target forward passes (Spec-Bench's mean accepted
-  tokens per step = verified / steps); `draft_steps` drafting passes were spent on them.
+  tokens per step = verified / steps); `draft_steps` drafting passes were spent on them,
+  and `drafts_verified` of their drafts were sent to verification (Kangaroo only).
   """
   tokens: list[int]
   verified: int
   steps: int
   draft_steps: int = 0
+  drafts_verified: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -205,7 +207,8 @@ def jax_kangaroo(model, adapter, draft_ids, eos: Sequence[int], max_new_tokens: 
     r = kangaroo_decode(model, adapter, [ids], max_new_tokens=max_new_tokens, kparams=kparams,
                         eos_ids=eos, draft_ids=draft_ids)
     tokens = r.tokens[0]
-    return Output(tokens, len(tokens) - 1, r.stats["rounds"], r.stats["draft_steps"])
+    return Output(tokens, len(tokens) - 1, r.stats["rounds"], r.stats["draft_steps"],
+                  r.stats["drafts_verified"])
 
   # eta is a traced argument: settings that differ only in eta share compiled code.
   return Method(name, DESCRIPTIONS["kangaroo"], "plain", run,
@@ -278,6 +281,7 @@ class Record:
   identical: Optional[bool] = None
   same_tokens: Optional[bool] = None
   mismatch: Optional[str] = None
+  drafts_verified: Optional[int] = None
 
 
 def _one_line(e: BaseException) -> str:
@@ -342,7 +346,8 @@ def run_questions(questions: Sequence[Question], methods: Sequence[Method], toke
         text = tokenizer.decode(out.tokens, skip_special_tokens=True)
         texts[m.name], token_lists[m.name] = text, out.tokens
         rec = Record(q.question_id, q.category, turn, m.name, len(ids), len(out.tokens), seconds,
-                     out.verified, out.steps, out.draft_steps)
+                     out.verified, out.steps, out.draft_steps,
+                     drafts_verified=out.drafts_verified)
         ref = m.reference if m.reference in texts else "plain"
         if m.name != "plain":
           rec.identical = text == texts[ref]
@@ -371,6 +376,9 @@ def _summary(rs: Sequence[Record]) -> dict:
               tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
               mean_accepted_tokens=sum(r.verified for r in rs) / steps if steps else None,
               drafts_per_round=sum(r.draft_steps for r in rs) / steps if steps else None,
+              verified_drafts_per_round=(
+                  sum(r.drafts_verified for r in rs) / steps
+                  if steps and all(r.drafts_verified is not None for r in rs) else None),
               identical=sum(bool(r.identical) for r in judged) if judged else None,
               lossless=sum(bool(r.identical) for r in judged) / len(judged) if judged else None)
 
@@ -538,7 +546,9 @@ def cost_markdown(results: dict) -> str:
   lines += ["", "Per round: shallow + k x draft + verify[T]; speedup = tokens per round / that "
             "cost. `kangaroo.py` verifies the smallest static block (powers of two, or "
             f"gamma + 1 = {gamma + 1}) that holds the drafts plus the pending token, so T = k + 1 "
-            "(k = drafts per round) is the model; T = gamma + 1 shows a fixed-size block.", "",
+            "(k = drafts verified per round, which is fewer than the draft steps when "
+            "unconfident drafts are dropped) is the model; T = gamma + 1 shows a fixed-size "
+            "block.", "",
             "| category | tokens/round | drafts/round | predicted (T = k+1) | "
             "predicted (T = gamma+1) | measured |", "| --- | --- | --- | --- | --- | --- |"]
   cats = list(results["categories"]) + ["overall"]
@@ -547,9 +557,9 @@ def cost_markdown(results: dict) -> str:
     k = row.get("kangaroo")
     if not k or not k["mean_accepted_tokens"]:
       continue
-    tau, d = k["mean_accepted_tokens"], k["drafts_per_round"]
+    tau, d, v = k["mean_accepted_tokens"], k["drafts_per_round"], _sent(k)
     lines.append(f"| {cat} | {tau:.2f} | {d:.2f} | "
-                 f"{C.project_speedup(rel, tau, d, d + 1):.2f}x | "
+                 f"{C.project_speedup(rel, tau, d, v + 1):.2f}x | "
                  f"{C.project_speedup(rel, tau, d, gamma + 1):.2f}x | {_fmt(k['speedup'])}x |")
   k = results["overall"].get("kangaroo")
   if k and k["mean_accepted_tokens"]:
@@ -560,8 +570,8 @@ def cost_markdown(results: dict) -> str:
 def _levers(rel: dict, k: dict, gamma: int) -> str:
   """The overall round broken into its pieces, and what would move the speedup."""
   from kangaroo_jax import costs as C
-  tau, d = k["mean_accepted_tokens"], k["drafts_per_round"]
-  draft, verify = d * rel["draft"], C.verify_cost(rel, d + 1)
+  tau, d, v = k["mean_accepted_tokens"], k["drafts_per_round"], _sent(k)
+  draft, verify = d * rel["draft"], C.verify_cost(rel, v + 1)
   total = rel["shallow"] + draft + verify
   target = TARGETS["speedup_vs_plain"]
   full = dict(rel, draft=rel["draft_full_vocab"])
@@ -569,16 +579,23 @@ def _levers(rel: dict, k: dict, gamma: int) -> str:
   flat = dict(rel, verify={t: one for t in rel["verify"]})
   lines = [f"Overall, a round costs {total:.2f} plain steps: {rel['shallow']:.2f} shallow + "
            f"{d:.2f} drafts x {rel['draft']:.3f} = {draft:.2f} drafting + {verify:.2f} verifying "
-           f"~{d + 1:.1f} positions ({100 * verify / total:.0f}% of the round), and yields "
+           f"~{v + 1:.1f} positions ({100 * verify / total:.0f}% of the round), and yields "
            f"{tau:.2f} tokens: {tau / total:.2f}x predicted, {_fmt(k['speedup'])}x measured "
            "(the gap is per-round work outside the pieces: bookkeeping, block padding). Levers:",
            f"- with these costs, {target:.1f}x needs {target * total:.2f} tokens per round "
            f"(now {tau:.2f})" + (": a better-trained adapter;" if tau < target * total else ";"),
            "- if verifying a block cost no more than one position (as on an accelerator): "
-           f"{C.project_speedup(flat, tau, d, d + 1):.2f}x predicted;",
+           f"{C.project_speedup(flat, tau, d, v + 1):.2f}x predicted;",
            "- drafting over the full vocabulary instead: "
-           f"{C.project_speedup(full, tau, d, d + 1):.2f}x predicted."]
+           f"{C.project_speedup(full, tau, d, v + 1):.2f}x predicted."]
   return "\n".join(lines)
+
+
+def _sent(k: dict) -> float:
+  """Drafts verified per round; results without the count (older runs) fall back to the
+  draft steps, which overstates the block when unconfident drafts are dropped."""
+  v = k.get("verified_drafts_per_round")
+  return k["drafts_per_round"] if v is None else v
 
 
 def chart(results: dict, path: str) -> str:

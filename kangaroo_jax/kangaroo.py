@@ -223,6 +223,7 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
             acache=acache, rng=rng, out=out, count=jnp.ones((b,), jnp.int32),
             done=is_eos(y0, eos_ids) | (max_new_tokens <= 1),
             rounds=jnp.zeros((b,), jnp.int32), drafts=jnp.zeros((b,), jnp.int32),
+            drafts_verified=jnp.zeros((b,), jnp.int32),
             total_rounds=jnp.int32(0))
 
   def round_body(st):
@@ -254,10 +255,12 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
                          st["h_prev"]),
         cache=cache, acache=acache, rng=rng, out=out, count=count, done=done,
         rounds=st["rounds"] + live, drafts=st["drafts"] + jnp.where(live, steps, 0),
+        drafts_verified=st["drafts_verified"] + jnp.where(live, k, 0),
         total_rounds=st["total_rounds"] + 1)
 
   st = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), round_body, st)
-  return st["out"], st["count"], st["rounds"], st["drafts"], st["total_rounds"]
+  return (st["out"], st["count"], st["rounds"], st["drafts"], st["drafts_verified"],
+          st["total_rounds"])
 
 
 def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[int]], *,
@@ -281,7 +284,8 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
     mesh: optional ('data', 'model') mesh; shard model and adapter with `shard_module`.
   Returns:
     DecodeResult with each sequence's tokens and stats: mean accepted tokens per
-    verification step (the target's own token counted), rounds, draft steps, tokens/s.
+    verification step (the target's own token counted), rounds, draft steps run, drafts
+    verified (fewer than the steps when unconfident drafts are dropped), tokens/s.
   """
   adapter.acfg.check(model.cfg)
   if max_new_tokens < 1:
@@ -297,7 +301,7 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
   start = time.perf_counter()
-  out, counts, rounds, drafts, total_rounds = run_with_sink(
+  out, counts, rounds, drafts, sent, total_rounds = run_with_sink(
       _kangaroo_loop, on_tokens, graphdef, state, agraphdef, astate, draft_ids,
       tokens, lens, jax.random.key(seed), eos, jnp.float32(kparams.eta),
       params=params, max_new_tokens=max_new_tokens, gamma=kparams.gamma,
@@ -312,5 +316,7 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
   return DecodeResult(seqs, seconds, {
       "new_tokens": new, "seconds": seconds, "tokens_per_second": new / seconds,
       "rounds": int(rounds.sum()), "steps": int(total_rounds), "draft_steps": int(drafts.sum()),
+      "drafts_verified": int(np.asarray(sent).sum()),
       "mean_accepted_tokens": verified / max(1, int(rounds.sum())),
-      "drafts_per_round": int(drafts.sum()) / max(1, int(rounds.sum()))})
+      "drafts_per_round": int(drafts.sum()) / max(1, int(rounds.sum())),
+      "verified_drafts_per_round": int(np.asarray(sent).sum()) / max(1, int(rounds.sum()))})

@@ -221,6 +221,10 @@ def test_cost_section_names_the_levers():
   assert "| overall | 3.00 | 2.00 | 2.40x | 2.07x | 2.00x |" in text
   assert "a round costs 1.25 plain steps" in text and "needs 1.88 tokens per round" in text
   assert "no more than one position (as on an accelerator): 2.86x" in text
+  # With unconfident drafts dropped, fewer drafts are verified than drafted: 2 steps but
+  # 1 verified draft per round gives a block of 2: 0.05 + 0.2 + 0.9 = 1.15 steps.
+  results["overall"]["kangaroo"]["verified_drafts_per_round"] = 1.0
+  assert "a round costs 1.15 plain steps" in bench.markdown(results)
 
 
 def _fake_results():

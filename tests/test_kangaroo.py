@@ -59,7 +59,9 @@ def test_greedy_identical_to_plain(tiny, eta, gamma, send):
   if eta == 1.0:  # every draft is below the threshold: exactly one draft step per round
     assert out.stats["drafts_per_round"] == 1.0
     if not send:  # ... and it is never verified: each round commits one token, as plain does
-      assert out.stats["mean_accepted_tokens"] == 1.0
+      assert out.stats["mean_accepted_tokens"] == 1.0 and out.stats["drafts_verified"] == 0
+  if send:  # every draft step's draft is verified
+    assert out.stats["drafts_verified"] == out.stats["draft_steps"]
 
 
 def _reference_kangaroo(model, adapter, prompt, max_new, eta, gamma, eos, send=True):
