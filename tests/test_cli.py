@@ -264,4 +264,4 @@ def test_generate_uses_the_tuned_settings_unless_overridden(tiny, monkeypatch, t
   api.generate(model, tok, "w5 w6 w7", adapter=adapter, max_new_tokens=6, chat=False, eta=0.5,
                send_unconfident=True)
   assert seen == [KangarooParams(0.7, 2, False), KangarooParams(0.5, 2, True)]
-  assert out.tokens == plain.tokens
+  assert out.token_ids == plain.token_ids

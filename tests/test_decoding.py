@@ -138,7 +138,8 @@ def test_no_cache_copy_per_step(tiny):
   assert _cache_copies_in_loops(text, dims) == 0
   spec = _kangaroo_loop.lower(graphdef, state, agraphdef, astate, None, tokens, lens,
                               jax.random.key(0), eos, jnp.float32(0.6), params=SamplingParams(),
-                              max_new_tokens=64, gamma=1, stream=False)
+                              max_new_tokens=64, gamma=1, send_unconfident=True,
+                              stream=False)
   dims = f"1,{cache_size(32, 64, 3)},{cfg.num_kv_heads},{cfg.head_dim}"
   text = spec.compile().as_text()
   assert f"[{dims}]" in text
