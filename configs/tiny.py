@@ -14,6 +14,7 @@ def get_config():
   c.data.source = "sharegpt"
   c.data.path = "tests/fixtures/sharegpt_tiny.jsonl"
   c.data.eval_examples = 2
+  c.data.magpie_user_starts = ()  # pure Magpie: a random model cannot follow openings
   c.data.magpie_num = 8
   c.data.magpie_batch = 4
   c.data.magpie_user_max = 8

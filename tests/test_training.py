@@ -347,7 +347,9 @@ def test_two_processes_one_step_same_loss_as_one(tiny, tmp_path):
 
 def test_self_distilled_run_end_to_end(tiny, tmp_path):
   """data.source=magpie: the target writes the data, then the adapter trains on its cache."""
-  c = _config(tiny, tmp_path / "w", steps=4, batch_size=8, checkpoint_every=2,
+  # seq_len 128: the tiny template's prefix plus a 12-token user turn and the answer can
+  # pass 64 tokens, and a conversation cut before its answer is dropped.
+  c = _config(tiny, tmp_path / "w", steps=4, batch_size=8, checkpoint_every=2, seq_len=128,
               **{"data.source": "magpie", "data.path": "", "data.magpie_num": 12,
                  "data.magpie_user_max": 12, "data.eval_examples": 2})
   # The random tiny model seldom ends a user turn with <|im_end|>: let '.' end it too.
