@@ -111,14 +111,12 @@ def _decode(model, tokenizer, prompts, *, mode, adapter, draft_ids, max_new_toke
   if mode == "plain":
     result = plain_decode(model, ids, **common)
   elif mode == "kangaroo":
-    tuned = tuning.tuned_settings()
-    eta = tuned["eta"] if eta is None else eta
-    gamma = tuned["gamma"] if gamma is None else gamma
-    send = tuned["send_unconfident"] if send_unconfident is None else send_unconfident
+    tuned = tuning.resolve(eta=eta, gamma=gamma, send_unconfident=send_unconfident)
     if adapter is None:
       adapter, stored = load_adapter_for(model)
       draft_ids = tuning.select_draft_ids(stored, tuned["draft_vocab"], strict=False)
-    result = kangaroo_decode(model, adapter, ids, kparams=KangarooParams(eta, gamma, send),
+    result = kangaroo_decode(model, adapter, ids, kparams=KangarooParams(
+                                 tuned["eta"], tuned["gamma"], tuned["send_unconfident"]),
                              draft_ids=draft_ids, **common)
   else:
     raise ValueError(f"mode must be 'kangaroo' or 'plain', got {mode!r}")

@@ -795,12 +795,11 @@ def run(args) -> dict:
                                _csv(args.categories) if args.categories else None,
                                args.per_category, args.offset)
   from kangaroo_jax import api, tuning  # slow (jax): after the cheap checks
-  tuned = tuning.tuned_settings()
-  eta = args.eta if args.eta is not None else tuned["eta"]
-  gamma = args.gamma if args.gamma is not None else tuned["gamma"]
-  draft_vocab = args.draft_vocab if args.draft_vocab is not None else tuned["draft_vocab"]
-  send = (tuned["send_unconfident"] if args.send_unconfident is None
-          else args.send_unconfident == "yes")
+  tuned = tuning.resolve(eta=args.eta, gamma=args.gamma, draft_vocab=args.draft_vocab,
+                         send_unconfident=None if args.send_unconfident is None
+                         else args.send_unconfident == "yes")
+  eta, gamma, draft_vocab, send = (tuned[k] for k in ("eta", "gamma", "draft_vocab",
+                                                      "send_unconfident"))
   start = time.perf_counter()
   model, tokenizer = api.load_model(args.model)
   eos = api.eos_ids(model, tokenizer)

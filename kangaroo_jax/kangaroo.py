@@ -307,7 +307,7 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
       params=params, max_new_tokens=max_new_tokens, gamma=kparams.gamma,
       send_unconfident=kparams.send_unconfident, stream=on_tokens is not None)
   out, counts = np.asarray(out), np.asarray(counts)
-  rounds, drafts = np.asarray(rounds), np.asarray(drafts)
+  rounds, drafts, sent = np.asarray(rounds), np.asarray(drafts), np.asarray(sent)
   seconds = time.perf_counter() - start
   seqs = [out[i, :counts[i]].tolist() for i in range(len(prompts))]
   new = int(counts.sum())
@@ -316,7 +316,7 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
   return DecodeResult(seqs, seconds, {
       "new_tokens": new, "seconds": seconds, "tokens_per_second": new / seconds,
       "rounds": int(rounds.sum()), "steps": int(total_rounds), "draft_steps": int(drafts.sum()),
-      "drafts_verified": int(np.asarray(sent).sum()),
+      "drafts_verified": int(sent.sum()),
       "mean_accepted_tokens": verified / max(1, int(rounds.sum())),
       "drafts_per_round": int(drafts.sum()) / max(1, int(rounds.sum())),
-      "verified_drafts_per_round": int(np.asarray(sent).sum()) / max(1, int(rounds.sum()))})
+      "verified_drafts_per_round": int(sent.sum()) / max(1, int(rounds.sum()))})

@@ -81,6 +81,11 @@ def tuned_settings(backend: Optional[str] = None, path: Optional[str] = None) ->
     return dict(DEFAULTS)
 
 
+def resolve(**given) -> dict:
+  """The tuned settings of this backend with every given value that is not None in place."""
+  return tuned_settings() | {k: v for k, v in given.items() if v is not None}
+
+
 def write_tuned(settings: dict, path: str, measured: Optional[dict] = None) -> str:
   """Writes checked settings (plus what they were measured with) to `path`; returns it."""
   out = dict(check_settings(settings), measured=measured or {})
