@@ -19,7 +19,7 @@ from flax import nnx
 
 from kangaroo_jax import cache as kv
 from kangaroo_jax.model import Llama
-from kangaroo_jax.sampling import SamplingParams, sample
+from kangaroo_jax.sampling import SamplingParams, init_seen, mark_seen, penalize, sample
 
 MIN_BUCKET = 32
 PAD_ID = 0
@@ -130,31 +130,36 @@ def _plain_loop(graphdef, state, tokens, prompt_lens, rng, eos_ids, *,
   cache = kv.init_model_cache(model.cfg, b, cache_size(tokens.shape[1], max_new_tokens), model.dtype)
   hidden, cache = prefill(model, tokens, prompt_lens, cache)
   rng, sub = jax.random.split(rng)
-  first = sample(model.logits(last_hidden(hidden, prompt_lens))[:, 0], params, sub)  # [B]
+  # Tokens seen so far, for the repetition penalty ([B, 1] placeholder without one).
+  seen = init_seen(tokens, prompt_lens, model.cfg.vocab_size, params)
+  logits = model.logits(last_hidden(hidden, prompt_lens))[:, 0]  # [B, V]
+  first = sample(penalize(logits, seen, params), params, sub)  # [B]
+  seen = mark_seen(seen, first[:, None], jnp.ones((b, 1), bool), params)
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
   if stream:
     emit(first[:, None], jnp.ones((b,), jnp.int32))
   done = is_eos(first, eos_ids) | (max_new_tokens <= 1)
-  init = (jnp.int32(1), first, prompt_lens, out, done, cache, rng)
+  init = (jnp.int32(1), first, prompt_lens, out, done, cache, rng, seen)
 
   def cond(s):
-    step, _, _, _, done, _, _ = s
+    step, done = s[0], s[4]
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def body(s):
-    step, tok, lens, out, done, cache, rng = s
+    step, tok, lens, out, done, cache, rng, seen = s
     logits, cache = model(tok[:, None], lens[:, None], cache)  # [B, 1, V]
     rng, sub = jax.random.split(rng)
-    nxt = sample(logits[:, 0], params, sub)
+    nxt = sample(penalize(logits[:, 0], seen, params), params, sub)
     nxt = jnp.where(done, PAD_ID, nxt)
+    seen = mark_seen(seen, nxt[:, None], ~done[:, None], params)
     out = out.at[:, step].set(nxt)
     if stream:
       emit(nxt[:, None], (~done).astype(jnp.int32))
     lens = lens + (~done).astype(jnp.int32)
     done = done | is_eos(nxt, eos_ids) | (step + 1 >= max_new_tokens)
-    return step + 1, nxt, lens, out, done, cache, rng
+    return step + 1, nxt, lens, out, done, cache, rng, seen
 
-  step, _, lens, out, _, _, _ = jax.lax.while_loop(cond, body, init)
+  step, _, lens, out = jax.lax.while_loop(cond, body, init)[:4]
   return out, lens - prompt_lens + 1, step
 
 
@@ -168,7 +173,7 @@ def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
     model: the target model.
     prompts: token id lists, one per sequence (lengths may differ).
     max_new_tokens: new tokens per sequence at most.
-    params: greedy when temperature is 0, else sampling.
+    params: greedy when temperature is 0, else sampling; optional repetition penalty.
     seed: PRNG seed for sampling.
     eos_ids: generation of a sequence stops after any of these.
     on_tokens: optional streaming sink `fn(tokens [B, C], counts [B])`.

@@ -35,7 +35,8 @@ from kangaroo_jax.adapter import Adapter, AdapterError
 from kangaroo_jax.decoding import (PAD_ID, DecodeResult, PromptError, cache_size, emit, is_eos,
                                    last_hidden, pad_prompts, place_batch, prefill, run_with_sink)
 from kangaroo_jax.model import Llama
-from kangaroo_jax.sampling import SamplingParams, probs, process_logits, sample
+from kangaroo_jax.sampling import (SamplingParams, init_seen, mark_seen, penalize, probs,
+                                   process_logits, sample)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +62,17 @@ class KangarooParams:
       raise ValueError(f"gamma (--max-draft) must be >= 1, got {self.gamma}")
 
 
-def _draft_distribution(model, adapter_out, draft_head, params):
-  """Draft probabilities [B, V'] over the draft vocabulary (processed like the target's)."""
+def _draft_distribution(model, adapter_out, draft_head, draft_ids, seen, params):
+  """Draft probabilities [B, V'] over the draft vocabulary (processed like the target's).
+
+  `seen` [B, V] holds the tokens before this draft (prompt, output, earlier drafts), so
+  the draft applies the same repetition penalty as the target will: that keeps its
+  drafts acceptable. Losslessness itself depends only on the target side.
+  """
   logits = model.project(adapter_out, draft_head)[:, 0]  # [B, V']
+  if params.penalized and draft_ids is not None:
+    seen = seen[:, draft_ids]  # [B, V']: the draft vocabulary's columns
+  logits = penalize(logits, seen, params)
   if params.greedy:
     return jax.nn.softmax(logits, axis=-1)  # confidence only; the token is the argmax
   return jax.nn.softmax(process_logits(logits, params), axis=-1)
@@ -92,12 +101,12 @@ def _draft(model: Llama, adapter: Adapter, draft_head, draft_ids, st, eta, *,
     return (i < gamma) & jnp.any(active)
 
   def body(s):
-    i, active, k, steps, Y, H, Q, cache, acache, rng = s
+    i, active, k, steps, Y, H, Q, cache, acache, rng, seen = s
     prev = jnp.where(i == 0, st["h_prev"], H[:, jnp.maximum(i - 1, 0)])  # [B, D]
     pair = jnp.stack([prev, H[:, i]], axis=1)  # [B, 2, D]
     pos = (n + i)[:, None] + jnp.arange(-1, 1)[None]  # [B, 2]
     a_out, acache = adapter(pair, pos, acache)
-    q = _draft_distribution(model, a_out[:, 1:], draft_head, params)  # [B, V']
+    q = _draft_distribution(model, a_out[:, 1:], draft_head, draft_ids, seen, params)  # [B, V']
     rng, sub = jax.random.split(rng)
     if params.greedy:
       choice = jnp.argmax(q, axis=-1)
@@ -106,6 +115,7 @@ def _draft(model: Llama, adapter: Adapter, draft_head, draft_ids, st, eta, *,
       q_full = q if draft_ids is None else jnp.zeros((b, vocab), q.dtype).at[:, draft_ids].set(q)
       Q = Q.at[:, i].set(q_full)
     y = (choice if draft_ids is None else draft_ids[choice]).astype(jnp.int32)  # [B]
+    seen = mark_seen(seen, y[:, None], jnp.ones((b, 1), bool), params)
     conf = jnp.max(q, axis=-1)
     h, cache = model.run_layers(model.embed(y[:, None]), (n + i + 1)[:, None], cache, 0, l)
     Y = Y.at[:, i + 1].set(y)
@@ -114,11 +124,12 @@ def _draft(model: Llama, adapter: Adapter, draft_head, draft_ids, st, eta, *,
     k = jnp.where(active & (confident | send_unconfident), i + 1, k)
     steps = jnp.where(active, i + 1, steps)
     active = active & confident
-    return i + 1, active, k, steps, Y, H, Q, cache, acache, rng
+    return i + 1, active, k, steps, Y, H, Q, cache, acache, rng, seen
 
   zeros = jnp.zeros((b,), jnp.int32)
-  init = (jnp.int32(0), ~st["done"], zeros, zeros, Y, H, Q, cache, st["acache"], st["rng"])
-  _, _, k, steps, Y, H, Q, cache, acache, rng = jax.lax.while_loop(cond, body, init)
+  init = (jnp.int32(0), ~st["done"], zeros, zeros, Y, H, Q, cache, st["acache"], st["rng"],
+          st["seen"])
+  _, _, k, steps, Y, H, Q, cache, acache, rng, _ = jax.lax.while_loop(cond, body, init)
   return Y, H, Q, k, steps, cache, acache, rng
 
 
@@ -137,7 +148,7 @@ def verify_block_sizes(gamma: int, send_unconfident: bool = True) -> tuple[int, 
   return tuple(sorted(sizes))
 
 
-def _verify_switch(model: Llama, Y, H, Q, k, live, n, cache, rng, *, l: int,
+def _verify_switch(model: Llama, Y, H, Q, k, live, n, cache, rng, seen, *, l: int,
                    params: SamplingParams, send_unconfident: bool = True):
   """Verifies the smallest static block that holds y0 and every live sequence's drafts."""
   sizes = verify_block_sizes(Y.shape[1] - 1, send_unconfident)
@@ -148,27 +159,48 @@ def _verify_switch(model: Llama, Y, H, Q, k, live, n, cache, rng, *, l: int,
   shallow = {name: entries[:l] for name, entries in cache.items()}
 
   def block(t):
-    def run(Y, H, Q, k, n, deep, rng):
+    def run(Y, H, Q, k, n, deep, rng, seen):
       full = {name: shallow[name] + deep[name] for name in cache}
-      a, z, full, rng = _verify(model, Y[:, :t], H[:, :t], Q[:, :t - 1], k, n, full, rng, l=l,
-                                params=params)
+      a, z, full, rng = _verify(model, Y[:, :t], H[:, :t], Q[:, :t - 1], k, n, full, rng, seen,
+                                l=l, params=params)
       return a, z, {name: entries[l:] for name, entries in full.items()}, rng
     return run
 
   deep = {name: entries[l:] for name, entries in cache.items()}
   if len(sizes) == 1:
-    a, z, deep, rng = block(sizes[0])(Y, H, Q, k, n, deep, rng)
+    a, z, deep, rng = block(sizes[0])(Y, H, Q, k, n, deep, rng, seen)
   else:
-    a, z, deep, rng = jax.lax.switch(branch, [block(t) for t in sizes], Y, H, Q, k, n, deep, rng)
+    a, z, deep, rng = jax.lax.switch(branch, [block(t) for t in sizes], Y, H, Q, k, n, deep, rng,
+                                     seen)
   return a, z, {name: shallow[name] + deep[name] for name in cache}, rng
 
 
-def _verify(model: Llama, Y, H, Q, k, n, cache, rng, *, l: int, params: SamplingParams):
-  """Deep layers over the block; returns (accepted drafts a [B], next token z [B], cache, rng)."""
+def _block_seen(seen, Y, params: SamplingParams):
+  """Per block position j, the tokens seen before the token it predicts: [B, K, V].
+
+  Position j (input Y[j]) predicts the token after Y[j]; the sequence then holds the
+  committed tokens (`seen` [B, V], y0 included) and the drafts Y[1..j] before it.
+  """
+  if not params.penalized:
+    return seen[:, None]  # [B, 1, 1] placeholder
+  b, kb = Y.shape
+  drafts = jax.nn.one_hot(Y[:, 1:], seen.shape[1], dtype=jnp.int32)  # [B, K-1, V]
+  upto = jnp.cumsum(drafts, axis=1) > 0  # [B, K-1, V]: drafts 1..j+1 seen
+  upto = jnp.concatenate([jnp.zeros((b, 1, seen.shape[1]), bool), upto], axis=1)  # [B, K, V]
+  return seen[:, None] | upto[:, :kb]
+
+
+def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: SamplingParams):
+  """Deep layers over the block; returns (accepted drafts a [B], next token z [B], cache, rng).
+
+  With a repetition penalty each position's logits are penalized with the tokens seen up
+  to it, drafts included, so every accepted token and z are exactly what plain decoding
+  would pick (greedy) or have the distribution it would sample from.
+  """
   b, kb = Y.shape
   positions = n[:, None] + jnp.arange(kb)[None]  # [B, K]
   h, cache = model.run_layers(H, positions, cache, l, None)
-  logits = model.logits(h)  # [B, K, V]
+  logits = penalize(model.logits(h), _block_seen(seen, Y, params), params)  # [B, K, V]
   j = jnp.arange(kb - 1)[None]  # [1, K - 1]: draft y_{j+1} is judged by target position j
   rng, r_acc, r_res = jax.random.split(rng, 3)
   if params.greedy:
@@ -215,7 +247,11 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
   _, acache = adapter(h_l, positions, adapter.init_cache(b, size))
   h, cache = model.run_layers(h_l, positions, cache, l, None)
   rng, sub = jax.random.split(rng)
-  y0 = sample(model.logits(last_hidden(h, prompt_lens))[:, 0], params, sub)  # [B]
+  # Tokens seen so far, for the repetition penalty ([B, 1] placeholder without one).
+  seen = init_seen(tokens, prompt_lens, model.cfg.vocab_size, params)
+  logits = model.logits(last_hidden(h, prompt_lens))[:, 0]  # [B, V]
+  y0 = sample(penalize(logits, seen, params), params, sub)  # [B]
+  seen = mark_seen(seen, y0[:, None], jnp.ones((b, 1), bool), params)
   out = jnp.zeros((b, max_new_tokens + gamma + 1), jnp.int32).at[:, 0].set(y0)
   if stream:
     emit(y0[:, None], jnp.ones((b,), jnp.int32))
@@ -224,15 +260,15 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
             done=is_eos(y0, eos_ids) | (max_new_tokens <= 1),
             rounds=jnp.zeros((b,), jnp.int32), drafts=jnp.zeros((b,), jnp.int32),
             drafts_verified=jnp.zeros((b,), jnp.int32),
-            total_rounds=jnp.int32(0))
+            total_rounds=jnp.int32(0), seen=seen)
 
   def round_body(st):
     Y, H, Q, k, steps, cache, acache, rng = _draft(
         model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, params=params,
         send_unconfident=send_unconfident)
     live = ~st["done"]
-    a, z, cache, rng = _verify_switch(model, Y, H, Q, k, live, st["n"], cache, rng, l=l,
-                                      params=params, send_unconfident=send_unconfident)
+    a, z, cache, rng = _verify_switch(model, Y, H, Q, k, live, st["n"], cache, rng, st["seen"],
+                                      l=l, params=params, send_unconfident=send_unconfident)
     j = jnp.arange(gamma + 1)[None]  # [1, K]
     # This round's new tokens: accepted drafts y_1..y_a, then z.
     new = jnp.where(j < a[:, None], jnp.roll(Y, -1, axis=1), z[:, None])  # [B, K]
@@ -256,7 +292,8 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
         cache=cache, acache=acache, rng=rng, out=out, count=count, done=done,
         rounds=st["rounds"] + live, drafts=st["drafts"] + jnp.where(live, steps, 0),
         drafts_verified=st["drafts_verified"] + jnp.where(live, k, 0),
-        total_rounds=st["total_rounds"] + 1)
+        total_rounds=st["total_rounds"] + 1,
+        seen=mark_seen(st["seen"], new, j < n_new[:, None], params))
 
   st = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), round_body, st)
   return (st["out"], st["count"], st["rounds"], st["drafts"], st["drafts_verified"],
@@ -276,7 +313,8 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
     prompts: token id lists, one per sequence (lengths may differ).
     max_new_tokens: new tokens per sequence at most.
     kparams: eta (early-exit threshold), gamma (max drafts per round), send_unconfident.
-    params: greedy when temperature is 0, else lossless speculative sampling.
+    params: greedy when temperature is 0, else lossless speculative sampling; an optional
+      repetition penalty (applied per block position, so output still equals plain's).
     seed: PRNG seed.
     eos_ids: generation of a sequence stops after any of these.
     draft_ids: optional reduced draft vocabulary (token ids) for the draft head.
