@@ -1,19 +1,26 @@
-"""Decode one prompt with Kangaroo self-speculative decoding (or plain decoding).
+"""Decode a prompt with Kangaroo self-speculative decoding (or plain decoding), or chat.
 
   python decode.py --prompt "Why is the sky blue?"
   python decode.py --prompt "What is 2+2?" --max-new-tokens 24 --compare --json
+  python decode.py --prompt-file question.txt        # or: cat question.txt | decode.py --prompt -
+  python decode.py --chat                             # interactive; the model stays loaded
 
 The answer streams to stdout; timing statistics go to stderr. With --json, stdout gets
 one JSON object instead (nothing is streamed). Bad input ends with one line
-`error: <message>` on stderr and exit status 2.
+`error: <message>` on stderr and exit status 2; Ctrl-C with one line and status 130; a
+closed stdout (e.g. `| head -2`) quietly with status 141.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
+
+STARTED = time.perf_counter()  # time to first token is measured from here
 
 # Set before jax/transformers are imported: no hub is reachable, and their logs would
 # mix with the stats on stderr.
@@ -23,6 +30,10 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
   os.environ.setdefault(_key, _value)
 
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+ADAPTER_FORMAT = "kangaroo-jax-adapter/1"  # kangaroo_jax.adapter._FORMAT (importing it loads jax)
+ADAPTER_TENSORS = ("input_norm.weight", "attn.qkv", "attn.o", "out_norm.weight")
 
 
 class CliError(ValueError):
@@ -37,7 +48,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(description=__doc__.split("\n")[0])
   add = p.add_argument
-  add("--prompt", required=True, help="the user message")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--prompt", help="the user message; '-' reads it from stdin")
+  source.add_argument("--prompt-file", metavar="PATH", help="read the user message from a file")
+  source.add_argument("--chat", action="store_true", help="interactive chat: one message per "
+                      "stdin line; keeps the model, the compiled loop and the conversation "
+                      "(/reset clears it, /exit or end of input ends); stats per answer on stderr")
   add("--model", metavar="PATH",
       help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
   add("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -46,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
   add("--top-p", type=float, default=1.0)
   add("--top-k", type=int, default=0, help="0 = no top-k cut (default)")
   add("--seed", type=int, default=0, help="sampling seed")
+  add("--repetition-penalty", type=float, default=1.0, metavar="R",
+      help="transformers' repetition_penalty: logits of tokens already in the prompt or answer "
+      "are divided by R (multiplied when negative); 1.0 = none (default), 1.1-1.3 curbs loops")
   add("--mode", choices=["kangaroo", "plain"], default="kangaroo")
   add("--adapter", metavar="PATH", help="adapter file (default: the shipped one if it fits "
       "the model, else a fresh random one: still lossless, only slower)")
@@ -66,13 +85,53 @@ def build_parser() -> argparse.ArgumentParser:
       "distribution only). Each mode is warmed up before timing; nothing is streamed")
   add("--json", action="store_true", help="print one JSON object to stdout, nothing streamed")
   add("--no-chat", action="store_true", help="do not apply the chat template")
+  add("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation "
+      "cache (default: on, in $KANGAROO_JAX_CACHE/xla, else ~/.cache/kangaroo_jax/xla; "
+      "KANGAROO_JAX_NO_COMPILE_CACHE=1 also turns it off)")
   return p
+
+
+def read_prompt(args: argparse.Namespace) -> None:
+  """Fills args.prompt from --prompt-file or stdin (--prompt -); trailing newlines dropped."""
+  if args.prompt_file is not None:
+    try:
+      with open(args.prompt_file, encoding="utf-8") as f:
+        args.prompt = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      raise CliError(f"cannot read --prompt-file {args.prompt_file}: "
+                     f"{getattr(e, 'strerror', None) or e}") from None
+  elif args.prompt == "-":
+    args.prompt = sys.stdin.read()
+  if args.prompt is not None:
+    args.prompt = args.prompt.rstrip("\r\n")
+
+
+def check_adapter_file(path: str, exit_layer) -> None:
+  """Reads only the adapter file's header, so a bad file fails before the slow model load."""
+  import safetensors  # light: no jax
+  try:
+    with safetensors.safe_open(path, framework="numpy") as f:
+      meta, names = f.metadata() or {}, set(f.keys())
+  except Exception as e:  # safetensors raises several types for damaged files
+    raise CliError(f"{path} is corrupt or truncated: {str(e).splitlines()[0]}") from None
+  if meta.get("format") != ADAPTER_FORMAT:
+    raise CliError(f"{path} is not a kangaroo-jax adapter file")
+  try:
+    trained = json.loads(meta["config"])["exit_layer"]
+  except (KeyError, TypeError, ValueError):
+    raise CliError(f"{path} is corrupt or truncated: no adapter config in its metadata") from None
+  missing = [t for t in ADAPTER_TENSORS if t not in names]
+  if missing:
+    raise CliError(f"{path} lacks the tensor {missing[0]!r}")
+  if exit_layer is not None and trained != exit_layer:
+    raise CliError(f"the adapter was trained for exit layer {trained}, not {exit_layer}")
 
 
 def validate(args: argparse.Namespace) -> None:
   """Checks what needs no model, so that mistakes fail before the slow load."""
+  read_prompt(args)
   checks = [
-      (args.prompt.strip() != "", "empty prompt"),
+      (args.chat or args.prompt.strip() != "", "empty prompt"),
       (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
       (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
       (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
@@ -85,19 +144,27 @@ def validate(args: argparse.Namespace) -> None:
        f"--exit-layer must be >= 1, got {args.exit_layer}"),
       (args.draft_vocab is None or args.draft_vocab >= 0,
        f"--draft-vocab must be >= 0, got {args.draft_vocab}"),
+      (args.repetition_penalty > 0,
+       f"--repetition-penalty must be > 0, got {args.repetition_penalty}"),
       (not (args.compare and args.mode == "plain"), "--compare needs --mode kangaroo"),
+      (not (args.chat and (args.compare or args.json)), "--chat cannot be combined with "
+       "--compare or --json"),
       (args.adapter is None or os.path.isfile(args.adapter),
        f"no such adapter file: {args.adapter}"),
   ]
   for ok, message in checks:
     if not ok:
       raise CliError(message)
+  if args.adapter is not None and args.mode == "kangaroo":
+    check_adapter_file(args.adapter, args.exit_layer)
 
 
 def decode_kwargs(args, adapter, draft_ids, mode: str) -> dict:
+  """The keyword arguments of `api.generate`/`api.stream` for these flags."""
   return dict(mode=mode, adapter=adapter, draft_ids=draft_ids,
               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, seed=args.seed, eta=args.threshold,
+              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+              seed=args.seed, eta=args.threshold,
               gamma=args.max_draft, chat=not args.no_chat,
               send_unconfident=(None if args.send_unconfident is None
                                 else args.send_unconfident == "yes"))
@@ -113,7 +180,9 @@ def run_stream(api, model, tokenizer, prompt, kwargs, show: bool):
     except StopIteration as stop:
       gen = stop.value
       break
-    first = first or time.perf_counter() - start
+    if first is None:
+      first = time.perf_counter() - start
+      since_start = time.perf_counter() - STARTED
     shown += piece
     if show:
       sys.stdout.write(piece)
@@ -125,6 +194,7 @@ def run_stream(api, model, tokenizer, prompt, kwargs, show: bool):
   if first is not None:
     # The first token waits for the compile; the rest shows the steady decoding speed.
     stats["first_token_seconds"] = first
+    stats["time_to_first_token_seconds"] = since_start  # since the process started
     rest = stats["seconds"] - first
     if stats["new_tokens"] > 1 and rest > 0:
       stats["after_first_tokens_per_second"] = (stats["new_tokens"] - 1) / rest
@@ -144,7 +214,7 @@ def describe(name: str, stats: dict) -> str:
   line = (f"{name}: {stats['new_tokens']} tokens in {stats['seconds']:.2f} s, "
           f"{stats['tokens_per_second']:.1f} tokens/s")
   if "first_token_seconds" in stats:
-    line += f" (first token after {stats['first_token_seconds']:.2f} s incl. compile"
+    line += f" (first token after {stats['first_token_seconds']:.2f} s incl. any compile"
     if "after_first_tokens_per_second" in stats:
       line += f", then {stats['after_first_tokens_per_second']:.1f} tokens/s"
     line += ")"
@@ -159,6 +229,8 @@ def describe(name: str, stats: dict) -> str:
 def load(api, args):
   """Loads (model, tokenizer, adapter, draft ids, seconds); no adapter in plain mode."""
   start = time.perf_counter()
+  if args.no_compile_cache:
+    os.environ["KANGAROO_JAX_NO_COMPILE_CACHE"] = "1"  # read by load_model
   model, tokenizer = api.load_model(args.model, args.dtype)
   adapter = draft_ids = None
   if args.mode == "kangaroo":
@@ -189,11 +261,62 @@ def report(args, out: dict) -> None:
               f"speedup {out['speedup']:.2f}x, outputs token-identical: "
               f"{'yes' if out['identical'] else 'no'}"]
   lines.append(f"load {out['stats']['load_seconds']:.1f} s")
+  if "time_to_first_token_seconds" in out["stats"]:
+    lines[-1] += (f", time to first token {out['stats']['time_to_first_token_seconds']:.1f} s "
+                  "since start")
   print("\n".join(lines), file=sys.stderr)
+
+
+def fit_conversation(api, tokenizer, history: list, reserve: int, positions: int) -> list:
+  """Drops the oldest exchanges until the conversation plus `reserve` new tokens fits."""
+  while len(history) > 1 and len(api.encode_prompt(tokenizer, history)) + reserve > positions:
+    history = history[2:] if len(history) > 2 else history[1:]
+  return history
+
+
+def chat(api, args) -> None:
+  """The interactive loop: one user message per stdin line, answers streamed to stdout."""
+  from kangaroo_jax import tuning
+  model, tokenizer, adapter, draft_ids, load_seconds = load(api, args)
+  if not getattr(tokenizer, "chat_template", None):
+    raise CliError("--chat needs a tokenizer with a chat template; this model's has none")
+  kwargs = decode_kwargs(args, adapter, draft_ids, args.mode)
+  reserve = args.max_new_tokens + (tuning.resolve(gamma=args.max_draft)["gamma"] + 1
+                                   if args.mode == "kangaroo" else 0)
+  interactive = sys.stdin.isatty()
+  print(f"chat ({args.mode}; loaded in {load_seconds:.1f} s): one message per line; /reset "
+        "clears the conversation, /exit or end of input ends", file=sys.stderr)
+  history: list = []
+  while True:
+    if interactive:
+      print("> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    if not line or line.strip() in ("/exit", "/quit"):
+      return
+    text = line.strip()
+    if text == "/reset":
+      history = []
+      print("(conversation cleared)", file=sys.stderr)
+      continue
+    if not text:
+      continue
+    history = fit_conversation(api, tokenizer, history + [{"role": "user", "content": text}],
+                               reserve, model.cfg.max_position_embeddings)
+    try:
+      gen, stats = run_stream(api, model, tokenizer, history, kwargs, show=True)
+    except ValueError as e:  # e.g. one message too long for the model: report, keep chatting
+      history = history[:-1]
+      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+      continue
+    print(flush=True)
+    history.append({"role": "assistant", "content": gen.text})
+    print(describe(args.mode, stats), file=sys.stderr, flush=True)
 
 
 def run(args) -> None:
   from kangaroo_jax import api  # slow (jax): only after the arguments passed validation
+  if args.chat:
+    return chat(api, args)
   model, tokenizer, adapter, draft_ids, load_seconds = load(api, args)
   kwargs = decode_kwargs(args, adapter, draft_ids, args.mode)
   out = dict(prompt=args.prompt)
@@ -214,17 +337,58 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
+  """Runs the command; returns the exit status (errors: one `error:` line, status 2)."""
   try:
     args = build_parser().parse_args(argv)
     validate(args)
     run(args)
+  except BrokenPipeError:
+    raise  # the reader went away: handled by the caller, which must not write again
   except (ValueError, OSError) as e:  # the library's errors all subclass ValueError
     print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
     return EXIT_ERROR
-  except KeyboardInterrupt:
-    return 130
+  except KeyboardInterrupt:  # in-process callers; the command line uses _interrupt_watcher
+    print("\ninterrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
   return 0
 
 
+def _interrupt_watcher() -> None:
+  """Turns Ctrl-C into one line and status 130 at any moment, even mid-compile.
+
+  SIGINT is blocked in every thread (set before jax or tokenizers start theirs, which
+  inherit the mask) and taken here with sigwait, so it is handled at once even while
+  the main thread is inside XLA, where a Python handler would wait for it to return.
+  os._exit skips the interpreter's teardown, during which XLA's threads used to abort
+  the process ("terminate called without an active exception").
+  """
+  signal.sigwait({signal.SIGINT})
+  os.write(2, b"\ninterrupted\n")
+  os._exit(EXIT_INTERRUPTED)
+
+
+def _exit_quietly_on_broken_pipe() -> None:
+  """The reader of stdout went away (e.g. `| head -2`): exit at once, printing nothing."""
+  try:
+    # Point stdout at /dev/null so that nothing flushes to the dead pipe again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  except OSError:
+    pass
+  os._exit(EXIT_BROKEN_PIPE)
+
+
+def cli() -> None:
+  """The command-line entry point: main() plus clean exits on Ctrl-C and a closed pipe."""
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+  threading.Thread(target=_interrupt_watcher, daemon=True).start()
+  try:
+    code = main()
+    sys.stdout.flush()
+  except BrokenPipeError:
+    _exit_quietly_on_broken_pipe()
+  sys.stderr.flush()
+  os._exit(code)  # no interpreter teardown under XLA's threads (see _interrupt_watcher)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli()

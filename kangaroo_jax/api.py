@@ -2,25 +2,29 @@
 
     from kangaroo_jax import load_model, load_adapter_for, generate
     model, tokenizer = load_model()                 # the embedded SmolLM2-135M-Instruct
-    adapter, draft_ids = load_adapter_for(model)    # the shipped adapter (or a fresh one)
-    out = generate(model, tokenizer, "Why is the sky blue?", adapter=adapter, draft_ids=draft_ids)
-    print(out.texts[0], out.stats["mean_accepted_tokens"])
+    drafter = load_adapter_for(model)               # the shipped adapter and its draft vocabulary
+    out = generate(model, tokenizer, "Why is the sky blue?", adapter=drafter)
+    print(out.text, out.stats["mean_accepted_tokens"])
+
+The draft vocabulary travels with the adapter: `load_adapter_for` returns a `Drafter`
+(adapter + stored draft ids) that `generate`/`stream` take whole, and an adapter unpacked
+from it (`adapter, draft_ids = load_adapter_for(model)`) still drafts over its own stored
+vocabulary when passed alone.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import queue
-import threading
-from typing import Any, Iterator, Optional, Sequence, Union
+import weakref
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import jax.numpy as jnp
 import numpy as np
 
-from kangaroo_jax import tuning, weights
+from kangaroo_jax import compile_cache, tuning, weights
 from kangaroo_jax.adapter import Adapter, init_adapter, load_adapter
-from kangaroo_jax.decoding import PromptError, plain_decode
-from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode
+from kangaroo_jax.decoding import PromptError, plain_decode, plain_stream
+from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode, kangaroo_stream
 from kangaroo_jax.model import Llama, from_hf_state_dict
 from kangaroo_jax.sampling import SamplingParams
 
@@ -35,7 +39,12 @@ PromptLike = Union[str, Messages]
 
 @dataclasses.dataclass
 class Generation:
-  """Texts and token ids per prompt, plus decoding statistics."""
+  """Texts and token ids per prompt, plus decoding statistics.
+
+  One prompt: read `.text`. A batch: iterate (or index) for one `Generation` per prompt,
+  in prompt order: `for out in generate(model, tok, [a, b]): print(out.text)`. `stats`
+  describe the whole call (the batch's tokens, rounds and seconds).
+  """
   texts: list[str]
   token_ids: list[list[int]]
   prompt_token_ids: list[list[int]]
@@ -43,24 +52,63 @@ class Generation:
 
   @property
   def text(self) -> str:
+    """The first (for a single prompt: the only) text."""
     return self.texts[0]
+
+  def __len__(self) -> int:
+    return len(self.texts)
+
+  def __getitem__(self, i: int) -> "Generation":
+    """The result of prompt i alone (stats stay the batch's)."""
+    if not isinstance(i, int):
+      raise TypeError(f"Generation indices must be integers, not {type(i).__name__}")
+    return Generation([self.texts[i]], [self.token_ids[i]], [self.prompt_token_ids[i]],
+                      self.stats)
+
+  def __iter__(self) -> Iterator["Generation"]:
+    return (self[i] for i in range(len(self)))
+
+
+class Drafter(NamedTuple):
+  """An adapter with the draft vocabulary stored next to it (None = the full vocabulary).
+
+  A tuple, so `adapter, draft_ids = load_adapter_for(model)` still unpacks it; pass it
+  whole as `generate(..., adapter=drafter)`.
+  """
+  adapter: Adapter
+  draft_ids: Optional[np.ndarray]
+
+
+# The stored draft vocabulary of every adapter `load_adapter_for` returned, so an adapter
+# passed without its draft ids still drafts over them (weak: adapters are freed normally).
+_STORED_DRAFT_IDS: "weakref.WeakKeyDictionary[Adapter, Optional[np.ndarray]]" = (
+    weakref.WeakKeyDictionary())
+# The default adapter per model, loaded once for calls that pass no adapter.
+_DEFAULT_DRAFTERS: "weakref.WeakKeyDictionary[Llama, Drafter]" = weakref.WeakKeyDictionary()
 
 
 def load_model(path: Optional[str] = None, dtype: str = "float32") -> tuple[Llama, Any]:
-  """Loads (model, tokenizer) from a Hugging Face folder or .gguf; None = embedded default."""
+  """Loads (model, tokenizer) from a Hugging Face folder or .gguf; None = embedded default.
+
+  Also turns on JAX's persistent compilation cache in the project's cache folder (see
+  `kangaroo_jax.compile_cache`; KANGAROO_JAX_NO_COMPILE_CACHE=1 opts out), so a later
+  process decoding the same shapes skips compilation.
+  """
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+  compile_cache.enable_compilation_cache()
   cfg, sd = weights.load_checkpoint(path)
   tokenizer = weights.load_tokenizer(path)
   return from_hf_state_dict(cfg, sd, DTYPES[dtype]), tokenizer
 
 
 def load_adapter_for(model: Llama, path: Optional[str] = None, exit_layer: Optional[int] = None,
-                     seed: int = 0) -> tuple[Adapter, Optional[np.ndarray]]:
+                     seed: int = 0) -> Drafter:
   """The adapter at `path`; else the shipped one if it fits `model`; else a fresh one.
 
   A fresh (untrained) adapter is still lossless, only slower: few drafts are accepted.
-  Returns (adapter, reduced draft vocabulary ids or None).
+  Returns a `Drafter` (adapter, stored draft vocabulary ids or None): pass it whole to
+  `generate`/`stream` as `adapter=`; it also unpacks as a pair.
   """
   if path is not None:
     adapter, ids = load_adapter(path, model.cfg, model.dtype)
@@ -76,7 +124,34 @@ def load_adapter_for(model: Llama, path: Optional[str] = None, exit_layer: Optio
     from kangaroo_jax.adapter import AdapterError
     raise AdapterError(f"the adapter was trained for exit layer {adapter.acfg.exit_layer}, "
                        f"not {exit_layer}")
-  return adapter, ids
+  _STORED_DRAFT_IDS[adapter] = ids
+  return Drafter(adapter, ids)
+
+
+def resolve_drafter(model: Llama, adapter: Union[Drafter, Adapter, None],
+                    draft_ids: Optional[np.ndarray] = None,
+                    draft_vocab: Optional[int] = None) -> tuple[Adapter, Optional[np.ndarray]]:
+  """The adapter and draft vocabulary a Kangaroo call uses.
+
+  Args:
+    adapter: a `Drafter`, a bare adapter, or None (the default adapter, loaded once per model).
+    draft_ids: explicit draft token ids; they win over everything else.
+    draft_vocab: None = the tuned size for this backend, else all the adapter stores;
+      0 = the full vocabulary; N = the first N stored ids (most frequent first).
+  """
+  if adapter is None:
+    if model not in _DEFAULT_DRAFTERS:
+      _DEFAULT_DRAFTERS[model] = load_adapter_for(model)
+    adapter = _DEFAULT_DRAFTERS[model]
+  if isinstance(adapter, tuple):  # a Drafter, or a plain (adapter, ids) pair
+    adapter, stored = adapter
+  else:
+    stored = _STORED_DRAFT_IDS.get(adapter)
+  if draft_ids is not None:
+    return adapter, np.asarray(draft_ids)
+  tuned = tuning.tuned_settings()["draft_vocab"] if draft_vocab is None else draft_vocab
+  # Tuned sizes may come from another adapter: fall back to what this one stores.
+  return adapter, tuning.select_draft_ids(stored, tuned, strict=draft_vocab is not None)
 
 
 def encode_prompt(tokenizer, prompt: PromptLike, chat: bool = True) -> list[int]:
@@ -100,33 +175,37 @@ def eos_ids(model: Llama, tokenizer) -> list[int]:
   return sorted(ids)
 
 
-def _decode(model, tokenizer, prompts, *, mode, adapter, draft_ids, max_new_tokens, temperature,
-            top_k, top_p, seed, eta, gamma, chat, send_unconfident=None, on_tokens=None):
+def _decoder(model, tokenizer, prompts, *, mode, adapter, draft_ids, draft_vocab, max_new_tokens,
+             temperature, top_k, top_p, repetition_penalty, seed, eta, gamma, chat,
+             send_unconfident=None):
+  """Encodes the prompts and picks the decoder: returns (prompt ids, run).
+
+  `run(stream=False)` decodes to a DecodeResult; `run(stream=True)` returns a generator
+  of (tokens [B, C], counts [B]) whose return value is the DecodeResult.
+  """
   if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
     prompts = [prompts]
   ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
-  params = SamplingParams(temperature, top_k, top_p)
-  common = dict(max_new_tokens=max_new_tokens, params=params, seed=seed,
-                eos_ids=eos_ids(model, tokenizer), on_tokens=on_tokens)
+  common = dict(max_new_tokens=max_new_tokens, seed=seed, eos_ids=eos_ids(model, tokenizer),
+                params=SamplingParams(temperature, top_k, top_p, repetition_penalty))
   if mode == "plain":
-    result = plain_decode(model, ids, **common)
-  elif mode == "kangaroo":
-    tuned = tuning.resolve(eta=eta, gamma=gamma, send_unconfident=send_unconfident)
-    if adapter is None:
-      adapter, stored = load_adapter_for(model)
-      draft_ids = tuning.select_draft_ids(stored, tuned["draft_vocab"], strict=False)
-    result = kangaroo_decode(model, adapter, ids, kparams=KangarooParams(
-                                 tuned["eta"], tuned["gamma"], tuned["send_unconfident"]),
-                             draft_ids=draft_ids, **common)
-  else:
+    return ids, lambda stream=False: (plain_stream if stream else plain_decode)(model, ids,
+                                                                                **common)
+  if mode != "kangaroo":
     raise ValueError(f"mode must be 'kangaroo' or 'plain', got {mode!r}")
-  return ids, result
+  tuned = tuning.resolve(eta=eta, gamma=gamma, send_unconfident=send_unconfident)
+  adapter, draft_ids = resolve_drafter(model, adapter, draft_ids, draft_vocab)
+  common.update(kparams=KangarooParams(tuned["eta"], tuned["gamma"], tuned["send_unconfident"]),
+                draft_ids=draft_ids)
+  return ids, lambda stream=False: (kangaroo_stream if stream else kangaroo_decode)(
+      model, adapter, ids, **common)
 
 
 def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[PromptLike]], *,
-             mode: str = "kangaroo", adapter: Optional[Adapter] = None,
-             draft_ids: Optional[np.ndarray] = None, max_new_tokens: int = 256,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             mode: str = "kangaroo", adapter: Union[Drafter, Adapter, None] = None,
+             draft_ids: Optional[np.ndarray] = None, draft_vocab: Optional[int] = None,
+             max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
              eta: Optional[float] = None, gamma: Optional[int] = None,
              send_unconfident: Optional[bool] = None, chat: bool = True) -> Generation:
   """Generates text for one prompt or a batch.
@@ -135,22 +214,30 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
     model, tokenizer: from `load_model`.
     prompts: a user string, a list of chat messages, or a list of either (a batch).
     mode: "kangaroo" (self-speculative, output identical to plain) or "plain".
-    adapter, draft_ids: from `load_adapter_for`; None uses the default adapter.
+    adapter: what `load_adapter_for` returns (its draft vocabulary comes along); None
+      uses the default adapter.
+    draft_ids: explicit draft token ids, overriding the adapter's stored ones.
+    draft_vocab: draft over the first N stored ids; 0 = the full vocabulary; None = the
+      tuned size for this backend, else all the adapter stores.
     max_new_tokens: new tokens per prompt at most.
     temperature, top_k, top_p, seed: sampling (temperature 0 = greedy).
+    repetition_penalty: transformers' definition (logits of tokens already in the prompt
+      or output divided by it when positive, multiplied when negative); 1.0 = none.
     eta, gamma: Kangaroo's early-exit threshold and maximum drafts per round; None takes
       the tuned setting for this backend (`kangaroo_jax/tuned/<backend>.json`), else 0.6 / 6.
     send_unconfident: verify the draft that fell below eta too (the paper's rule);
       None takes the tuned setting, else True.
     chat: apply the tokenizer's chat template to string prompts.
   Returns:
-    A `Generation` with texts, token ids and stats (mean_accepted_tokens, rounds,
-    draft_steps, tokens_per_second, ...).
+    A `Generation`: `.text` for one prompt; iterate it for one result per prompt of a
+    batch. Stats: mean_accepted_tokens, rounds, draft_steps, tokens_per_second, ...
   """
-  ids, result = _decode(model, tokenizer, prompts, mode=mode, adapter=adapter, draft_ids=draft_ids,
-                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, eta=eta, gamma=gamma, chat=chat,
-                        send_unconfident=send_unconfident)
+  ids, run = _decoder(model, tokenizer, prompts, **_defaults(dict(
+      mode=mode, adapter=adapter, draft_ids=draft_ids, draft_vocab=draft_vocab,
+      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+      repetition_penalty=repetition_penalty, seed=seed, eta=eta, gamma=gamma, chat=chat,
+      send_unconfident=send_unconfident)))
+  result = run()
   texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
   return Generation(texts, result.tokens, ids, result.stats)
 
@@ -158,42 +245,35 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
 def stream(model: Llama, tokenizer, prompt: PromptLike, **kwargs) -> Iterator[str]:
   """Like `generate` for one prompt, but yields text pieces as tokens are accepted.
 
-  The generator's return value (StopIteration.value) is the finished `Generation`.
+  Decoding runs in the caller's thread, a round (or plain step) per piece; leaving the
+  loop early stops it. The generator's return value (StopIteration.value) is the
+  finished `Generation`.
   """
-  pieces: "queue.Queue" = queue.Queue()
-  done = object()
-  box: dict = {}
-
-  def sink(tokens, counts):
-    pieces.put(tokens[0, :counts[0]].tolist())
-
-  def run():
-    try:
-      box["result"] = _decode(model, tokenizer, prompt, on_tokens=sink, **_defaults(kwargs))
-    except BaseException as e:  # re-raised in the consumer
-      box["error"] = e
-    pieces.put(done)
-
-  threading.Thread(target=run, daemon=True).start()
+  ids, run = _decoder(model, tokenizer, prompt, **_defaults(kwargs))
+  steps = run(stream=True)
   tokens: list[int] = []
   shown = ""
-  while (item := pieces.get()) is not done:
-    tokens.extend(item)
+  while True:
+    try:
+      new, counts = next(steps)
+    except StopIteration as stop:
+      result = stop.value
+      break
+    tokens.extend(new[0, :counts[0]].tolist())
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     # Hold back a trailing replacement char: a multi-byte character may be incomplete.
     if len(text) > len(shown) and not text.endswith("\ufffd"):
       yield text[len(shown):]
       shown = text
-  if "error" in box:
-    raise box["error"]
-  ids, result = box["result"]
   return Generation([tokenizer.decode(result.tokens[0], skip_special_tokens=True)], result.tokens,
                     ids, result.stats)
 
 
 def _defaults(kwargs: dict) -> dict:
-  out = dict(mode="kangaroo", adapter=None, draft_ids=None, max_new_tokens=256, temperature=0.0,
-             top_k=0, top_p=1.0, seed=0, eta=None, gamma=None, send_unconfident=None, chat=True)
+  """`generate`'s keyword defaults with `kwargs` in place; unknown names raise TypeError."""
+  out = dict(mode="kangaroo", adapter=None, draft_ids=None, draft_vocab=None, max_new_tokens=256,
+             temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0, eta=None,
+             gamma=None, send_unconfident=None, chat=True)
   unknown = set(kwargs) - set(out)
   if unknown:
     raise TypeError(f"unknown arguments: {', '.join(sorted(unknown))}")

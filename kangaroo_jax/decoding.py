@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 import time
 from typing import Callable, Optional, Sequence
 
@@ -75,35 +74,32 @@ class DecodeResult:
   stats: dict
 
 
-# ---- streaming: the loop calls back into the host with each step's new tokens ----
-# The callback runs on an XLA runtime thread, not the caller's, so the sink is a module
-# global (a thread-local would be invisible there); the lock lets one decode stream at a time.
-_sink: Optional[Callable] = None
-_sink_lock = threading.Lock()
+# ---- streaming: the host steps the loop and reads new tokens between calls ----
+# A loop that called back into Python (jax.debug.callback) could not be stored in JAX's
+# persistent compilation cache, and its callbacks ran on an XLA thread that aborted the
+# process when Python exited mid-decode. Instead a streamed decode runs in calls of a few
+# steps each, in the caller's thread; the loop state stays on the device (donated).
+STREAM_STEPS = 1  # loop iterations per call when streaming: one token (or round) each
 
 
-def _emit(tokens: np.ndarray, counts: np.ndarray) -> None:
-  """Host callback: tokens [B, C] of which counts [B] are new for each sequence."""
-  sink = _sink
-  if sink is not None:
-    sink(np.asarray(tokens), np.asarray(counts))
+def new_tokens(out: np.ndarray, count: np.ndarray,
+               shown: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The tokens in out [B, N] past `shown` [B] up to `count` [B]: ([B, C], counts [B])."""
+  n_new = count - shown
+  width = max(1, int(n_new.max()))
+  cols = np.minimum(shown[:, None] + np.arange(width)[None], out.shape[1] - 1)  # [B, C]
+  return np.take_along_axis(out, cols, axis=1), n_new
 
 
-def emit(tokens: jax.Array, counts: jax.Array) -> None:
-  """From inside a jitted loop: hands new tokens to the current host sink, in order."""
-  jax.debug.callback(_emit, tokens, counts, ordered=True)
-
-
-def run_with_sink(fn: Callable, sink: Optional[Callable], *args, **kwargs):
-  """Runs fn with `sink(tokens [B, C], counts [B])` receiving streamed tokens."""
-  global _sink
-  with _sink_lock:
-    _sink = sink
+def drain(steps, on_tokens: Optional[Callable]):
+  """Runs a step generator to its end, handing each step's new tokens to `on_tokens`."""
+  while True:
     try:
-      # Dispatch is asynchronous: wait, or the sink is gone before the callbacks fire.
-      return jax.block_until_ready(fn(*args, **kwargs))
-    finally:
-      _sink = None
+      tokens, counts = next(steps)
+    except StopIteration as stop:
+      return stop.value
+    if on_tokens is not None:
+      on_tokens(tokens, counts)
 
 
 def prefill(model: Llama, tokens: jax.Array, prompt_lens: jax.Array, cache: kv.KVCache,
@@ -122,10 +118,9 @@ def is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
   return jnp.any(tokens[..., None] == eos_ids, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "max_new_tokens", "stream"))
-def _plain_loop(graphdef, state, tokens, prompt_lens, rng, eos_ids, *,
-                params: SamplingParams, max_new_tokens: int, stream: bool):
-  model = nnx.merge(graphdef, state)
+def _plain_start(model: Llama, tokens, prompt_lens, rng, eos_ids, params: SamplingParams,
+                 max_new_tokens: int) -> dict:
+  """Prefill and the first token: the loop state (see `_plain_body`)."""
   b = tokens.shape[0]
   cache = kv.init_model_cache(model.cfg, b, cache_size(tokens.shape[1], max_new_tokens), model.dtype)
   hidden, cache = prefill(model, tokens, prompt_lens, cache)
@@ -136,31 +131,64 @@ def _plain_loop(graphdef, state, tokens, prompt_lens, rng, eos_ids, *,
   first = sample(penalize(logits, seen, params), params, sub)  # [B]
   seen = mark_seen(seen, first[:, None], jnp.ones((b, 1), bool), params)
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
-  if stream:
-    emit(first[:, None], jnp.ones((b,), jnp.int32))
   done = is_eos(first, eos_ids) | (max_new_tokens <= 1)
-  init = (jnp.int32(1), first, prompt_lens, out, done, cache, rng, seen)
+  return dict(step=jnp.int32(1), tok=first, lens=prompt_lens, out=out, done=done, cache=cache,
+              rng=rng, seen=seen, count=jnp.ones((b,), jnp.int32))
+
+
+def _plain_run(model: Llama, st: dict, eos_ids, until, params: SamplingParams,
+               max_new_tokens: int) -> dict:
+  """Decodes one token per step until step `until`, the token limit or every EOS."""
 
   def cond(s):
-    step, done = s[0], s[4]
-    return (step < max_new_tokens) & ~jnp.all(done)
+    return (s["step"] < jnp.minimum(until, max_new_tokens)) & ~jnp.all(s["done"])
 
   def body(s):
-    step, tok, lens, out, done, cache, rng, seen = s
-    logits, cache = model(tok[:, None], lens[:, None], cache)  # [B, 1, V]
-    rng, sub = jax.random.split(rng)
-    nxt = sample(penalize(logits[:, 0], seen, params), params, sub)
+    done = s["done"]
+    logits, cache = model(s["tok"][:, None], s["lens"][:, None], s["cache"])  # [B, 1, V]
+    rng, sub = jax.random.split(s["rng"])
+    nxt = sample(penalize(logits[:, 0], s["seen"], params), params, sub)
     nxt = jnp.where(done, PAD_ID, nxt)
-    seen = mark_seen(seen, nxt[:, None], ~done[:, None], params)
-    out = out.at[:, step].set(nxt)
-    if stream:
-      emit(nxt[:, None], (~done).astype(jnp.int32))
-    lens = lens + (~done).astype(jnp.int32)
-    done = done | is_eos(nxt, eos_ids) | (step + 1 >= max_new_tokens)
-    return step + 1, nxt, lens, out, done, cache, rng, seen
+    live = (~done).astype(jnp.int32)
+    return dict(step=s["step"] + 1, tok=nxt, lens=s["lens"] + live,
+                out=s["out"].at[:, s["step"]].set(nxt),
+                done=done | is_eos(nxt, eos_ids) | (s["step"] + 1 >= max_new_tokens),
+                cache=cache, rng=rng, seen=mark_seen(s["seen"], nxt[:, None], ~done[:, None], params),
+                count=s["count"] + live)
 
-  step, _, lens, out = jax.lax.while_loop(cond, body, init)[:4]
-  return out, lens - prompt_lens + 1, step
+  return jax.lax.while_loop(cond, body, st)
+
+
+_STATIC = ("graphdef", "params", "max_new_tokens")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _plain_loop(graphdef, state, tokens, prompt_lens, rng, eos_ids, *,
+                params: SamplingParams, max_new_tokens: int):
+  """The whole decode in one call: (out [B, N], new token counts [B], steps)."""
+  model = nnx.merge(graphdef, state)
+  st = _plain_start(model, tokens, prompt_lens, rng, eos_ids, params, max_new_tokens)
+  st = _plain_run(model, st, eos_ids, max_new_tokens, params, max_new_tokens)
+  return st["out"], st["count"], st["step"]
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _plain_stream_start(graphdef, state, tokens, prompt_lens, rng, eos_ids, *,
+                        params: SamplingParams, max_new_tokens: int) -> dict:
+  return _plain_start(nnx.merge(graphdef, state), tokens, prompt_lens, rng, eos_ids, params,
+                      max_new_tokens)
+
+
+# The state is donated: its KV cache is updated in place, not copied per call.
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("st",))
+def _plain_stream_run(graphdef, state, st, eos_ids, until, *, params: SamplingParams,
+                      max_new_tokens: int) -> dict:
+  return _plain_run(nnx.merge(graphdef, state), st, eos_ids, until, params, max_new_tokens)
+
+
+def _check_budget(max_new_tokens: int) -> None:
+  if max_new_tokens < 1:
+    raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
 def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
@@ -176,26 +204,58 @@ def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
     params: greedy when temperature is 0, else sampling; optional repetition penalty.
     seed: PRNG seed for sampling.
     eos_ids: generation of a sequence stops after any of these.
-    on_tokens: optional streaming sink `fn(tokens [B, C], counts [B])`.
+    on_tokens: optional streaming sink `fn(tokens [B, C], counts [B])`, called in this
+      thread after each step (see `plain_stream`).
     mesh: optional ('data', 'model') mesh; shard the model with `shard_module` first.
   Returns:
     DecodeResult with each sequence's new tokens (EOS included) and timings.
   """
-  if max_new_tokens < 1:
-    raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if on_tokens is not None:
+    return drain(plain_stream(model, prompts, max_new_tokens=max_new_tokens, params=params,
+                              seed=seed, eos_ids=eos_ids, mesh=mesh), on_tokens)
+  _check_budget(max_new_tokens)
   tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens)
   graphdef, state = nnx.split(model)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
   start = time.perf_counter()
-  out, counts, steps = run_with_sink(
-      _plain_loop, on_tokens, graphdef, state, tokens, lens,
-      jax.random.key(seed), eos, params=params, max_new_tokens=max_new_tokens,
-      stream=on_tokens is not None)
-  out, counts = np.asarray(out), np.asarray(counts)
-  seconds = time.perf_counter() - start
-  seqs = [out[i, :counts[i]].tolist() for i in range(len(prompts))]
+  out, counts, steps = jax.block_until_ready(_plain_loop(
+      graphdef, state, tokens, lens, jax.random.key(seed), eos, params=params,
+      max_new_tokens=max_new_tokens))
+  return _plain_result(np.asarray(out), np.asarray(counts), int(steps), len(prompts),
+                       time.perf_counter() - start)
+
+
+def plain_stream(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
+                 params: SamplingParams = SamplingParams(), seed: int = 0,
+                 eos_ids: Sequence[int] = (), mesh=None):
+  """Like `plain_decode`, as a generator: yields (tokens [B, C], counts [B]) per step.
+
+  The generator's return value (StopIteration.value) is the DecodeResult. Closing it
+  early stops decoding after the current step. The output equals `plain_decode`'s.
+  """
+  _check_budget(max_new_tokens)
+  tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens)
+  graphdef, state = nnx.split(model)
+  eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+  tokens, lens = place_batch(mesh, tokens, lens)
+  static = dict(params=params, max_new_tokens=max_new_tokens)
+  start = time.perf_counter()
+  st = _plain_stream_start(graphdef, state, tokens, lens, jax.random.key(seed), eos, **static)
+  shown = np.zeros((len(prompts),), np.int32)
+  while True:
+    out, count, done, step = jax.device_get((st["out"], st["count"], st["done"], st["step"]))
+    yield new_tokens(out, count, shown)
+    shown = count
+    if done.all() or step >= max_new_tokens:
+      return _plain_result(out, count, int(step), len(prompts), time.perf_counter() - start)
+    st = _plain_stream_run(graphdef, state, st, eos, jnp.int32(step + STREAM_STEPS), **static)
+
+
+def _plain_result(out: np.ndarray, counts: np.ndarray, steps: int, n: int,
+                  seconds: float) -> DecodeResult:
+  seqs = [out[i, :counts[i]].tolist() for i in range(n)]
   new = int(counts.sum())
   return DecodeResult(seqs, seconds, {
       "new_tokens": new, "seconds": seconds, "tokens_per_second": new / seconds,
-      "steps": int(steps), "mean_accepted_tokens": 1.0})
+      "steps": steps, "mean_accepted_tokens": 1.0})

@@ -32,8 +32,9 @@ from flax import nnx
 
 from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import Adapter, AdapterError
-from kangaroo_jax.decoding import (PAD_ID, DecodeResult, PromptError, cache_size, emit, is_eos,
-                                   last_hidden, pad_prompts, place_batch, prefill, run_with_sink)
+from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptError, cache_size,
+                                   drain, is_eos, last_hidden, new_tokens, pad_prompts,
+                                   place_batch, prefill)
 from kangaroo_jax.model import Llama
 from kangaroo_jax.sampling import (SamplingParams, init_seen, mark_seen, penalize, probs,
                                    process_logits, sample)
@@ -227,20 +228,12 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: Sa
   return a, z, cache, rng
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "agraphdef", "params", "max_new_tokens",
-                                             "gamma", "send_unconfident", "stream"))
-def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt_lens, rng,
-                   eos_ids, eta, *, params: SamplingParams, max_new_tokens: int, gamma: int,
-                   send_unconfident: bool, stream: bool):
-  model = nnx.merge(graphdef, state)
-  adapter = nnx.merge(agraphdef, astate)
+def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eos_ids, *,
+                    params: SamplingParams, max_new_tokens: int, gamma: int) -> dict:
+  """Prefill (shallow layers, adapter, deep layers) and the first token: the round state."""
   l = adapter.acfg.exit_layer
   b = tokens.shape[0]
   size = cache_size(tokens.shape[1], max_new_tokens, gamma + 2)
-  # A reduced draft vocabulary scores only its rows of the head.
-  draft_head = None if draft_ids is None else model.head_weight()[draft_ids]  # [N, D]
-
-  # Prefill: shallow layers, then the adapter (fills its cache), then deep layers.
   cache = kv.init_model_cache(model.cfg, b, size, model.dtype)
   h_l, cache = prefill(model, tokens, prompt_lens, cache, l)  # [B, P, D]
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -253,14 +246,22 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
   y0 = sample(penalize(logits, seen, params), params, sub)  # [B]
   seen = mark_seen(seen, y0[:, None], jnp.ones((b, 1), bool), params)
   out = jnp.zeros((b, max_new_tokens + gamma + 1), jnp.int32).at[:, 0].set(y0)
-  if stream:
-    emit(y0[:, None], jnp.ones((b,), jnp.int32))
-  st = dict(n=prompt_lens, y0=y0, h_prev=last_hidden(h_l, prompt_lens)[:, 0], cache=cache,
-            acache=acache, rng=rng, out=out, count=jnp.ones((b,), jnp.int32),
-            done=is_eos(y0, eos_ids) | (max_new_tokens <= 1),
-            rounds=jnp.zeros((b,), jnp.int32), drafts=jnp.zeros((b,), jnp.int32),
-            drafts_verified=jnp.zeros((b,), jnp.int32),
-            total_rounds=jnp.int32(0), seen=seen)
+  return dict(n=prompt_lens, y0=y0, h_prev=last_hidden(h_l, prompt_lens)[:, 0], cache=cache,
+              acache=acache, rng=rng, out=out, count=jnp.ones((b,), jnp.int32),
+              done=is_eos(y0, eos_ids) | (max_new_tokens <= 1),
+              rounds=jnp.zeros((b,), jnp.int32), drafts=jnp.zeros((b,), jnp.int32),
+              drafts_verified=jnp.zeros((b,), jnp.int32),
+              total_rounds=jnp.int32(0), seen=seen)
+
+
+def _kangaroo_rounds(model: Llama, adapter: Adapter, draft_ids, st: dict, eos_ids, eta, until, *,
+                     params: SamplingParams, max_new_tokens: int, gamma: int,
+                     send_unconfident: bool) -> dict:
+  """Runs draft-verify rounds until round `until` or every sequence is done."""
+  l = adapter.acfg.exit_layer
+  b = st["y0"].shape[0]
+  # A reduced draft vocabulary scores only its rows of the head.
+  draft_head = None if draft_ids is None else model.head_weight()[draft_ids]  # [N, D]
 
   def round_body(st):
     Y, H, Q, k, steps, cache, acache, rng = _draft(
@@ -281,8 +282,6 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
     slots = st["count"][:, None] + j  # [B, K]
     out = st["out"].at[jnp.arange(b)[:, None], slots].set(
         jnp.where(j < n_new[:, None], new, PAD_ID), mode="drop")
-    if stream:
-      emit(new, n_new)
     count = st["count"] + n_new
     done = st["done"] | (jnp.min(eos_at, axis=1) < a + 1) | (count >= max_new_tokens)
     return dict(
@@ -295,9 +294,47 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
         total_rounds=st["total_rounds"] + 1,
         seen=mark_seen(st["seen"], new, j < n_new[:, None], params))
 
-  st = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), round_body, st)
+  return jax.lax.while_loop(lambda s: ~jnp.all(s["done"]) & (s["total_rounds"] < until),
+                            round_body, st)
+
+
+_STATIC = ("graphdef", "agraphdef", "params", "max_new_tokens", "gamma", "send_unconfident")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt_lens, rng,
+                   eos_ids, eta, *, params: SamplingParams, max_new_tokens: int, gamma: int,
+                   send_unconfident: bool):
+  """The whole decode in one call: (out, counts, rounds, drafts, drafts verified, rounds run)."""
+  model = nnx.merge(graphdef, state)
+  adapter = nnx.merge(agraphdef, astate)
+  st = _kangaroo_start(model, adapter, tokens, prompt_lens, rng, eos_ids, params=params,
+                       max_new_tokens=max_new_tokens, gamma=gamma)
+  st = _kangaroo_rounds(model, adapter, draft_ids, st, eos_ids, eta, jnp.iinfo(jnp.int32).max,
+                        params=params, max_new_tokens=max_new_tokens, gamma=gamma,
+                        send_unconfident=send_unconfident)
   return (st["out"], st["count"], st["rounds"], st["drafts"], st["drafts_verified"],
           st["total_rounds"])
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, prompt_lens, rng,
+                           eos_ids, *, params: SamplingParams, max_new_tokens: int, gamma: int,
+                           send_unconfident: bool) -> dict:
+  del send_unconfident  # static for a uniform call; the prefill does not depend on it
+  return _kangaroo_start(nnx.merge(graphdef, state), nnx.merge(agraphdef, astate), tokens,
+                         prompt_lens, rng, eos_ids, params=params,
+                         max_new_tokens=max_new_tokens, gamma=gamma)
+
+
+# The state is donated: its caches are updated in place, not copied per call.
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("st",))
+def _kangaroo_stream_rounds(graphdef, state, agraphdef, astate, draft_ids, st, eos_ids, eta,
+                            until, *, params: SamplingParams, max_new_tokens: int, gamma: int,
+                            send_unconfident: bool) -> dict:
+  return _kangaroo_rounds(nnx.merge(graphdef, state), nnx.merge(agraphdef, astate), draft_ids,
+                          st, eos_ids, eta, until, params=params, max_new_tokens=max_new_tokens,
+                          gamma=gamma, send_unconfident=send_unconfident)
 
 
 def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[int]], *,
@@ -318,13 +355,60 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
     seed: PRNG seed.
     eos_ids: generation of a sequence stops after any of these.
     draft_ids: optional reduced draft vocabulary (token ids) for the draft head.
-    on_tokens: optional streaming sink `fn(tokens [B, C], counts [B])`.
+    on_tokens: optional streaming sink `fn(tokens [B, C], counts [B])`, called in this
+      thread after each round (see `kangaroo_stream`).
     mesh: optional ('data', 'model') mesh; shard model and adapter with `shard_module`.
   Returns:
     DecodeResult with each sequence's tokens and stats: mean accepted tokens per
     verification step (the target's own token counted), rounds, draft steps run, drafts
     verified (fewer than the steps when unconfident drafts are dropped), tokens/s.
   """
+  if on_tokens is not None:
+    return drain(kangaroo_stream(model, adapter, prompts, max_new_tokens=max_new_tokens,
+                                 kparams=kparams, params=params, seed=seed, eos_ids=eos_ids,
+                                 draft_ids=draft_ids, mesh=mesh), on_tokens)
+  args, static = _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed,
+                          eos_ids, draft_ids, mesh)
+  graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta = args
+  start = time.perf_counter()
+  out, counts, rounds, drafts, sent, total_rounds = jax.block_until_ready(_kangaroo_loop(
+      graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, **static))
+  return _result(jax.device_get(dict(out=out, count=counts, rounds=rounds, drafts=drafts,
+                                     drafts_verified=sent, total_rounds=total_rounds)),
+                 len(prompts), time.perf_counter() - start)
+
+
+def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[int]], *,
+                    max_new_tokens: int = 128, kparams: KangarooParams = KangarooParams(),
+                    params: SamplingParams = SamplingParams(), seed: int = 0,
+                    eos_ids: Sequence[int] = (), draft_ids: Optional[np.ndarray] = None,
+                    mesh=None):
+  """Like `kangaroo_decode`, as a generator: yields (tokens [B, C], counts [B]) per round.
+
+  The generator's return value (StopIteration.value) is the DecodeResult. Closing it
+  early stops decoding after the current round. The output equals `kangaroo_decode`'s.
+  """
+  args, static = _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed,
+                          eos_ids, draft_ids, mesh)
+  graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta = args
+  start = time.perf_counter()
+  st = _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, lens, rng, eos,
+                              **static)
+  shown = np.zeros((len(prompts),), np.int32)
+  while True:
+    host = jax.device_get({k: st[k] for k in ("out", "count", "done", "rounds", "drafts",
+                                              "drafts_verified", "total_rounds")})
+    yield new_tokens(host["out"], host["count"], shown)
+    shown = host["count"]
+    if host["done"].all():
+      return _result(host, len(prompts), time.perf_counter() - start)
+    st = _kangaroo_stream_rounds(graphdef, state, agraphdef, astate, draft_ids, st, eos, eta,
+                                 jnp.int32(host["total_rounds"] + STREAM_STEPS), **static)
+
+
+def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos_ids, draft_ids,
+             mesh):
+  """Checks the arguments; returns the loop's array arguments and its static ones."""
   adapter.acfg.check(model.cfg)
   if max_new_tokens < 1:
     raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -338,23 +422,24 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
   agraphdef, astate = nnx.split(adapter)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
-  start = time.perf_counter()
-  out, counts, rounds, drafts, sent, total_rounds = run_with_sink(
-      _kangaroo_loop, on_tokens, graphdef, state, agraphdef, astate, draft_ids,
-      tokens, lens, jax.random.key(seed), eos, jnp.float32(kparams.eta),
-      params=params, max_new_tokens=max_new_tokens, gamma=kparams.gamma,
-      send_unconfident=kparams.send_unconfident, stream=on_tokens is not None)
-  out, counts = np.asarray(out), np.asarray(counts)
-  rounds, drafts, sent = np.asarray(rounds), np.asarray(drafts), np.asarray(sent)
-  seconds = time.perf_counter() - start
-  seqs = [out[i, :counts[i]].tolist() for i in range(len(prompts))]
+  static = dict(params=params, max_new_tokens=max_new_tokens, gamma=kparams.gamma,
+                send_unconfident=kparams.send_unconfident)
+  return ((graphdef, state, agraphdef, astate, draft_ids, tokens, lens, jax.random.key(seed), eos,
+           jnp.float32(kparams.eta)), static)
+
+
+def _result(host: dict, n: int, seconds: float) -> DecodeResult:
+  """The DecodeResult of a finished loop state read back to the host."""
+  out, counts = host["out"], host["count"]
+  rounds, drafts, sent = (int(host[k].sum()) for k in ("rounds", "drafts", "drafts_verified"))
+  seqs = [out[i, :counts[i]].tolist() for i in range(n)]
   new = int(counts.sum())
   # The first token comes from the prefill, not from a verification step.
   verified = int((counts - 1).sum())
   return DecodeResult(seqs, seconds, {
       "new_tokens": new, "seconds": seconds, "tokens_per_second": new / seconds,
-      "rounds": int(rounds.sum()), "steps": int(total_rounds), "draft_steps": int(drafts.sum()),
-      "drafts_verified": int(sent.sum()),
-      "mean_accepted_tokens": verified / max(1, int(rounds.sum())),
-      "drafts_per_round": int(drafts.sum()) / max(1, int(rounds.sum())),
-      "verified_drafts_per_round": int(sent.sum()) / max(1, int(rounds.sum()))})
+      "rounds": rounds, "steps": int(host["total_rounds"]), "draft_steps": drafts,
+      "drafts_verified": sent,
+      "mean_accepted_tokens": verified / max(1, rounds),
+      "drafts_per_round": drafts / max(1, rounds),
+      "verified_drafts_per_round": sent / max(1, rounds)})

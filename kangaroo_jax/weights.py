@@ -193,9 +193,8 @@ def _tokenizer_cache_dir(gguf_path: str) -> str:
   import hashlib
   st = os.stat(gguf_path)
   key = hashlib.sha1(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}".encode())
-  root = os.environ.get("KANGAROO_JAX_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "kangaroo_jax")
-  return os.path.join(root, "tokenizers", key.hexdigest()[:16])
+  from kangaroo_jax.compile_cache import cache_root
+  return os.path.join(cache_root(), "tokenizers", key.hexdigest()[:16])
 
 
 def _save_tokenizer_cache(tokenizer, folder: str) -> None:

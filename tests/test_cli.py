@@ -265,3 +265,165 @@ def test_generate_uses_the_tuned_settings_unless_overridden(tiny, monkeypatch, t
                send_unconfident=True)
   assert seen == [KangarooParams(0.7, 2, False), KangarooParams(0.5, 2, True)]
   assert out.token_ids == plain.token_ids
+
+
+# ---- prompt sources, chat, clean exits ----
+def run_cli_input(*args: str, stdin: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, DECODE, *args], input=stdin, capture_output=True,
+                        text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny, tmp_path_factory) -> str:
+  """The tiny model with a chat template that joins the messages' words."""
+  import shutil
+  folder = str(tmp_path_factory.mktemp("tiny_chat") / "model")
+  shutil.copytree(tiny, folder)
+  path = os.path.join(folder, "tokenizer_config.json")
+  with open(path) as f:
+    config = json.load(f)
+  config["chat_template"] = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+  with open(path, "w") as f:
+    json.dump(config, f)
+  return folder
+
+
+def test_prompt_from_stdin_and_from_a_file_equal_the_flag(cli, capsys, tiny, tmp_path,
+                                                           monkeypatch):
+  import io
+  common = ["--model", tiny, "--mode", "plain", "--max-new-tokens", "6", "--json"]
+  want = json.loads(run_main(cli, capsys, "--prompt", "w5 w6 w7", *common).stdout)
+  (tmp_path / "p.txt").write_text("w5 w6 w7\n")
+  from_file = json.loads(run_main(cli, capsys, "--prompt-file", str(tmp_path / "p.txt"),
+                                  *common).stdout)
+  monkeypatch.setattr(sys, "stdin", io.StringIO("w5 w6 w7\n"))
+  from_stdin = json.loads(run_main(cli, capsys, "--prompt", "-", *common).stdout)
+  assert from_file["token_ids"] == from_stdin["token_ids"] == want["token_ids"]
+  assert from_file["prompt"] == from_stdin["prompt"] == "w5 w6 w7"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--prompt-file", "/no/such/prompt.txt"], "cannot read --prompt-file"),
+    (["--prompt", "hi", "--prompt-file", "x.txt"], "not allowed with"),
+    (["--chat", "--json"], "--chat cannot be combined"),
+    (["--prompt", "hi", "--repetition-penalty", "0"], "--repetition-penalty"),
+])
+def test_bad_prompt_sources(cli, capsys, args, fragment):
+  assert_error(run_main(cli, capsys, *args), fragment)
+
+
+def test_empty_stdin_prompt(cli, capsys, monkeypatch):
+  import io
+  monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+  assert_error(run_main(cli, capsys, "--prompt", "-"), "empty prompt")
+
+
+def test_adapter_file_is_checked_before_the_model_loads(tmp_path):
+  """A corrupt adapter is reported at once, before a (here: missing) model is touched."""
+  bad = tmp_path / "adapter.safetensors"
+  bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+  assert_error(run_cli("--prompt", "hi", "--model", str(tmp_path / "no_model"), "--adapter",
+                       str(bad), timeout=60), "corrupt or truncated")
+  not_adapter = tmp_path / "other.safetensors"
+  from safetensors.numpy import save_file
+  save_file({"x": np.zeros(2, np.float32)}, str(not_adapter))
+  assert_error(run_cli("--prompt", "hi", "--model", str(tmp_path / "no_model"), "--adapter",
+                       str(not_adapter), timeout=60), "not a kangaroo-jax adapter file")
+
+
+def test_chat_keeps_the_conversation_and_prints_stats_per_answer(tiny_chat, tmp_path):
+  path = _save_adapter(str(tmp_path / "a.safetensors"), TINY_CONFIG, 2)
+  proc = run_cli_input("--chat", "--model", tiny_chat, "--adapter", path, "--max-new-tokens",
+                       "5", stdin="w5 w6\n\nw7 w8 w9\n/reset\nw10\n")
+  assert proc.returncode == 0, proc.stderr
+  assert "Traceback" not in proc.stderr
+  answers = proc.stdout.strip().splitlines()
+  assert len(answers) == 3 and all(a.split() for a in answers), proc.stdout
+  assert all(w in WORDS for a in answers for w in a.split())
+  assert proc.stderr.count("accepted tokens/step") == 3  # one stats line per answer
+  assert "conversation cleared" in proc.stderr
+  # The second answer saw the first exchange: replaying it alone gives the same answer
+  # only if the conversation was kept; decode the second turn without history to compare.
+  history = run_cli_input("--model", tiny_chat, "--adapter", path, "--max-new-tokens", "5",
+                          "--prompt", "w5 w6 " + answers[0] + " w7 w8 w9", "--no-chat",
+                          stdin="")
+  assert history.stdout.strip() == answers[1]
+  fresh = run_cli_input("--model", tiny_chat, "--adapter", path, "--max-new-tokens", "5",
+                        "--prompt", "w10", stdin="")
+  assert fresh.stdout.strip() == answers[2]  # after /reset: no history
+
+
+def test_chat_needs_a_chat_template(cli, capsys, tiny, monkeypatch):
+  import io
+  monkeypatch.setattr(sys, "stdin", io.StringIO("w5\n"))
+  assert_error(run_main(cli, capsys, "--chat", "--model", tiny), "chat template")
+
+
+def _popen(*args: str) -> subprocess.Popen:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.Popen([sys.executable, DECODE, *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
+
+
+def test_closed_stdout_exits_quietly(tiny):
+  proc = _popen("--prompt", "w5 w6 w7", "--model", tiny, "--mode", "plain",
+                "--max-new-tokens", "20")
+  proc.stdout.close()  # the reader is gone before the first piece is written
+  err = proc.stderr.read().decode()
+  assert proc.wait(timeout=300) in (0, 141), err
+  assert err == "", err  # no traceback, no "terminate called ...", no stats
+
+
+def test_ctrl_c_exits_130_with_one_line(tiny):
+  import signal
+  import time
+  proc = _popen("--prompt", "w5 w6 w7", "--model", tiny, "--max-new-tokens", "20")
+  time.sleep(3)  # inside the imports, the model load or the compile
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err
+  assert err.decode().strip() == "interrupted", err
+
+
+@pytest.mark.slow
+@needs_default
+def test_head_of_a_streamed_answer_exits_quietly():
+  """`decode.py ... | head -2` on the embedded model: no abort, no traceback."""
+  proc = _popen("--prompt", "Write a short poem about the ocean.", "--max-new-tokens", "120")
+  lines = [proc.stdout.readline() for _ in range(2)]
+  proc.stdout.close()
+  err = proc.stderr.read().decode()
+  assert proc.wait(timeout=300) in (0, 141), err
+  assert all(lines) and "Traceback" not in err and "terminate" not in err, err
+
+
+@pytest.mark.slow
+@needs_default
+def test_repetition_penalty_cli_equals_transformers_generate():
+  """Greedy with --repetition-penalty, plain and Kangaroo, equals transformers' generate on
+  the embedded model, and it stops the demo's repeated line."""
+  import torch
+  import transformers
+  from kangaroo_jax.weights import default_model_path, load_tokenizer
+  prompt = "Write a short poem about the ocean."
+  outs = {mode: json.loads(run_cli("--prompt", prompt, "--max-new-tokens", "48", "--mode", mode,
+                                   "--repetition-penalty", "1.3", "--json",
+                                   timeout=600).stdout)
+          for mode in ("plain", "kangaroo")}
+  path = default_model_path()
+  torch.set_num_threads(2)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+  tok = load_tokenizer()
+  ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                tokenize=True)
+  ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+  with torch.no_grad():
+    want = hf.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
+                       repetition_penalty=1.3, eos_token_id=2,
+                       pad_token_id=2)[0, len(ids):].tolist()
+  assert outs["plain"]["token_ids"] == want
+  assert outs["kangaroo"]["token_ids"] == want

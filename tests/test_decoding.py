@@ -131,15 +131,14 @@ def test_no_cache_copy_per_step(tiny):
   tokens, lens, eos = jnp.zeros((1, 32), jnp.int32), jnp.asarray([5]), jnp.asarray([EOS])
   cfg = tiny.cfg
   plain = _plain_loop.lower(graphdef, state, tokens, lens, jax.random.key(0), eos,
-                            params=SamplingParams(), max_new_tokens=64, stream=False)
+                            params=SamplingParams(), max_new_tokens=64)
   dims = f"1,{cache_size(32, 64)},{cfg.num_kv_heads},{cfg.head_dim}"
   text = plain.compile().as_text()
   assert f"[{dims}]" in text
   assert _cache_copies_in_loops(text, dims) == 0
   spec = _kangaroo_loop.lower(graphdef, state, agraphdef, astate, None, tokens, lens,
                               jax.random.key(0), eos, jnp.float32(0.6), params=SamplingParams(),
-                              max_new_tokens=64, gamma=1, send_unconfident=True,
-                              stream=False)
+                              max_new_tokens=64, gamma=1, send_unconfident=True)
   dims = f"1,{cache_size(32, 64, 3)},{cfg.num_kv_heads},{cfg.head_dim}"
   text = spec.compile().as_text()
   assert f"[{dims}]" in text

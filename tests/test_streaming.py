@@ -1,0 +1,94 @@
+"""Streaming runs in the caller's thread, in steps, and equals the one-call decode."""
+import jax
+import numpy as np
+import pytest
+
+from hf_tiny import make_hf_model
+from kangaroo_jax import model as M
+from kangaroo_jax.adapter import init_adapter
+from kangaroo_jax.decoding import plain_decode, plain_stream
+from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode, kangaroo_stream
+from kangaroo_jax.sampling import SamplingParams
+
+import test_kangaroo as tk
+
+EOS = 1
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  _, cfg, sd = make_hf_model("gqa_untied", num_layers=4)
+  return M.from_hf_state_dict(cfg, sd)
+
+
+def _collect(steps):
+  """Concatenates the streamed tokens per sequence; returns (streamed, DecodeResult)."""
+  streamed = None
+  while True:
+    try:
+      tokens, counts = next(steps)
+    except StopIteration as stop:
+      return streamed, stop.value
+    streamed = streamed or [[] for _ in counts]
+    for i, c in enumerate(counts):
+      streamed[i] += tokens[i, :c].tolist()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.9, top_k=5),
+                                    SamplingParams(repetition_penalty=1.4)])
+def test_plain_stream_equals_plain_decode(tiny, params):
+  prompts = tk._prompts([4, 11])
+  want = plain_decode(tiny, prompts, max_new_tokens=20, eos_ids=[EOS], params=params, seed=3)
+  streamed, result = _collect(plain_stream(tiny, prompts, max_new_tokens=20, eos_ids=[EOS],
+                                           params=params, seed=3))
+  assert streamed == result.tokens == want.tokens
+  assert result.stats["steps"] == want.stats["steps"]
+
+
+@pytest.mark.parametrize("params, kp", [(SamplingParams(), KangarooParams(1e-6, 4)),
+                                        (SamplingParams(temperature=0.8), KangarooParams(0.3, 3)),
+                                        (SamplingParams(repetition_penalty=1.3),
+                                         KangarooParams(0.2, 4, False))])
+def test_kangaroo_stream_equals_kangaroo_decode(params, kp):
+  model, adapter = tk._easy_draft_model()
+  prompts = tk._prompts([5, 12, 3])
+  kw = dict(max_new_tokens=25, eos_ids=[EOS], params=params, kparams=kp, seed=2)
+  want = kangaroo_decode(model, adapter, prompts, **kw)
+  streamed, result = _collect(kangaroo_stream(model, adapter, prompts, **kw))
+  assert streamed == result.tokens == want.tokens
+  for key in ("rounds", "steps", "draft_steps", "drafts_verified"):
+    assert result.stats[key] == want.stats[key], key
+
+
+def test_closing_a_stream_early_stops_decoding(tiny):
+  steps = plain_stream(tiny, tk._prompts([4]), max_new_tokens=50)
+  next(steps), next(steps)
+  steps.close()  # no thread or callback is left running: nothing else to wait for
+  out = plain_decode(tiny, tk._prompts([4]), max_new_tokens=5)
+  assert len(out.tokens[0]) == 5
+
+
+def test_the_loops_have_no_host_callbacks(tiny):
+  """JAX does not store computations with host callbacks in its persistent compilation
+  cache, so none of the decode loops may call back into Python."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from kangaroo_jax import decoding, kangaroo
+  graphdef, state = nnx.split(tiny)
+  agraphdef, astate = nnx.split(init_adapter(tiny.cfg, 2))
+  tokens, lens, eos = jnp.zeros((1, 32), jnp.int32), jnp.asarray([5]), jnp.asarray([EOS])
+  static = dict(params=SamplingParams(), max_new_tokens=16)
+  kstatic = dict(static, gamma=2, send_unconfident=True)
+  st = jax.eval_shape(lambda: decoding._plain_stream_start(
+      graphdef, state, tokens, lens, jax.random.key(0), eos, **static))
+  kst = jax.eval_shape(lambda: kangaroo._kangaroo_stream_start(
+      graphdef, state, agraphdef, astate, tokens, lens, jax.random.key(0), eos, **kstatic))
+  lowered = [
+      decoding._plain_loop.lower(graphdef, state, tokens, lens, jax.random.key(0), eos, **static),
+      decoding._plain_stream_run.lower(graphdef, state, st, eos, jnp.int32(2), **static),
+      kangaroo._kangaroo_loop.lower(graphdef, state, agraphdef, astate, None, tokens, lens,
+                                    jax.random.key(0), eos, jnp.float32(0.6), **kstatic),
+      kangaroo._kangaroo_stream_rounds.lower(graphdef, state, agraphdef, astate, None, kst, eos,
+                                             jnp.float32(0.6), jnp.int32(2), **kstatic)]
+  for low in lowered:
+    assert "callback" not in low.as_text()
