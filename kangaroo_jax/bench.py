@@ -4,7 +4,8 @@
   python -m kangaroo_jax.bench --questions ../shared/data/spec_bench_question.jsonl --per-category 5
   python -m kangaroo_jax.bench --methods plain,hf               # JAX plain vs transformers greedy
   python -m kangaroo_jax.bench --sweep --per-category 1         # tune eta/gamma/draft vocab
-  python -m kangaroo_jax.bench --from-json bench/results.json --write-markdown BENCHMARKS.md
+  python -m kangaroo_jax.bench --sweep --write-tuned            # ... and update tuned/<backend>.json
+  python -m kangaroo_jax.bench --from-json runs/bench/<run>/results.json --write-markdown BENCHMARKS.md
 
 Protocol (Spec-Bench): greedy, batch 1, a fixed `--max-new-tokens`, every turn of a
 question timed whole (MT-bench second turns see the first answer of plain decoding, the
@@ -23,7 +24,10 @@ Methods:
 
 Lossless check: Kangaroo's and `hf`'s texts against plain's; the two assisted peers
 against `hf`'s (same numerics), prompt by prompt. Outputs: results.json, results.md and
-speedup.png under `--out`. Bad input ends with one `error: <message>` line, status 2; a
+speedup.png under `--out` (default: a new run folder runs/bench/<date-time>); files the
+repository ships change only when asked: BENCHMARKS.md with `--write-markdown`, the tuned
+settings with `--write-tuned` or `--tuned-file` (a sweep always writes its best setting to
+<out>/tuned.json). Bad input ends with one `error: <message>` line, status 2; a
 peer that fails to load or run is reported as skipped and the run goes on.
 """
 from __future__ import annotations
@@ -646,6 +650,16 @@ def write_markdown_file(results: dict, path: str, chart_path: Optional[str]) -> 
     f.write(text)
 
 
+def default_out_dir(root: str = os.path.join("runs", "bench")) -> str:
+  """A new run folder, runs/bench/<date-time> (a suffix when two runs start together)."""
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  path, n = os.path.join(root, stamp), 1
+  while os.path.exists(path):
+    n += 1
+    path = os.path.join(root, f"{stamp}-{n}")
+  return path
+
+
 def write_outputs(results: dict, out_dir: str) -> dict:
   """results.json, results.md and speedup.png under out_dir; returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
@@ -691,20 +705,24 @@ def build_parser() -> argparse.ArgumentParser:
       help="verify the draft that fell below eta too (default: tuned, else yes)")
   add("--hf-threads", type=int, default=os.cpu_count() or 1, metavar="N",
       help="torch threads for the transformers peers (default: all CPUs)")
-  add("--out", default="runs/bench", metavar="DIR", help="results.json, results.md, speedup.png")
+  add("--out", metavar="DIR", help="results.json, results.md, speedup.png (default: a new "
+      "folder runs/bench/<date-time>)")
   add("--write-markdown", metavar="FILE",
       help="also put the results between the bench markers of FILE (e.g. BENCHMARKS.md)")
   add("--from-json", metavar="PATH", help="no run: rebuild markdown/chart from a results.json")
   add("--costs", action="store_true", help="also measure draft/verify costs vs a plain step")
   add("--max-seconds", type=float, metavar="S", help="start no new question after S seconds")
-  add("--sweep", action="store_true", help="grid over eta/gamma/draft vocab; write the best")
+  add("--sweep", action="store_true", help="grid over eta/gamma/draft vocab; the best lossless "
+      "setting goes to <out>/tuned.json (and, with --write-tuned, to the tuned file)")
   add("--sweep-eta", default="0.4,0.6,0.8", metavar="A,B")
   add("--sweep-gamma", default="2,4,6", metavar="A,B")
   add("--sweep-draft-vocab", default="stored,0", metavar="A,B",
       help="'stored' = the adapter's own, 0 = full, N = first N stored ids")
   add("--sweep-send-unconfident", default="yes,no", metavar="A,B", help="yes, no or both")
+  add("--write-tuned", action="store_true",
+      help="with --sweep: also update kangaroo_jax/tuned/<backend>.json, which decoding reads")
   add("--tuned-file", metavar="PATH",
-      help="where --sweep writes (default: kangaroo_jax/tuned/<backend>.json)")
+      help="with --sweep: also write the best setting to PATH (instead of --write-tuned's file)")
   add("--quiet", action="store_true", help="no per-prompt progress on stderr")
   return p
 
@@ -908,15 +926,20 @@ def sweep_report(results: dict, labels: dict, args, log) -> dict:
     log("no setting was lossless on every prompt: nothing written")
     return out
   name, setting = best
-  path = args.tuned_file or tuning.tuned_path()
   o = results["overall"][name]
-  tuning.write_tuned(setting, path, measured=dict(
+  measured = dict(
       speedup=o["speedup"], mean_accepted_tokens=o["mean_accepted_tokens"],
       drafts_per_round=o["drafts_per_round"], prompts=o["prompts"],
       max_new_tokens=args.max_new_tokens, adapter=results["config"]["adapter"],
       device=results["config"]["machine"]["device"], date=results["config"]["date"],
-      command=results["config"]["command"]))
-  log(f"best: {name}, {o['speedup']:.2f}x; written to {path}")
+      command=results["config"]["command"])
+  # The run folder always gets the result; the shipped tuned file only when asked.
+  paths = [tuning.write_tuned(setting, os.path.join(args.out, "tuned.json"), measured)]
+  path = args.tuned_file or (tuning.tuned_path() if args.write_tuned else None)
+  if path:
+    paths.append(tuning.write_tuned(setting, path, measured=measured))
+  log(f"best: {name}, {o['speedup']:.2f}x; written to {', '.join(paths)}"
+      + ("" if path else " (--write-tuned would update " + tuning.tuned_path() + ")"))
   out.update(best=setting, tuned_file=path)
   return out
 
@@ -942,6 +965,8 @@ def bench(argv: Sequence[str]) -> dict:
   args = build_parser().parse_args(list(argv))
   args.argv = list(argv)
   validate(args)
+  if args.out is None:  # a new folder per run: nothing the repository ships is overwritten
+    args.out = default_out_dir()
   if args.from_json:
     with open(args.from_json) as f:
       results = json.load(f)
