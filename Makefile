@@ -3,6 +3,7 @@
 #   make test   set up (with the test dependencies), then run the test suite
 PY ?= .venv/bin/python
 PROMPT ?= Write a short poem about the ocean.
+DEMO_ARGS ?=
 
 .venv/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -19,14 +20,15 @@ PROMPT ?= Write a short poem about the ocean.
 setup: .venv/.installed
 
 demo: .venv/.installed
-	$(PY) decode.py --prompt "$(PROMPT)"
+	$(PY) decode.py --prompt "$(PROMPT)" $(DEMO_ARGS)
 
 test: .venv/.installed-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The Spec-Bench comparison (see BENCHMARKS.md for the command that made its numbers).
+# The Spec-Bench comparison, written to a new folder runs/bench/<date-time>. BENCHMARKS.md
+# changes only with BENCH_ARGS=--write-markdown=BENCHMARKS.md (see BENCHMARKS.md).
 bench: .venv/.installed-dev
 	$(PY) -m kangaroo_jax.bench --questions ../shared/data/spec_bench_question.jsonl \
-	  --per-category 3 --max-new-tokens 128 --costs --out bench --write-markdown BENCHMARKS.md
+	  --per-category 3 --max-new-tokens 128 --costs $(BENCH_ARGS)
 
 .PHONY: setup demo test bench
