@@ -11,15 +11,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.exit_layer = 2            # shallow layers in the draft
   c.adapter_heads = 0         # 0 = the model's head count
+  c.adapter_ffn = 0           # 0 = the paper's adapter; N = a SwiGLU FFN of width N after the attention
   c.draft_vocab = 8192        # 0 = full vocabulary; else the N most frequent answer tokens
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "magpie"    # magpie | sharegpt | tfds
-  c.data.path = ""            # sharegpt: file/glob; tfds: name or prepared dir; magpie: shard dir ("" = workdir/magpie)
+  c.data.source = "magpie"    # magpie | sharegpt | tfds | teacher
+  c.data.path = ""            # sharegpt: file/glob; tfds: name or prepared dir; teacher: cache folders, comma-separated; magpie: shard dir ("" = workdir/magpie)
   c.data.split = "train"      # tfds split
   c.data.tfds_data_dir = ""
   c.data.chat_template = ""   # "" = the tokenizer's own
   c.data.eval_examples = 48   # held out from the training conversations
+  c.data.eval_shards = 1      # teacher: the first N shards of each cache are held out
   c.data.magpie_num = 951
   c.data.magpie_batch = 32
   c.data.magpie_user_max = 128  # room for the steered openings' passages

@@ -1,9 +1,12 @@
 """The Kangaroo adapter: the tiny network that turns layer-`l` states into draft logits.
 
   h_l -> RMSNorm -> self-attention (own q/k/v/o, RoPE at the same absolute positions,
-  own KV cache) -> + h_l -> RMSNorm -> the target's LM head
+  own KV cache) -> + h_l [-> RMSNorm -> SwiGLU FFN -> +] -> RMSNorm -> the target's LM head
 
-One transformer block without the FFN (Liu et al., 2024). Only this module trains.
+The paper's adapter is one transformer block without the FFN (Liu et al., 2024);
+`ffn_size > 0` adds a SwiGLU FFN after the attention, the capacity at the drafted
+position that a small target's shallow layers lack (TRAINING.md measures it). Only this
+module trains.
 """
 from __future__ import annotations
 
@@ -33,14 +36,19 @@ class AdapterConfig:
   num_heads: int
   head_dim: int
   rms_norm_eps: float = 1e-5
+  ffn_size: int = 0  # 0 = the paper's adapter (no FFN); files without it load as 0
 
   @classmethod
-  def for_model(cls, cfg: ModelConfig, exit_layer: int, num_heads: Optional[int] = None):
+  def for_model(cls, cfg: ModelConfig, exit_layer: int, num_heads: Optional[int] = None,
+                ffn_size: int = 0):
     """An adapter config matching `cfg`, with the model's head count unless given."""
     heads = num_heads or cfg.num_heads
     if cfg.hidden_size % heads:
       raise AdapterError(f"adapter head count {heads} does not divide hidden size {cfg.hidden_size}")
-    return cls(exit_layer, cfg.hidden_size, heads, cfg.hidden_size // heads, cfg.rms_norm_eps)
+    if ffn_size < 0:
+      raise AdapterError(f"adapter FFN size must be >= 0, got {ffn_size}")
+    return cls(exit_layer, cfg.hidden_size, heads, cfg.hidden_size // heads, cfg.rms_norm_eps,
+               ffn_size)
 
   def check(self, cfg: ModelConfig) -> None:
     """Raises AdapterError unless this adapter fits the model `cfg`."""
@@ -67,6 +75,12 @@ class Adapter(nnx.Module):
     self.input_norm = RMSNorm(acfg.hidden_size, acfg.rms_norm_eps, dtype)
     self.attn = Attention(acfg.hidden_size, acfg.num_heads, acfg.num_heads, acfg.head_dim,
                           False, dtype, rngs)
+    d, f = acfg.hidden_size, acfg.ffn_size
+    self.ffn_norm = RMSNorm(d, acfg.rms_norm_eps, dtype) if f else None
+    self.ffn_gate_up = nnx.Param(  # [D, 2F]
+        (0.02 * jax.random.normal(rngs.params(), (d, 2 * f))).astype(dtype)) if f else None
+    # Zero: a new FFN leaves the block as it was; training grows the correction.
+    self.ffn_down = nnx.Param(jnp.zeros((f, d), dtype)) if f else None  # [F, D]
     self.out_norm = RMSNorm(acfg.hidden_size, acfg.rms_norm_eps, dtype)
 
   def init_cache(self, batch: int, max_len: int) -> kv.KVCache:
@@ -76,13 +90,17 @@ class Adapter(nnx.Module):
     """Layer-l states h [B, T, D] at positions [B, T] -> (normed states [B, T, D], cache)."""
     inv_freq = jnp.asarray(rope_inv_freq(self.rope_cfg))
     out, k, v = self.attn(self.input_norm(h), positions, cache["k"][0], cache["v"][0], inv_freq)
-    return self.out_norm(h + out), {"k": [k], "v": [v]}
+    x = h + out
+    if self.ffn_down is not None:
+      gate, up = jnp.split(self.ffn_norm(x) @ self.ffn_gate_up[...], 2, axis=-1)  # [B, T, F] each
+      x = x + (jax.nn.silu(gate) * up) @ self.ffn_down[...]
+    return self.out_norm(x), {"k": [k], "v": [v]}
 
 
 def init_adapter(cfg: ModelConfig, exit_layer: int, num_heads: Optional[int] = None,
-                 seed: int = 0, dtype=jnp.float32) -> Adapter:
+                 seed: int = 0, dtype=jnp.float32, ffn_size: int = 0) -> Adapter:
   """A freshly initialised adapter for model `cfg` exiting after `exit_layer` layers."""
-  acfg = AdapterConfig.for_model(cfg, exit_layer, num_heads)
+  acfg = AdapterConfig.for_model(cfg, exit_layer, num_heads, ffn_size)
   acfg.check(cfg)
   return Adapter(acfg, cfg, dtype, nnx.Rngs(seed))
 
@@ -92,8 +110,12 @@ _FORMAT = "kangaroo-jax-adapter/1"
 
 
 def _tensors(adapter: Adapter) -> dict[str, nnx.Param]:
-  return {"input_norm.weight": adapter.input_norm.weight, "attn.qkv": adapter.attn.qkv,
-          "attn.o": adapter.attn.o, "out_norm.weight": adapter.out_norm.weight}
+  out = {"input_norm.weight": adapter.input_norm.weight, "attn.qkv": adapter.attn.qkv,
+         "attn.o": adapter.attn.o, "out_norm.weight": adapter.out_norm.weight}
+  if adapter.ffn_down is not None:
+    out |= {"ffn_norm.weight": adapter.ffn_norm.weight, "ffn.gate_up": adapter.ffn_gate_up,
+            "ffn.down": adapter.ffn_down}
+  return out
 
 
 def save_adapter(path: str, adapter: Adapter, draft_ids: Optional[np.ndarray] = None,
@@ -123,7 +145,12 @@ def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32) -> tuple[Adapte
       meta = f.metadata() or {}
       if meta.get("format") != _FORMAT:
         raise AdapterError(f"{path} is not a kangaroo-jax adapter file")
-      acfg = AdapterConfig(**json.loads(meta["config"]))
+      fields = json.loads(meta["config"])
+      unknown = set(fields) - {f.name for f in dataclasses.fields(AdapterConfig)}
+      if unknown:
+        raise AdapterError(f"{path} needs a newer kangaroo-jax (unknown adapter fields: "
+                           f"{', '.join(sorted(unknown))})")
+      acfg = AdapterConfig(**fields)
       arrays = {k: f.get_tensor(k) for k in f.keys()}
   except AdapterError:
     raise

@@ -19,6 +19,8 @@ _RULES = {
     "o": P("model", None),          # [N * H, D]
     "gate_up": P(None, "model"),    # [D, 2F]
     "down": P("model", None),       # [F, D]
+    "ffn_gate_up": P(None, "model"),  # adapter FFN [D, 2F]
+    "ffn_down": P("model", None),     # adapter FFN [F, D]
     "embedding": P("model", None),  # [V, D]
     "lm_head": P(None, "model"),    # [D, V]
 }

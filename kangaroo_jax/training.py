@@ -258,7 +258,8 @@ def average(metrics: list[dict]) -> dict:
 
 
 # ---- the training run: data, mesh, resume, loop, export ----
-SOURCES = ("magpie", "sharegpt", "tfds")
+HIDDEN_CACHE_BYTES = 3 << 30
+SOURCES = ("magpie", "sharegpt", "tfds", "teacher")
 
 
 def check_config(c) -> None:
@@ -271,7 +272,7 @@ def check_config(c) -> None:
     raise ValueError(f"config.seq_len must be >= 2, got {c.seq_len}")
   if c.data.source not in SOURCES:
     raise ValueError(f"config.data.source must be one of {', '.join(SOURCES)}, got {c.data.source!r}")
-  if c.data.source in ("sharegpt", "tfds") and not c.data.path:
+  if c.data.source in ("sharegpt", "tfds", "teacher") and not c.data.path:
     raise ValueError(f"config.data.path is required for data.source={c.data.source!r}")
   for name in ("warmup_steps", "log_every", "eval_every", "checkpoint_every", "draft_vocab",
                "data.eval_examples"):
@@ -289,6 +290,8 @@ def load_dataset(c, model, tokenizer, eos_ids, progress=None):
     return data.sharegpt(c.data.path, tokenizer, **common)
   if c.data.source == "tfds":
     return data.tfds_source(c.data.path, tokenizer, c.data.split, c.data.tfds_data_dir or None, **common)
+  if c.data.source == "teacher":
+    raise ValueError("teacher caches are read by split_teacher_caches")
   folder = c.data.path or os.path.join(c.workdir, "magpie")
   settings = data.MagpieSettings(
       num=c.data.magpie_num, batch=c.data.magpie_batch, user_max=c.data.magpie_user_max,
@@ -301,6 +304,34 @@ def load_dataset(c, model, tokenizer, eos_ids, progress=None):
       raise ValueError(f"generate the self-distilled data on one host first ({folder})")
     data.magpie_generate(model, tokenizer, folder, settings, eos_ids, template, progress)
   return data.load_magpie(folder, c.seq_len)
+
+
+def split_teacher_caches(c, log=print):
+  """(train conversations, {eval name: held-out conversations}) from teacher caches.
+
+  `data.path` is a comma list of cache folders (`python -m kangaroo_jax.teacher`); the
+  first `data.eval_shards` shards of each are held out and evaluated as their own set,
+  named after the folder, so a cache that grows keeps the same held-out text.
+  """
+  from kangaroo_jax import teacher
+  train, evals = [], {}
+  for folder in [p.strip() for p in c.data.path.split(",") if p.strip()]:
+    dirs = teacher.shard_dirs(folder)
+    held = c.data.get("eval_shards", 1)
+    if len(dirs) <= held:
+      raise data_error(f"{folder} has {len(dirs)} complete shards; {held} are held out for "
+                       "evaluation, so it needs more")
+    name = os.path.basename(os.path.normpath(folder))
+    evals[name] = teacher.load_cache(folder, c.seq_len, slice(0, held)).examples
+    part = teacher.load_cache(folder, c.seq_len, slice(held, None)).examples
+    log(f"{folder}: {len(part)} training / {len(evals[name])} held-out conversations")
+    train += part
+  return train, evals
+
+
+def data_error(message: str):
+  from kangaroo_jax.data import DataError
+  return DataError(message)
 
 
 def _global(tree, shardings):
@@ -353,18 +384,28 @@ def train(c, log=print) -> dict:
     have = data.count_magpie(folder) if os.path.isdir(folder) else 0
     gen_bar = tqdm(total=c.data.magpie_num, initial=min(have, c.data.magpie_num),
                    desc="self-distilling", unit="conv", disable=have >= c.data.magpie_num)
-  ds = load_dataset(c, model, tokenizer, eos, gen_bar.update if gen_bar else None)
-  if gen_bar:
-    gen_bar.close()
-  order = np.random.default_rng([c.seed, 1]).permutation(len(ds.examples))
-  n_eval = min(c.data.eval_examples, max(0, len(ds.examples) - c.batch_size))
-  eval_set = [ds.examples[i] for i in order[:n_eval]]
-  train_set = [ds.examples[i] for i in order[n_eval:]]
+  if c.data.source == "teacher":
+    train_set, eval_sets = split_teacher_caches(c, log if main else (lambda *_: None))
+    skipped = {}
+  else:
+    ds = load_dataset(c, model, tokenizer, eos, gen_bar.update if gen_bar else None)
+    if gen_bar:
+      gen_bar.close()
+    order = np.random.default_rng([c.seed, 1]).permutation(len(ds.examples))
+    n_eval = min(c.data.eval_examples, max(0, len(ds.examples) - c.batch_size))
+    eval_sets = {"": [ds.examples[i] for i in order[:n_eval]]}
+    train_set = [ds.examples[i] for i in order[n_eval:]]
+    skipped = ds.skipped
+  everything = train_set + [ex for s in eval_sets.values() for ex in s]
   batches = data.Batches(train_set, c.batch_size, c.seq_len, c.seed)
   if main:
-    log(f"data: {len(train_set)} training / {len(eval_set)} held-out conversations; {ds.skipped}")
-  if all(ex.teacher_ids is not None for ex in ds.examples):
-    add_hidden(model, ds.examples, c.exit_layer, c.seq_len, c.batch_size)
+    log(f"data: {len(train_set)} training / {sum(map(len, eval_sets.values()))} held-out "
+        f"conversations; {skipped}")
+  # Layer-l states of every token, kept in host memory, save the shallow layers in each
+  # step; past a few GB the step recomputes them (two of thirty layers: cheap).
+  hidden_bytes = sum(len(ex.ids) for ex in everything) * model.cfg.hidden_size * 4
+  if all(ex.teacher_ids is not None for ex in everything) and hidden_bytes < HIDDEN_CACHE_BYTES:
+    add_hidden(model, everything, c.exit_layer, c.seq_len, c.batch_size)
   draft_ids = None
   if c.draft_vocab and c.draft_vocab < model.cfg.vocab_size:
     draft_ids = pick_draft_vocab(data.token_frequencies(train_set, model.cfg.vocab_size),
@@ -379,7 +420,7 @@ def train(c, log=print) -> dict:
   model_graphdef, model_state = nnx.split(model)
   model_state = _global(model_state, sharding.param_shardings(model_state, mesh))
   adapter = warm_start(init_adapter(model.cfg, c.exit_layer, c.adapter_heads or None, c.seed,
-                                    model.dtype), model)
+                                    model.dtype, c.get("adapter_ffn", 0)), model)
   adapter_graphdef, params = nnx.split(adapter)
   params = _global(params, sharding.param_shardings(params, mesh))
   tx = make_optimizer(c.lr, c.warmup_steps, c.steps, c.weight_decay, c.b1, c.b2, c.grad_clip,
@@ -419,9 +460,7 @@ def train(c, log=print) -> dict:
   batch_sharding = sharding.data_sharding(mesh)
   to_device = lambda b: _global(b, {k: batch_sharding for k in b})
 
-  def evaluate(params) -> dict:
-    if not eval_set:
-      return {}
+  def evaluate_set(params, eval_set, prefix) -> dict:
     out = []
     for i in range(0, len(eval_set), c.batch_size):
       chunk = eval_set[i:i + c.batch_size]
@@ -431,8 +470,15 @@ def train(c, log=print) -> dict:
           eval_fn(params, model_state, batch, inv, dids), tiled=True))
     accepted, rounds = map(sum, zip(*(simulate_acceptance(m["_correct"], m["_confidence"], m["_mask"])
                                       for m in out)))
-    return {f"eval_{k}": v for k, v in average(out).items()} | {
-        "eval_simulated_accepted_tokens": accepted / max(rounds, 1)}
+    return {f"{prefix}{k}": v for k, v in average(out).items()} | {
+        f"{prefix}simulated_accepted_tokens": accepted / max(rounds, 1)}
+
+  def evaluate(params) -> dict:
+    out = {}
+    for name, eval_set in eval_sets.items():
+      if eval_set:
+        out |= evaluate_set(params, eval_set, f"eval_{name}_" if name else "eval_")
+    return out
 
   def save(step):
     epoch, index = batches.position(step)
@@ -450,6 +496,8 @@ def train(c, log=print) -> dict:
         f.writelines(kept)
   bar = tqdm(total=c.steps, initial=start, desc="training", unit="step", disable=not main,
              dynamic_ncols=True)
+  # Loss positions per step, averaged over the data (for the learning curve's x axis).
+  tokens_per_step = c.batch_size * sum(int(ex.assistant[1:].sum()) for ex in train_set) / len(train_set)
   window: list = []
   last: dict = {}
   t_train = time.time()
@@ -470,6 +518,8 @@ def train(c, log=print) -> dict:
       ev = evaluate(params)
       if main:
         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        with open(metrics_file, "a") as f:  # the learning curve's points
+          f.write(json.dumps(ev | {"step": done, "tokens_seen": done * tokens_per_step}) + "\n")
     if c.checkpoint_every and (done % c.checkpoint_every == 0 or done == c.steps):
       save(done)
     bar.update(1)
@@ -479,8 +529,10 @@ def train(c, log=print) -> dict:
       "steps": c.steps, "resumed_from": start, "train_seconds_this_run": round(train_seconds, 1),
       "wall_seconds_this_run": round(time.time() - t_start, 1), "exit_layer": c.exit_layer,
       "draft_vocab": 0 if draft_ids is None else len(draft_ids),
-      "train_conversations": len(train_set), "eval_conversations": len(eval_set),
-      "data_skipped": ds.skipped}
+      "train_conversations": len(train_set),
+      "eval_conversations": sum(map(len, eval_sets.values())),
+      "tokens_seen": c.steps * tokens_per_step, "adapter_ffn": c.get("adapter_ffn", 0),
+      "data_skipped": skipped}
   if main:
     path = c.export_path or os.path.join(c.workdir, "adapter.safetensors")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -489,6 +541,10 @@ def train(c, log=print) -> dict:
                                                   if isinstance(v, (int, float))})
     with open(os.path.join(c.workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=1)
+    with open(metrics_file, "a") as f:
+      f.write(json.dumps({k: v for k, v in final.items() if k.startswith("eval_")}
+                         | {"step": c.steps, "tokens_seen": final["tokens_seen"]}) + "\n")
+    plot_learning_curve(metrics_file, os.path.join(c.workdir, "learning_curve.png"))
     log(f"adapter written to {path}")
     log(json.dumps(final))
   return final
@@ -499,3 +555,32 @@ def tx_lr(c, step: int) -> float:
   warmup = min(c.warmup_steps, max(c.steps - 1, 0))
   return float(optax.warmup_cosine_decay_schedule(
       0.0, c.lr, warmup, max(c.steps, warmup + 1), c.lr * c.end_lr_fraction)(step))
+
+
+def plot_learning_curve(metrics_file: str, png: str) -> None:
+  """Held-out top-1 agreement and expected acceptance against tokens seen, one line per set."""
+  import json
+
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  with open(metrics_file) as f:
+    rows = [json.loads(l) for l in f if l.strip()]
+  rows = [r for r in rows if "tokens_seen" in r]
+  if not rows:
+    return
+  names = sorted({k[:-len("top1_agreement")] for r in rows for k in r if k.endswith("top1_agreement")})
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, metric, title in ((axes[0], "top1_agreement", "held-out top-1 agreement"),
+                            (axes[1], "expected_acceptance", "held-out expected acceptance")):
+    for prefix in names:
+      pts = sorted((r["tokens_seen"], r[prefix + metric]) for r in rows if prefix + metric in r)
+      label = prefix[len("eval_"):].rstrip("_") or "held-out"
+      ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("training tokens seen (millions, loss positions)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(png, dpi=100)
+  plt.close(fig)
