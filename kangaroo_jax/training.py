@@ -53,10 +53,14 @@ def draft_index(draft_ids: Optional[np.ndarray], vocab_size: int) -> np.ndarray:
 
 
 def pick_draft_vocab(counts: np.ndarray, size: int, always: tuple[int, ...] = ()) -> np.ndarray:
-  """The `size` most frequent token ids (plus `always`, e.g. EOS), sorted; ties by id."""
+  """The `size` most frequent token ids, `always` (e.g. EOS) first, then by falling count.
+
+  The order is the contract `tuning.select_draft_ids` relies on: its first n ids are the
+  n most useful ones, so `--draft-vocab n` keeps the most frequent tokens (ties by id).
+  """
   order = np.argsort(-counts, kind="stable")
   chosen = list(dict.fromkeys(list(always) + order.tolist()))[:size]
-  return np.sort(np.asarray(chosen, np.int32))
+  return np.asarray(chosen, np.int32)
 
 
 def distill_loss(draft_logits: jax.Array, teacher_probs: jax.Array, teacher_top1: jax.Array,

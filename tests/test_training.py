@@ -138,11 +138,15 @@ def test_cached_teacher_rows_are_shifted_like_the_mask(tiny):
 
 def test_reduced_draft_vocabulary(tiny):
   _, model, _, _ = tiny
-  counts = np.arange(64)[::-1].copy()
+  counts = np.zeros(64, np.int64)
+  counts[[40, 3, 17, 9, 22, 5, 30, 11, 50]] = [90, 80, 70, 60, 50, 40, 30, 20, 10]
   ids = training.pick_draft_vocab(counts, 8, always=(60,))
-  assert ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 60]
+  # EOS-like ids first, then by falling frequency: the first n are the n most useful.
+  assert ids.tolist() == [60, 40, 3, 17, 9, 22, 5, 30]
+  from kangaroo_jax import tuning
+  assert tuning.select_draft_ids(ids, 3).tolist() == [60, 40, 3]
   inv = training.draft_index(ids, 64)
-  assert inv[60] == 7 and inv[7] == 8  # 8 = "not in the draft vocabulary"
+  assert inv[60] == 0 and inv[30] == 7 and inv[11] == 8  # 8 = "not in the draft vocabulary"
   adapter = init_adapter(model.cfg, 1, seed=3)
   batch = _one_hot_batch(tiny, 7)
   loss, m = training.forward(model, adapter, batch, jnp.asarray(inv), jnp.asarray(ids))
