@@ -27,7 +27,9 @@ def main(argv):
   except KeyboardInterrupt as e:
     # One line instead of a traceback through jax and orbax; os._exit skips an interpreter
     # teardown under XLA's threads (checkpoint saves are synchronous: none is half done).
-    print(interrupted_message(e, training.train, _CONFIG.value), file=sys.stderr, flush=True)
+    # A leading newline ends the progress bar's line.
+    print("\n" + interrupted_message(e, training.train, _CONFIG.value), file=sys.stderr,
+          flush=True)
     os._exit(130)
 
 
