@@ -554,7 +554,8 @@ def cost_markdown(results: dict) -> str:
             "unconfident drafts are dropped) is the model; T = gamma + 1 shows a fixed-size "
             "block.", "",
             "| category | tokens/round | drafts/round | predicted (T = k+1) | "
-            "predicted (T = gamma+1) | measured |", "| --- | --- | --- | --- | --- | --- |"]
+            "predicted (T = gamma+1) | measured | gap vs T = k+1 |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
   cats = list(results["categories"]) + ["overall"]
   for cat in cats:
     row = results["overall"] if cat == "overall" else results["categories"][cat]
@@ -562,9 +563,11 @@ def cost_markdown(results: dict) -> str:
     if not k or not k["mean_accepted_tokens"]:
       continue
     tau, d, v = k["mean_accepted_tokens"], k["drafts_per_round"], _sent(k)
-    lines.append(f"| {cat} | {tau:.2f} | {d:.2f} | "
-                 f"{C.project_speedup(rel, tau, d, v + 1):.2f}x | "
-                 f"{C.project_speedup(rel, tau, d, gamma + 1):.2f}x | {_fmt(k['speedup'])}x |")
+    predicted = C.project_speedup(rel, tau, d, v + 1)
+    # The gap is what the loop costs beyond its pieces (negative: slower than predicted).
+    gap = "–" if k["speedup"] is None else f"{100 * (k['speedup'] / predicted - 1):+.0f}%"
+    lines.append(f"| {cat} | {tau:.2f} | {d:.2f} | {predicted:.2f}x | "
+                 f"{C.project_speedup(rel, tau, d, gamma + 1):.2f}x | {_fmt(k['speedup'])}x | {gap} |")
   k = results["overall"].get("kangaroo")
   if k and k["mean_accepted_tokens"]:
     lines += ["", _levers(rel, k, gamma)]

@@ -97,9 +97,14 @@ def _verify_step(model, adapter, head, ids, pos, carry):
   x, cache = carry  # x [1, T, D]
   t = x.shape[1]
   positions = pos[:, None] + jnp.arange(t)[None]  # [1, T]
-  h, cache = model.run_layers(x, positions, cache, adapter.acfg.exit_layer, None)
+  # As `kangaroo._verify_switch`: the deep layers read the cache, then the block is written.
+  l = adapter.acfg.exit_layer
+  h, block = model.run_layers_block(x, positions, cache, l, None)
   target = jnp.argmax(model.logits(h), axis=-1)  # [1, T]
-  return model.embed(target).astype(x.dtype), cache
+  ks, vs = list(cache["k"]), list(cache["v"])
+  for i, (bk, bv) in enumerate(zip(block["k"], block["v"])):
+    ks[l + i], vs[l + i] = kv.write(ks[l + i], vs[l + i], bk, bv, positions)
+  return model.embed(target).astype(x.dtype), {"k": ks, "v": vs}
 
 
 def _build(step: Callable, model: Llama, adapter: Adapter) -> Callable:

@@ -151,29 +151,37 @@ def verify_block_sizes(gamma: int, send_unconfident: bool = True) -> tuple[int, 
 
 def _verify_switch(model: Llama, Y, H, Q, k, live, n, cache, rng, seen, *, l: int,
                    params: SamplingParams, send_unconfident: bool = True):
-  """Verifies the smallest static block that holds y0 and every live sequence's drafts."""
-  sizes = verify_block_sizes(Y.shape[1] - 1, send_unconfident)
+  """Verifies the smallest static block that holds y0 and every live sequence's drafts.
+
+  The branches only read the cache and return the block's deep-layer keys/values, padded
+  to gamma + 1 positions; they are written after the switch, outside it. A conditional
+  that updated the cache would make XLA copy the deep layers' cache every round. The
+  padding lands in slots past the block, which every later block overwrites before any
+  position attends them (causal attention reads slots <= its own position only).
+  """
+  kmax = Y.shape[1]  # gamma + 1
+  sizes = verify_block_sizes(kmax - 1, send_unconfident)
   need = jnp.max(jnp.where(live, k, 0)) + 1
   branch = jnp.searchsorted(jnp.asarray(sizes), need)
-  # Only the deep layers' cache enters the branches: a cache entry that a branch passes
-  # through unchanged would be copied by XLA's conditional.
-  shallow = {name: entries[:l] for name, entries in cache.items()}
 
   def block(t):
-    def run(Y, H, Q, k, n, deep, rng, seen):
-      full = {name: shallow[name] + deep[name] for name in cache}
-      a, z, full, rng = _verify(model, Y[:, :t], H[:, :t], Q[:, :t - 1], k, n, full, rng, seen,
-                                l=l, params=params)
-      return a, z, {name: entries[l:] for name, entries in full.items()}, rng
+    def run(Y, H, Q, k, n, rng, seen):
+      a, z, block_kv, rng = _verify(model, Y[:, :t], H[:, :t], Q[:, :t - 1], k, n, cache, rng,
+                                    seen, l=l, params=params)
+      pad = lambda x: jnp.pad(x, ((0, 0), (0, kmax - t), (0, 0), (0, 0)))  # [B, K, Kv, Hd]
+      return a, z, jax.tree.map(pad, block_kv), rng
     return run
 
-  deep = {name: entries[l:] for name, entries in cache.items()}
-  if len(sizes) == 1:
-    a, z, deep, rng = block(sizes[0])(Y, H, Q, k, n, deep, rng, seen)
-  else:
-    a, z, deep, rng = jax.lax.switch(branch, [block(t) for t in sizes], Y, H, Q, k, n, deep, rng,
-                                     seen)
-  return a, z, {name: shallow[name] + deep[name] for name in cache}, rng
+  # Even one block size goes through the conditional: its reads of the cache then finish
+  # before the writes below, and XLA updates the cache in place. Inlined, XLA keeps a copy
+  # of the deep cache for the reads every round (the HLO test counts copies).
+  branches = [block(t) for t in sizes] * (2 if len(sizes) == 1 else 1)
+  a, z, block_kv, rng = jax.lax.switch(branch, branches, Y, H, Q, k, n, rng, seen)
+  positions = n[:, None] + jnp.arange(kmax)[None]  # [B, K]
+  ks, vs = list(cache["k"]), list(cache["v"])
+  for i, (bk, bv) in enumerate(zip(block_kv["k"], block_kv["v"])):
+    ks[l + i], vs[l + i] = kv.write(ks[l + i], vs[l + i], bk, bv, positions)
+  return a, z, {"k": ks, "v": vs}, rng
 
 
 def _block_seen(seen, Y, params: SamplingParams):
@@ -192,7 +200,10 @@ def _block_seen(seen, Y, params: SamplingParams):
 
 
 def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: SamplingParams):
-  """Deep layers over the block; returns (accepted drafts a [B], next token z [B], cache, rng).
+  """Deep layers over the block, reading the cache only.
+
+  Returns (accepted drafts a [B], next token z [B], the block's deep-layer keys/values
+  {"k", "v": [L - l x [B, K, Kv, Hd]]}, rng).
 
   With a repetition penalty each position's logits are penalized with the tokens seen up
   to it, drafts included, so every accepted token and z are exactly what plain decoding
@@ -200,7 +211,7 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: Sa
   """
   b, kb = Y.shape
   positions = n[:, None] + jnp.arange(kb)[None]  # [B, K]
-  h, cache = model.run_layers(H, positions, cache, l, None)
+  h, block_kv = model.run_layers_block(H, positions, cache, l, None)
   logits = penalize(model.logits(h), _block_seen(seen, Y, params), params)  # [B, K, V]
   j = jnp.arange(kb - 1)[None]  # [1, K - 1]: draft y_{j+1} is judged by target position j
   rng, r_acc, r_res = jax.random.split(rng, 3)
@@ -209,11 +220,11 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: Sa
     ok = (Y[:, 1:] == target[:, :-1]) & (j < k[:, None])
     a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)  # longest agreeing prefix
     z = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
-    return a, z, cache, rng
+    return a, z, block_kv, rng
   p = probs(logits, params)  # [B, K, V]
   if kb == 1:  # no draft sent: a plain sampling step
     z = jax.random.categorical(r_res, jnp.log(p[:, 0]), axis=-1).astype(jnp.int32)
-    return jnp.zeros((b,), jnp.int32), z, cache, rng
+    return jnp.zeros((b,), jnp.int32), z, block_kv, rng
   p_draft = jnp.take_along_axis(p[:, :-1], Y[:, 1:, None], axis=-1)[..., 0]  # [B, K-1]
   q_draft = jnp.take_along_axis(Q, Y[:, 1:, None], axis=-1)[..., 0]  # [B, K-1]
   u = jax.random.uniform(r_acc, p_draft.shape)
@@ -225,7 +236,7 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: Sa
   residual = jnp.where((a < k)[:, None], jnp.maximum(p_a - q_a, 0.0), p_a)
   residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
   z = jax.random.categorical(r_res, jnp.log(residual), axis=-1).astype(jnp.int32)
-  return a, z, cache, rng
+  return a, z, block_kv, rng
 
 
 def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eos_ids, *,

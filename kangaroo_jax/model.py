@@ -83,8 +83,13 @@ class Attention(nnx.Module):
     self.o_bias = nnx.Param(jnp.zeros((hidden,), dtype)) if o_bias else None
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array,
-               cache_v: jax.Array, inv_freq: jax.Array):
-    """x [B, T, D] at positions [B, T] -> (out [B, T, D], cache_k, cache_v)."""
+               cache_v: jax.Array, inv_freq: jax.Array, write: bool = True):
+    """x [B, T, D] at positions [B, T] -> (out [B, T, D], cache_k, cache_v).
+
+    write=False leaves the cache alone (read only): the block attends the slots before
+    its first position plus its own keys, and (out, block keys, block values [B, T, K, H])
+    come back for the caller to write (see `Llama.run_layers_block`).
+    """
     b, t, _ = x.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     qkv = dense(x, self.qkv[...])  # [B, T, (N + 2K) * H]
@@ -94,8 +99,15 @@ class Attention(nnx.Module):
     q = apply_rope(q.reshape(b, t, n, h), positions, inv_freq)  # [B, T, N, H]
     key = apply_rope(key.reshape(b, t, k, h), positions, inv_freq)  # [B, T, K, H]
     val = val.reshape(b, t, k, h)  # [B, T, K, H]
-    cache_k, cache_v = kv.write(cache_k, cache_v, key, val, positions)
-    out = attend(q, cache_k, cache_v, positions)  # [B, T, N * H]
+    if write:
+      cache_k, cache_v = kv.write(cache_k, cache_v, key, val, positions)
+      out = attend(q, cache_k, cache_v, positions)  # [B, T, N * H]
+    else:
+      # The block's keys as the cache would hold them (its dtype), so the result is what
+      # attending the written cache gives.
+      key, val = key.astype(cache_k.dtype), val.astype(cache_v.dtype)
+      out = attend_block(q, cache_k, cache_v, key, val, positions)  # [B, T, N * H]
+      cache_k, cache_v = key, val
     out = dense(out, self.o[...])
     if self.o_bias is not None:
       out = out + self.o_bias[...]
@@ -117,6 +129,35 @@ def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.
   return out.reshape(b, t, n * h)  # [B, T, N * H]
 
 
+def attend_block(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, key: jax.Array,
+                 val: jax.Array, positions: jax.Array) -> jax.Array:
+  """Attention of a block of consecutive positions without writing it to the cache.
+
+  q [B, T, N, H] at positions [B, T] attends cache slots [B, S, K, H] before the block's
+  first position (read only) and, causally, the block's own key/value [B, T, K, H].
+  Equal to writing the block into the cache and calling `attend`, but the cache stays
+  an input: a verification branch that only reads it makes XLA copy nothing.
+  """
+  b, t, n, h = q.shape
+  k = cache_k.shape[2]
+  q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
+  scale = 1.0 / math.sqrt(h)
+  old = jnp.einsum("btkgh,bskh->bkgts", q, cache_k,
+                   preferred_element_type=jnp.float32) * scale  # [B, K, G, T, S]
+  new = jnp.einsum("btkgh,bjkh->bkgtj", q, key,
+                   preferred_element_type=jnp.float32) * scale  # [B, K, G, T, T]
+  slots = jnp.arange(cache_k.shape[1])
+  old_mask = slots[None, None, :] < positions[:, :1, None]  # [B, 1, S]
+  new_mask = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]
+  scores = jnp.concatenate([jnp.where(old_mask[:, None, None], old, -1e30),
+                            jnp.where(new_mask[:, None, None], new, -1e30)], axis=-1)
+  probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)  # [B, K, G, T, S + T]
+  s = cache_k.shape[1]
+  out = (jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], cache_v)
+         + jnp.einsum("bkgtj,bjkh->btkgh", probs[..., s:], val))  # [B, T, K, G, H]
+  return out.reshape(b, t, n * h)  # [B, T, N * H]
+
+
 class DecoderLayer(nnx.Module):
   """Pre-norm attention block then pre-norm SwiGLU MLP, both residual."""
 
@@ -128,8 +169,9 @@ class DecoderLayer(nnx.Module):
     self.gate_up = _param(rngs, (cfg.hidden_size, 2 * cfg.intermediate_size), dtype)  # [D, 2F]
     self.down = _param(rngs, (cfg.intermediate_size, cfg.hidden_size), dtype)  # [F, D]
 
-  def __call__(self, x, positions, cache_k, cache_v, inv_freq):
-    attn_out, cache_k, cache_v = self.attn(self.input_norm(x), positions, cache_k, cache_v, inv_freq)
+  def __call__(self, x, positions, cache_k, cache_v, inv_freq, write: bool = True):
+    attn_out, cache_k, cache_v = self.attn(self.input_norm(x), positions, cache_k, cache_v,
+                                           inv_freq, write)
     x = x + attn_out
     gate, up = jnp.split(dense(self.post_norm(x), self.gate_up[...]), 2, axis=-1)  # [B, T, F] each
     return x + dense(jax.nn.silu(gate) * up, self.down[...]), cache_k, cache_v
@@ -163,6 +205,22 @@ class Llama(nnx.Module):
     ks, vs = list(cache["k"]), list(cache["v"])
     for i in range(start, end):
       x, ks[i], vs[i] = self.layers[i](x, positions, ks[i], vs[i], inv_freq)
+    return x, {"k": ks, "v": vs}
+
+  def run_layers_block(self, x: jax.Array, positions: jax.Array, cache: kv.KVCache,
+                       start: int = 0, end: Optional[int] = None):
+    """Like `run_layers` over a block of consecutive positions, but the cache is only read.
+
+    Returns (hidden [B, T, D], {"k": [...], "v": [...]}: the block's keys/values
+    [B, T, K, H] for layers start..end-1), for the caller to write with `cache.write`.
+    """
+    end = self.cfg.num_layers if end is None else end
+    inv_freq = jnp.asarray(rope_inv_freq(self.cfg))
+    ks, vs = [], []
+    for i in range(start, end):
+      x, k, v = self.layers[i](x, positions, cache["k"][i], cache["v"][i], inv_freq, write=False)
+      ks.append(k)
+      vs.append(v)
     return x, {"k": ks, "v": vs}
 
   def head_weight(self) -> jax.Array:
