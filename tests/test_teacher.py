@@ -205,9 +205,9 @@ def test_training_from_teacher_caches_reports_each_held_out_set(tiny, tmp_path):
   for name in ("forced", "self"):
     assert 0 <= final[f"eval_{name}_top1_agreement"] <= 1
     assert final[f"eval_{name}_tokens"] > 0
-  rows = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl")]
-  curve = [r for r in rows if "tokens_seen" in r]
-  assert [r["step"] for r in curve] == [3, 6] and curve[0]["tokens_seen"] < curve[1]["tokens_seen"]
+  curve = [json.loads(l) for l in open(tmp_path / "w" / "eval.jsonl")]
+  assert [r["step"] for r in curve] == [0, 3, 6]
+  assert curve[0]["tokens_seen"] == 0 < curve[1]["tokens_seen"] < curve[2]["tokens_seen"]
   assert (tmp_path / "w" / "learning_curve.png").stat().st_size > 1000
   adapter, _ = load_adapter(str(tmp_path / "w" / "adapter.safetensors"), model.cfg)
   assert adapter.acfg.ffn_size == 16
@@ -259,3 +259,18 @@ def test_ffn_adapter_decoding_is_lossless(tiny):
   out = kangaroo_decode(model, adapter, prompts, max_new_tokens=24, eos_ids=EOS,
                         kparams=KangarooParams(0.05, 4))
   assert out.tokens == plain
+
+
+def test_an_ffn_adapter_started_from_a_paper_adapter_computes_the_same(tiny):
+  _, model, _ = tiny
+  source = init_adapter(model.cfg, 1, seed=3)
+  source.attn.o.set_value(0.1 * jax.random.normal(jax.random.key(1), source.attn.o.shape))
+  target = init_adapter(model.cfg, 1, seed=4, ffn_size=16)
+  h = jax.random.normal(jax.random.key(2), (2, 5, model.cfg.hidden_size))
+  pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  want, _ = source(h, pos, source.init_cache(2, 8))
+  training.copy_adapter_weights(source, target)
+  got, _ = target(h, pos, target.init_cache(2, 8))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="exit layer"):
+    training.copy_adapter_weights(source, init_adapter(model.cfg, 2))
