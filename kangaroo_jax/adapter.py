@@ -109,7 +109,8 @@ def init_adapter(cfg: ModelConfig, exit_layer: int, num_heads: Optional[int] = N
 _FORMAT = "kangaroo-jax-adapter/1"
 
 
-def _tensors(adapter: Adapter) -> dict[str, nnx.Param]:
+def tensors(adapter: Adapter) -> dict[str, nnx.Param]:
+  """The adapter's parameters by their file names."""
   out = {"input_norm.weight": adapter.input_norm.weight, "attn.qkv": adapter.attn.qkv,
          "attn.o": adapter.attn.o, "out_norm.weight": adapter.out_norm.weight}
   if adapter.ffn_down is not None:
@@ -122,7 +123,7 @@ def save_adapter(path: str, adapter: Adapter, draft_ids: Optional[np.ndarray] = 
                  extra: Optional[dict] = None) -> None:
   """Writes the adapter (and an optional reduced draft vocabulary) to one small file."""
   from safetensors.numpy import save_file
-  arrays = {k: np.asarray(v[...], np.float32) for k, v in _tensors(adapter).items()}
+  arrays = {k: np.asarray(v[...], np.float32) for k, v in tensors(adapter).items()}
   if draft_ids is not None:
     arrays["draft_ids"] = np.asarray(draft_ids, np.int32)
   meta = {"format": _FORMAT, "config": json.dumps(dataclasses.asdict(adapter.acfg)),
@@ -158,7 +159,7 @@ def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32) -> tuple[Adapte
     raise AdapterError(f"{path} is corrupt or truncated: {str(e).splitlines()[0]}") from None
   acfg.check(cfg)
   adapter = nnx.eval_shape(lambda: Adapter(acfg, cfg, dtype, nnx.Rngs(0)))
-  for name, var in _tensors(adapter).items():
+  for name, var in tensors(adapter).items():
     if name not in arrays:
       raise AdapterError(f"{path} lacks the tensor {name!r}")
     if tuple(arrays[name].shape) != tuple(var.shape):

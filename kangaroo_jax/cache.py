@@ -40,6 +40,15 @@ def write(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array,
           cache_v.at[batch_idx, positions].set(v.astype(cache_v.dtype), mode="drop"))
 
 
+def write_layers(cache: KVCache, block: KVCache, start: int, positions: jax.Array) -> KVCache:
+  """Writes a block's keys/values ({"k", "v": [n x [B, T, K, H]]}, layers start..start+n-1)
+  at slots `positions` [B, T]; the other layers' entries are passed through."""
+  ks, vs = list(cache["k"]), list(cache["v"])
+  for i, (k, v) in enumerate(zip(block["k"], block["v"])):
+    ks[start + i], vs[start + i] = write(ks[start + i], vs[start + i], k, v, positions)
+  return {"k": ks, "v": vs}
+
+
 def cache_len(cache: KVCache) -> int:
   """Number of slots per sequence."""
   return cache["k"][0].shape[1]

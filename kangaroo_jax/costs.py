@@ -101,10 +101,7 @@ def _verify_step(model, adapter, head, ids, pos, carry):
   l = adapter.acfg.exit_layer
   h, block = model.run_layers_block(x, positions, cache, l, None)
   target = jnp.argmax(model.logits(h), axis=-1)  # [1, T]
-  ks, vs = list(cache["k"]), list(cache["v"])
-  for i, (bk, bv) in enumerate(zip(block["k"], block["v"])):
-    ks[l + i], vs[l + i] = kv.write(ks[l + i], vs[l + i], bk, bv, positions)
-  return model.embed(target).astype(x.dtype), {"k": ks, "v": vs}
+  return model.embed(target).astype(x.dtype), kv.write_layers(cache, block, l, positions)
 
 
 def _build(step: Callable, model: Llama, adapter: Adapter) -> Callable:

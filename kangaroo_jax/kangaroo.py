@@ -178,10 +178,7 @@ def _verify_switch(model: Llama, Y, H, Q, k, live, n, cache, rng, seen, *, l: in
   branches = [block(t) for t in sizes] * (2 if len(sizes) == 1 else 1)
   a, z, block_kv, rng = jax.lax.switch(branch, branches, Y, H, Q, k, n, rng, seen)
   positions = n[:, None] + jnp.arange(kmax)[None]  # [B, K]
-  ks, vs = list(cache["k"]), list(cache["v"])
-  for i, (bk, bv) in enumerate(zip(block_kv["k"], block_kv["v"])):
-    ks[l + i], vs[l + i] = kv.write(ks[l + i], vs[l + i], bk, bv, positions)
-  return a, z, {"k": ks, "v": vs}, rng
+  return a, z, kv.write_layers(cache, block_kv, l, positions), rng
 
 
 def _block_seen(seen, Y, params: SamplingParams):

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 from kangaroo_jax import cache as kv
-from kangaroo_jax.adapter import Adapter
+from kangaroo_jax.adapter import Adapter, tensors
 from kangaroo_jax.model import Llama
 
 
@@ -175,15 +175,10 @@ def copy_adapter_weights(source: Adapter, target: Adapter) -> None:
   if (source.acfg.exit_layer, source.acfg.num_heads) != (target.acfg.exit_layer, target.acfg.num_heads):
     raise ValueError(f"config.init_from: exit layer / heads {source.acfg.exit_layer}/"
                      f"{source.acfg.num_heads} != {target.acfg.exit_layer}/{target.acfg.num_heads}")
-  for name in ("input_norm", "out_norm"):
-    getattr(target, name).weight.set_value(getattr(source, name).weight[...])
-  target.attn.qkv.set_value(source.attn.qkv[...])
-  target.attn.o.set_value(source.attn.o[...])
-  if source.ffn_down is not None and target.ffn_down is not None \
-      and source.ffn_down.shape == target.ffn_down.shape:
-    target.ffn_norm.weight.set_value(source.ffn_norm.weight[...])
-    target.ffn_gate_up.set_value(source.ffn_gate_up[...])
-    target.ffn_down.set_value(source.ffn_down[...])
+  theirs = tensors(source)
+  for name, var in tensors(target).items():
+    if name in theirs and theirs[name].shape == var.shape:
+      var.set_value(theirs[name][...])
 
 
 def make_optimizer(lr: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.0,
@@ -335,12 +330,13 @@ def split_teacher_caches(c, log=print):
   named after the folder, so a cache that grows keeps the same held-out text.
   """
   from kangaroo_jax import teacher
+  from kangaroo_jax.data import DataError
   train, evals = [], {}
   for folder in [p.strip() for p in c.data.path.split(",") if p.strip()]:
     dirs = teacher.shard_dirs(folder)
     held = c.data.get("eval_shards", 1)
     if len(dirs) <= held:
-      raise data_error(f"{folder} has {len(dirs)} complete shards; {held} are held out for "
+      raise DataError(f"{folder} has {len(dirs)} complete shards; {held} are held out for "
                        "evaluation, so it needs more")
     name = os.path.basename(os.path.normpath(folder))
     evals[name] = teacher.load_cache(folder, c.seq_len, slice(0, held)).examples
@@ -348,11 +344,6 @@ def split_teacher_caches(c, log=print):
     log(f"{folder}: {len(part)} training / {len(evals[name])} held-out conversations")
     train += part
   return train, evals
-
-
-def data_error(message: str):
-  from kangaroo_jax.data import DataError
-  return DataError(message)
 
 
 def _global(tree, shardings):
