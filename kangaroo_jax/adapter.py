@@ -21,7 +21,7 @@ from flax import nnx
 
 from kangaroo_jax import cache as kv
 from kangaroo_jax.config import ModelConfig
-from kangaroo_jax.model import Attention, RMSNorm, rope_inv_freq
+from kangaroo_jax.model import Attention, BlockView, RMSNorm, rope_inv_freq
 
 
 class AdapterError(ValueError):
@@ -86,10 +86,16 @@ class Adapter(nnx.Module):
   def init_cache(self, batch: int, max_len: int) -> kv.KVCache:
     return kv.init_cache(1, batch, max_len, self.acfg.num_heads, self.acfg.head_dim, self.dtype)
 
-  def __call__(self, h: jax.Array, positions: jax.Array, cache: kv.KVCache):
-    """Layer-l states h [B, T, D] at positions [B, T] -> (normed states [B, T, D], cache)."""
+  def __call__(self, h: jax.Array, positions: jax.Array, cache: kv.KVCache,
+               view: Optional[BlockView] = None):
+    """Layer-l states h [B, T, D] at positions [B, T] -> (normed states [B, T, D], cache).
+
+    With a `view` (tree drafting) the cache is only read and the view's node buffer,
+    updated with these positions' keys/values, comes back in place of the cache.
+    """
     inv_freq = jnp.asarray(rope_inv_freq(self.rope_cfg))
-    out, k, v = self.attn(self.input_norm(h), positions, cache["k"][0], cache["v"][0], inv_freq)
+    out, k, v = self.attn(self.input_norm(h), positions, cache["k"][0], cache["v"][0], inv_freq,
+                          write=view is None, view=view)
     x = h + out
     if self.ffn_down is not None:
       gate, up = jnp.split(self.ffn_norm(x) @ self.ffn_gate_up[...], 2, axis=-1)  # [B, T, F] each

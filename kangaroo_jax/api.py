@@ -177,7 +177,7 @@ def eos_ids(model: Llama, tokenizer) -> list[int]:
 
 def _decoder(model, tokenizer, prompts, *, mode, adapter, draft_ids, draft_vocab, max_new_tokens,
              temperature, top_k, top_p, repetition_penalty, seed, eta, gamma, chat,
-             send_unconfident=None):
+             send_unconfident=None, tree_nodes=None, tree_topk=None):
   """Encodes the prompts and picks the decoder: returns (prompt ids, run).
 
   `run(stream=False)` decodes to a DecodeResult; `run(stream=True)` returns a generator
@@ -193,9 +193,13 @@ def _decoder(model, tokenizer, prompts, *, mode, adapter, draft_ids, draft_vocab
                                                                                 **common)
   if mode != "kangaroo":
     raise ValueError(f"mode must be 'kangaroo' or 'plain', got {mode!r}")
-  tuned = tuning.resolve(eta=eta, gamma=gamma, send_unconfident=send_unconfident)
+  tuned = tuning.resolve(eta=eta, gamma=gamma, send_unconfident=send_unconfident,
+                         tree_nodes=tree_nodes, tree_topk=tree_topk)
+  if not common["params"].greedy and tree_nodes is None:
+    tuned["tree_nodes"] = 0  # a tuned tree is greedy only; sampling drafts a chain
   adapter, draft_ids = resolve_drafter(model, adapter, draft_ids, draft_vocab)
-  common.update(kparams=KangarooParams(tuned["eta"], tuned["gamma"], tuned["send_unconfident"]),
+  common.update(kparams=KangarooParams(tuned["eta"], tuned["gamma"], tuned["send_unconfident"],
+                                       tuned["tree_nodes"], tuned["tree_topk"]),
                 draft_ids=draft_ids)
   return ids, lambda stream=False: (kangaroo_stream if stream else kangaroo_decode)(
       model, adapter, ids, **common)
@@ -207,7 +211,8 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
              eta: Optional[float] = None, gamma: Optional[int] = None,
-             send_unconfident: Optional[bool] = None, chat: bool = True) -> Generation:
+             send_unconfident: Optional[bool] = None, tree_nodes: Optional[int] = None,
+             tree_topk: Optional[int] = None, chat: bool = True) -> Generation:
   """Generates text for one prompt or a batch.
 
   Args:
@@ -227,6 +232,9 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
       the tuned setting for this backend (`kangaroo_jax/tuned/<backend>.json`), else 0.6 / 6.
     send_unconfident: verify the draft that fell below eta too (the paper's rule);
       None takes the tuned setting, else True.
+    tree_nodes, tree_topk: tree drafting (greedy only): verify the best `tree_nodes` nodes
+      of a draft tree whose nodes propose `tree_topk` children each; 0 nodes = a chain.
+      None takes the tuned setting, else the chain (a tuned tree is not used when sampling).
     chat: apply the tokenizer's chat template to string prompts.
   Returns:
     A `Generation`: `.text` for one prompt; iterate it for one result per prompt of a
@@ -236,7 +244,7 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
       mode=mode, adapter=adapter, draft_ids=draft_ids, draft_vocab=draft_vocab,
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
       repetition_penalty=repetition_penalty, seed=seed, eta=eta, gamma=gamma, chat=chat,
-      send_unconfident=send_unconfident)))
+      send_unconfident=send_unconfident, tree_nodes=tree_nodes, tree_topk=tree_topk)))
   result = run()
   texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
   return Generation(texts, result.tokens, ids, result.stats)
@@ -273,7 +281,7 @@ def _defaults(kwargs: dict) -> dict:
   """`generate`'s keyword defaults with `kwargs` in place; unknown names raise TypeError."""
   out = dict(mode="kangaroo", adapter=None, draft_ids=None, draft_vocab=None, max_new_tokens=256,
              temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0, eta=None,
-             gamma=None, send_unconfident=None, chat=True)
+             gamma=None, send_unconfident=None, tree_nodes=None, tree_topk=None, chat=True)
   unknown = set(kwargs) - set(out)
   if unknown:
     raise TypeError(f"unknown arguments: {', '.join(sorted(unknown))}")

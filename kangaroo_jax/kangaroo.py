@@ -38,6 +38,7 @@ from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptErr
 from kangaroo_jax.model import Llama
 from kangaroo_jax.sampling import (SamplingParams, init_seen, mark_seen, penalize, probs,
                                    process_logits, sample)
+from kangaroo_jax.tree import check_tree, tree_round
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,16 +52,28 @@ class KangarooParams:
     alone, a plain step. Either way the output is lossless: which drafts are sent
     depends on the draft's own probabilities only. False pays where verifying one more
     position is expensive (on a CPU a block of 2 costs ~1.5 plain steps, of 1 about 1).
+  tree_nodes: draft a token tree and verify its best `tree_nodes` nodes (greedy only;
+    0 = the chain). gamma is then the tree's depth.
+  tree_topk: children per expanded node and nodes expanded per depth (tree mode).
   """
   eta: float = 0.6
   gamma: int = 6
   send_unconfident: bool = True
+  tree_nodes: int = 0
+  tree_topk: int = 4
+
+  @property
+  def tree(self) -> Optional[tuple[int, int]]:
+    """(nodes, top-k) in tree mode, None for the chain: static under jit."""
+    return (self.tree_nodes, self.tree_topk) if self.tree_nodes else None
 
   def __post_init__(self):
     if not 0 < self.eta <= 1:
       raise ValueError(f"eta (--threshold) must be in (0, 1], got {self.eta}")
     if self.gamma < 1:
       raise ValueError(f"gamma (--max-draft) must be >= 1, got {self.gamma}")
+    if self.tree_nodes < 0:
+      raise ValueError(f"tree nodes (--tree-nodes) must be >= 0, got {self.tree_nodes}")
 
 
 def _draft_distribution(model, adapter_out, draft_head, draft_ids, seen, params):
@@ -262,22 +275,41 @@ def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eo
               total_rounds=jnp.int32(0), seen=seen)
 
 
+def _chain_round(model: Llama, adapter: Adapter, draft_head, draft_ids, st: dict, eta, *,
+                 gamma: int, params: SamplingParams, send_unconfident: bool):
+  """Draft a chain, verify it. Returns (block tokens Y [B, K] whose first a + 1 are y0 and
+  the accepted drafts, layer-l states H [B, K, D], a [B], z [B], drafts verified [B],
+  draft steps [B], cache, adapter cache, rng)."""
+  Y, H, Q, k, steps, cache, acache, rng = _draft(
+      model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, params=params,
+      send_unconfident=send_unconfident)
+  a, z, cache, rng = _verify_switch(model, Y, H, Q, k, ~st["done"], st["n"], cache, rng,
+                                    st["seen"], l=adapter.acfg.exit_layer, params=params,
+                                    send_unconfident=send_unconfident)
+  return Y, H, a, z, k, steps, cache, acache, rng
+
+
 def _kangaroo_rounds(model: Llama, adapter: Adapter, draft_ids, st: dict, eos_ids, eta, until, *,
                      params: SamplingParams, max_new_tokens: int, gamma: int,
-                     send_unconfident: bool) -> dict:
-  """Runs draft-verify rounds until round `until` or every sequence is done."""
-  l = adapter.acfg.exit_layer
+                     send_unconfident: bool, tree: Optional[tuple[int, int]] = None) -> dict:
+  """Runs draft-verify rounds (a chain, or a tree of (nodes, top-k)) until round `until`
+  or every sequence is done."""
   b = st["y0"].shape[0]
   # A reduced draft vocabulary scores only its rows of the head.
   draft_head = None if draft_ids is None else model.head_weight()[draft_ids]  # [N, D]
 
   def round_body(st):
-    Y, H, Q, k, steps, cache, acache, rng = _draft(
-        model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, params=params,
-        send_unconfident=send_unconfident)
     live = ~st["done"]
-    a, z, cache, rng = _verify_switch(model, Y, H, Q, k, live, st["n"], cache, rng, st["seen"],
-                                      l=l, params=params, send_unconfident=send_unconfident)
+    if tree is None:
+      Y, H, a, z, k, steps, cache, acache, rng = _chain_round(
+          model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, params=params,
+          send_unconfident=send_unconfident)
+    else:
+      nodes, topk = tree
+      Y, H, a, z, k, steps, cache, acache = tree_round(
+          model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, topk=topk, nodes=nodes,
+          sizes=verify_block_sizes(nodes), params=params)
+      rng = st["rng"]
     j = jnp.arange(gamma + 1)[None]  # [1, K]
     # This round's new tokens: accepted drafts y_1..y_a, then z.
     new = jnp.where(j < a[:, None], jnp.roll(Y, -1, axis=1), z[:, None])  # [B, K]
@@ -306,13 +338,14 @@ def _kangaroo_rounds(model: Llama, adapter: Adapter, draft_ids, st: dict, eos_id
                             round_body, st)
 
 
-_STATIC = ("graphdef", "agraphdef", "params", "max_new_tokens", "gamma", "send_unconfident")
+_STATIC = ("graphdef", "agraphdef", "params", "max_new_tokens", "gamma", "send_unconfident",
+           "tree")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt_lens, rng,
                    eos_ids, eta, *, params: SamplingParams, max_new_tokens: int, gamma: int,
-                   send_unconfident: bool):
+                   send_unconfident: bool, tree: Optional[tuple[int, int]] = None):
   """The whole decode in one call: (out, counts, rounds, drafts, drafts verified, rounds run)."""
   model = nnx.merge(graphdef, state)
   adapter = nnx.merge(agraphdef, astate)
@@ -320,7 +353,7 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
                        max_new_tokens=max_new_tokens, gamma=gamma)
   st = _kangaroo_rounds(model, adapter, draft_ids, st, eos_ids, eta, jnp.iinfo(jnp.int32).max,
                         params=params, max_new_tokens=max_new_tokens, gamma=gamma,
-                        send_unconfident=send_unconfident)
+                        send_unconfident=send_unconfident, tree=tree)
   return (st["out"], st["count"], st["rounds"], st["drafts"], st["drafts_verified"],
           st["total_rounds"])
 
@@ -328,8 +361,8 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, prompt_lens, rng,
                            eos_ids, *, params: SamplingParams, max_new_tokens: int, gamma: int,
-                           send_unconfident: bool) -> dict:
-  del send_unconfident  # static for a uniform call; the prefill does not depend on it
+                           send_unconfident: bool, tree: Optional[tuple[int, int]] = None) -> dict:
+  del send_unconfident, tree  # static for a uniform call; the prefill does not depend on them
   return _kangaroo_start(nnx.merge(graphdef, state), nnx.merge(agraphdef, astate), tokens,
                          prompt_lens, rng, eos_ids, params=params,
                          max_new_tokens=max_new_tokens, gamma=gamma)
@@ -339,10 +372,10 @@ def _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, prompt_le
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("st",))
 def _kangaroo_stream_rounds(graphdef, state, agraphdef, astate, draft_ids, st, eos_ids, eta,
                             until, *, params: SamplingParams, max_new_tokens: int, gamma: int,
-                            send_unconfident: bool) -> dict:
+                            send_unconfident: bool, tree: Optional[tuple[int, int]] = None) -> dict:
   return _kangaroo_rounds(nnx.merge(graphdef, state), nnx.merge(agraphdef, astate), draft_ids,
                           st, eos_ids, eta, until, params=params, max_new_tokens=max_new_tokens,
-                          gamma=gamma, send_unconfident=send_unconfident)
+                          gamma=gamma, send_unconfident=send_unconfident, tree=tree)
 
 
 def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[int]], *,
@@ -430,8 +463,10 @@ def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos
   agraphdef, astate = nnx.split(adapter)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
+  if kparams.tree:
+    check_tree(kparams.tree_nodes, kparams.tree_topk, kparams.gamma, params)
   static = dict(params=params, max_new_tokens=max_new_tokens, gamma=kparams.gamma,
-                send_unconfident=kparams.send_unconfident)
+                send_unconfident=kparams.send_unconfident, tree=kparams.tree)
   return ((graphdef, state, agraphdef, astate, draft_ids, tokens, lens, jax.random.key(seed), eos,
            jnp.float32(kparams.eta)), static)
 

@@ -9,7 +9,7 @@ CPU a batch-1 step is bound by the number and size of matrix-vector products.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -83,12 +83,16 @@ class Attention(nnx.Module):
     self.o_bias = nnx.Param(jnp.zeros((hidden,), dtype)) if o_bias else None
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array,
-               cache_v: jax.Array, inv_freq: jax.Array, write: bool = True):
+               cache_v: jax.Array, inv_freq: jax.Array, write: bool = True,
+               view: Optional["BlockView"] = None):
     """x [B, T, D] at positions [B, T] -> (out [B, T, D], cache_k, cache_v).
 
     write=False leaves the cache alone (read only): the block attends the slots before
     its first position plus its own keys, and (out, block keys, block values [B, T, K, H])
-    come back for the caller to write (see `Llama.run_layers_block`).
+    come back for the caller to write (see `Llama.run_layers_block`). A `view` (tree
+    drafting) instead puts x's keys/values into the view's block buffer [B, T', K, H] at
+    its slots and attends the cache below its limit plus the buffer entries its mask
+    allows; the updated buffer comes back in place of the cache.
     """
     b, t, _ = x.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
@@ -106,8 +110,15 @@ class Attention(nnx.Module):
       # The block's keys as the cache would hold them (its dtype), so the result is what
       # attending the written cache gives.
       key, val = key.astype(cache_k.dtype), val.astype(cache_v.dtype)
-      out = attend_block(q, cache_k, cache_v, key, val, positions)  # [B, T, N * H]
-      cache_k, cache_v = key, val
+      if view is None:  # consecutive positions: causal over the block, the cache before it
+        view = BlockView(key, val, None, positions[:, None, :] <= positions[:, :, None],
+                         positions[:, 0])
+      else:
+        rows = jnp.arange(b)[:, None]  # [B, 1]
+        view = view._replace(keys=view.keys.at[rows, view.slots].set(key),
+                             values=view.values.at[rows, view.slots].set(val))
+      out = attend_block(q, cache_k, cache_v, view)  # [B, T, N * H]
+      cache_k, cache_v = view.keys, view.values
     out = dense(out, self.o[...])
     if self.o_bias is not None:
       out = out + self.o_bias[...]
@@ -129,14 +140,29 @@ def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.
   return out.reshape(b, t, n * h)  # [B, T, N * H]
 
 
-def attend_block(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, key: jax.Array,
-                 val: jax.Array, positions: jax.Array) -> jax.Array:
-  """Attention of a block of consecutive positions without writing it to the cache.
+class BlockView(NamedTuple):
+  """What a block of queries sees besides the committed cache (read only).
 
-  q [B, T, N, H] at positions [B, T] attends cache slots [B, S, K, H] before the block's
-  first position (read only) and, causally, the block's own key/value [B, T, K, H].
-  Equal to writing the block into the cache and calling `attend`, but the cache stays
-  an input: a verification branch that only reads it makes XLA copy nothing.
+  keys, values [B, T', K, H]: the block buffer (a verification block's own keys, or a
+    draft tree's nodes so far); slots [B, T] where the queries' own keys go in it (None:
+    the buffer is the queries' own keys); mask [B, T, T']: buffer entries each query may
+    attend; limit [B]: committed cache slots < limit are attended by every query.
+  """
+  keys: jax.Array
+  values: jax.Array
+  slots: Optional[jax.Array]
+  mask: jax.Array
+  limit: jax.Array
+
+
+def attend_block(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, view: BlockView) -> jax.Array:
+  """Attention of a block of queries without writing its keys to the cache.
+
+  q [B, T, N, H] attends cache slots [B, S, K, H] below `view.limit` (read only) and the
+  block buffer entries `view.mask` allows. With the block's own keys and a causal mask
+  this equals writing the block into the cache and calling `attend`, but the cache stays
+  an input: a verification branch that only reads it makes XLA copy nothing. With a
+  tree's ancestor mask it is tree attention.
   """
   b, t, n, h = q.shape
   k = cache_k.shape[2]
@@ -144,17 +170,16 @@ def attend_block(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, key: jax.
   scale = 1.0 / math.sqrt(h)
   old = jnp.einsum("btkgh,bskh->bkgts", q, cache_k,
                    preferred_element_type=jnp.float32) * scale  # [B, K, G, T, S]
-  new = jnp.einsum("btkgh,bjkh->bkgtj", q, key,
-                   preferred_element_type=jnp.float32) * scale  # [B, K, G, T, T]
+  new = jnp.einsum("btkgh,bjkh->bkgtj", q, view.keys,
+                   preferred_element_type=jnp.float32) * scale  # [B, K, G, T, T']
   slots = jnp.arange(cache_k.shape[1])
-  old_mask = slots[None, None, :] < positions[:, :1, None]  # [B, 1, S]
-  new_mask = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]
+  old_mask = slots[None, None, :] < view.limit[:, None, None]  # [B, 1, S]
   scores = jnp.concatenate([jnp.where(old_mask[:, None, None], old, -1e30),
-                            jnp.where(new_mask[:, None, None], new, -1e30)], axis=-1)
-  probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)  # [B, K, G, T, S + T]
+                            jnp.where(view.mask[:, None, None], new, -1e30)], axis=-1)
+  probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)  # [B, K, G, T, S + T']
   s = cache_k.shape[1]
   out = (jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], cache_v)
-         + jnp.einsum("bkgtj,bjkh->btkgh", probs[..., s:], val))  # [B, T, K, G, H]
+         + jnp.einsum("bkgtj,bjkh->btkgh", probs[..., s:], view.values))  # [B, T, K, G, H]
   return out.reshape(b, t, n * h)  # [B, T, N * H]
 
 
@@ -169,9 +194,10 @@ class DecoderLayer(nnx.Module):
     self.gate_up = _param(rngs, (cfg.hidden_size, 2 * cfg.intermediate_size), dtype)  # [D, 2F]
     self.down = _param(rngs, (cfg.intermediate_size, cfg.hidden_size), dtype)  # [F, D]
 
-  def __call__(self, x, positions, cache_k, cache_v, inv_freq, write: bool = True):
+  def __call__(self, x, positions, cache_k, cache_v, inv_freq, write: bool = True,
+               view: Optional[BlockView] = None):
     attn_out, cache_k, cache_v = self.attn(self.input_norm(x), positions, cache_k, cache_v,
-                                           inv_freq, write)
+                                           inv_freq, write, view)
     x = x + attn_out
     gate, up = jnp.split(dense(self.post_norm(x), self.gate_up[...]), 2, axis=-1)  # [B, T, F] each
     return x + dense(jax.nn.silu(gate) * up, self.down[...]), cache_k, cache_v
@@ -208,17 +234,25 @@ class Llama(nnx.Module):
     return x, {"k": ks, "v": vs}
 
   def run_layers_block(self, x: jax.Array, positions: jax.Array, cache: kv.KVCache,
-                       start: int = 0, end: Optional[int] = None):
+                       start: int = 0, end: Optional[int] = None, *,
+                       tree: Optional[dict] = None):
     """Like `run_layers` over a block of consecutive positions, but the cache is only read.
 
     Returns (hidden [B, T, D], {"k": [...], "v": [...]}: the block's keys/values
     [B, T, K, H] for layers start..end-1), for the caller to write with `cache.write`.
+
+    `tree` (tree drafting and verification) makes the block a set of tree nodes:
+    {"k", "v": [end - start x [B, T', K, H]] node buffers, "slots" [B, T], "mask"
+    [B, T, T'], "limit" [B]} (see `BlockView`); the updated node buffers come back.
     """
     end = self.cfg.num_layers if end is None else end
     inv_freq = jnp.asarray(rope_inv_freq(self.cfg))
     ks, vs = [], []
-    for i in range(start, end):
-      x, k, v = self.layers[i](x, positions, cache["k"][i], cache["v"][i], inv_freq, write=False)
+    for j, i in enumerate(range(start, end)):
+      view = None if tree is None else BlockView(tree["k"][j], tree["v"][j], tree["slots"],
+                                                 tree["mask"], tree["limit"])
+      x, k, v = self.layers[i](x, positions, cache["k"][i], cache["v"][i], inv_freq,
+                               write=False, view=view)
       ks.append(k)
       vs.append(v)
     return x, {"k": ks, "v": vs}

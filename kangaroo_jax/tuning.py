@@ -12,6 +12,8 @@ one, so longer drafts pay. `python -m kangaroo_jax.bench --sweep` measures and w
 vocabulary, N = the first N stored ids (stored most frequent first).
 `send_unconfident`: whether the draft that fell below eta is verified too (the paper's
 rule; see `kangaroo.KangarooParams`). Files without it mean true.
+`tree_nodes`, `tree_topk`: 0 nodes = chain drafting; N > 0 = a draft tree verified N nodes
+at a time, top-k children per node (`kangaroo_jax/tree.py`). Files without them mean chain.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
-DEFAULTS = {"eta": 0.6, "gamma": 6, "draft_vocab": None, "send_unconfident": True}
+DEFAULTS = {"eta": 0.6, "gamma": 6, "draft_vocab": None, "send_unconfident": True,
+            "tree_nodes": 0, "tree_topk": 4}
 
 
 class TuningError(ValueError):
@@ -42,7 +45,9 @@ def tuned_path(backend: Optional[str] = None) -> str:
 
 
 def check_settings(s: dict) -> dict:
-  """Validates eta/gamma/draft_vocab/send_unconfident; returns just those. Raises TuningError."""
+  """Validates eta/gamma/draft_vocab/send_unconfident/tree settings; returns just those.
+
+  Raises TuningError naming the bad value."""
   try:
     eta, gamma, vocab = float(s["eta"]), s["gamma"], s.get("draft_vocab")
   except (KeyError, TypeError, ValueError) as e:
@@ -56,18 +61,23 @@ def check_settings(s: dict) -> dict:
   send = s.get("send_unconfident", True)
   if not isinstance(send, bool):
     raise TuningError(f"send_unconfident must be true or false, got {send!r}")
-  return {"eta": eta, "gamma": gamma, "draft_vocab": vocab, "send_unconfident": send}
+  tree = {name: s.get(name, DEFAULTS[name]) for name in ("tree_nodes", "tree_topk")}
+  for name, value in tree.items():
+    if not isinstance(value, int) or isinstance(value, bool) or value < (name == "tree_topk"):
+      raise TuningError(f"{name} must be an integer >= {int(name == 'tree_topk')}, got {value!r}")
+  return {"eta": eta, "gamma": gamma, "draft_vocab": vocab, "send_unconfident": send} | tree
 
 
 def tuned_settings(backend: Optional[str] = None, path: Optional[str] = None) -> dict:
-  """The tuned {eta, gamma, draft_vocab, send_unconfident} of a backend, else DEFAULTS.
+  """The tuned {eta, gamma, draft_vocab, send_unconfident, tree_nodes, tree_topk} of a
+  backend, else DEFAULTS.
 
   Args:
     backend: 'cpu', 'gpu', 'tpu'; None = jax's default backend.
     path: read this file instead of `tuned/<backend>.json`.
   Returns:
     A new dict: eta (float), gamma (int), draft_vocab (None or int), send_unconfident
-    (bool). A damaged
+    (bool), tree_nodes and tree_topk (int). A damaged
     file warns and yields the defaults: a bad tuning file must not stop decoding.
   """
   path = path or tuned_path(backend)

@@ -4,7 +4,7 @@ Read from the optimized HLO: a `copy` of an array shaped like a KV cache (shallo
 adapter) inside any computation other than the entry one runs once per loop iteration.
 Checked at the shipped CPU settings (gamma 2, unsure draft dropped: block sizes 1, 2, 3),
 at the paper's gamma 6 (block sizes 2, 4, 7), with one block size (gamma 1), greedy and
-sampling, batch 1 and 2, and sharded over 8 fake devices.
+sampling, batch 1 and 2, tree drafting (greedy), and sharded over 8 fake devices.
 """
 import re
 
@@ -40,7 +40,7 @@ def copies_in_loops(hlo: str, shape: str) -> list[str]:
   return found
 
 
-def _compiled(batch, gamma, send, params, mesh=None):
+def _compiled(batch, gamma, send, params, mesh=None, tree=None):
   model = M.Llama(CFG)
   adapter = init_adapter(CFG, 1)
   if mesh is not None:
@@ -56,7 +56,7 @@ def _compiled(batch, gamma, send, params, mesh=None):
   lowered = _kangaroo_loop.lower(graphdef, state, agraphdef, astate, None, tokens, lens,
                                  jax.random.key(0), jnp.asarray([1]), jnp.float32(0.6),
                                  params=params, max_new_tokens=NEW, gamma=gamma,
-                                 send_unconfident=send)
+                                 send_unconfident=send, tree=tree)
   return lowered.compile().as_text()
 
 
@@ -77,6 +77,16 @@ def test_no_cache_copy_in_the_kangaroo_loop(batch, gamma, send, temperature):
     assert copies_in_loops(hlo, shape) == [], f"{name} cache copied in a loop"
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("gamma, tree", [(3, (8, 4)), (4, (5, 2))])
+def test_no_cache_copy_in_the_tree_loop(batch, gamma, tree):
+  """Tree drafting writes only the accepted path, after verification: no copies either."""
+  hlo = _compiled(batch, gamma, True, SamplingParams(), tree=tree)
+  for name, shape in _cache_shapes(batch, gamma).items():
+    assert f"[{shape}]" in hlo, f"the {name} cache shape {shape} is not in the HLO"
+    assert copies_in_loops(hlo, shape) == [], f"{name} cache copied in the tree loop"
+
+
 def test_the_check_sees_a_copy():
   """The counter is not blind: an inlined read-then-write of the cache copies it."""
   from kangaroo_jax import kangaroo
@@ -93,13 +103,13 @@ def test_the_check_sees_a_copy():
     _kangaroo_loop.clear_cache()
 
 
-@pytest.mark.parametrize("gamma, send", [(2, False), (6, True)])
-def test_no_cache_copy_or_gather_on_a_mesh(gamma, send):
+@pytest.mark.parametrize("gamma, send, tree", [(2, False, None), (6, True, None), (3, True, (8, 4))])
+def test_no_cache_copy_or_gather_on_a_mesh(gamma, send, tree):
   """Sharded (2 data x 4 model): no per-round copies or all-gathers of a cache."""
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 (fake) devices")
   mesh = sharding.make_mesh(2, 4)
-  hlo = _compiled(2, gamma, send, SamplingParams(), mesh)
+  hlo = _compiled(2, gamma, send, SamplingParams(), mesh, tree)
   s = cache_size(PROMPT, NEW, gamma + 2)
   # Per device: batch 1 of 2; the KV heads may or may not be split over 'model'.
   shapes = [f"1,{s},{h},{CFG.head_dim}" for h in (CFG.num_kv_heads, 1)]
