@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
   add("--send-unconfident", choices=("yes", "no"), default=None,
       help="verify the draft that fell below ETA too, as the paper does (default: the tuned "
       "setting, else yes); 'no' pays where verifying one more position is costly (CPUs)")
+  add("--tree-nodes", type=int, metavar="N", help="tree drafting (greedy only): verify the N "
+      "most probable nodes of a draft tree, MAX_DRAFT deep; 0 = a chain (default: the tuned "
+      "setting, else 0)")
+  add("--tree-topk", type=int, metavar="K", help="tree drafting: children per node and nodes "
+      "expanded per depth (default: the tuned setting, else 4)")
   add("--draft-vocab", type=int, metavar="N", help="draft over the N most frequent ids of the "
       "adapter's stored draft vocabulary; 0 = full vocabulary (default: all it stores, if any)")
   add("--compare", action="store_true", help="also decode plainly; report the speedup and "
@@ -140,6 +145,12 @@ def validate(args: argparse.Namespace) -> None:
        f"--threshold must be in (0, 1], got {args.threshold}"),
       (args.max_draft is None or args.max_draft >= 1,
        f"--max-draft must be >= 1, got {args.max_draft}"),
+      (args.tree_nodes is None or args.tree_nodes >= 0,
+       f"--tree-nodes must be >= 0, got {args.tree_nodes}"),
+      (args.tree_topk is None or args.tree_topk >= 1,
+       f"--tree-topk must be >= 1, got {args.tree_topk}"),
+      (not (args.tree_nodes and args.temperature > 0),
+       "tree drafting is greedy only: use --temperature 0 or --tree-nodes 0"),
       (args.exit_layer is None or args.exit_layer >= 1,
        f"--exit-layer must be >= 1, got {args.exit_layer}"),
       (args.draft_vocab is None or args.draft_vocab >= 0,
@@ -167,7 +178,8 @@ def decode_kwargs(args, adapter, draft_ids, mode: str) -> dict:
               seed=args.seed, eta=args.threshold,
               gamma=args.max_draft, chat=not args.no_chat,
               send_unconfident=(None if args.send_unconfident is None
-                                else args.send_unconfident == "yes"))
+                                else args.send_unconfident == "yes"),
+              tree_nodes=args.tree_nodes, tree_topk=args.tree_topk)
 
 
 def run_stream(api, model, tokenizer, prompt, kwargs, show: bool):
