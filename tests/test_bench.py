@@ -320,9 +320,12 @@ def test_tuned_settings_defaults_and_damage(tmp_path):
   with pytest.warns(UserWarning):
     assert tuning.tuned_settings(path=str(bad)) == tuning.DEFAULTS
   good = tuning.write_tuned(dict(eta=0.5, gamma=4, draft_vocab=2048), str(tmp_path / "g.json"))
-  # Files written before send_unconfident existed mean the paper's rule.
+  # Files written before send_unconfident and tree drafting existed mean the paper's chain.
   assert tuning.tuned_settings(path=good) == dict(eta=0.5, gamma=4, draft_vocab=2048,
-                                                 send_unconfident=True)
+                                                 send_unconfident=True, tree_nodes=0, tree_topk=4)
+  bad.write_text('{"eta": 0.5, "gamma": 3, "tree_nodes": -2}')
+  with pytest.warns(UserWarning, match="tree_nodes must be an integer >= 0"):
+    assert tuning.tuned_settings(path=str(bad)) == tuning.DEFAULTS
   bad.write_text('{"eta": 0.5, "gamma": 3, "send_unconfident": "no"}')
   with pytest.warns(UserWarning, match="send_unconfident must be true or false"):
     assert tuning.tuned_settings(path=str(bad)) == tuning.DEFAULTS
