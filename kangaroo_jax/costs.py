@@ -10,6 +10,10 @@ argument and other per-call constants cancel out. Pieces, matching `kangaroo.py`
   draft      one draft step: the adapter on 2 positions, the LM head over the draft
              vocabulary, softmax + argmax, then layers [0, l) on the drafted token
   verify[T]  layers [l, L) over T positions, final norm, full LM head, argmax
+  tree_draft one depth of tree drafting (`--tree-topk K`): layers [0, l), the adapter and
+             the draft head over K frontier nodes at once, top-K (a tree round runs the
+             root's shallow + draft step, then one of these per further depth, and
+             verifies N + 1 positions: verify[N + 1], whatever the tree mask)
 
 Per round, with k draft steps (mean `drafts_per_round`) and a verify block of T:
 
@@ -43,7 +47,7 @@ from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import Adapter, init_adapter
 from kangaroo_jax.config import ModelConfig
 from kangaroo_jax.decoding import cache_size
-from kangaroo_jax.model import Llama
+from kangaroo_jax.model import BlockView, Llama
 
 # Vicuna/Llama-2-7B shapes (the paper's main target).
 SEVEN_B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
@@ -93,6 +97,28 @@ def _draft_step(model, adapter, head, ids, pos, carry):
   return nxt.astype(jnp.int32), h, cache, acache
 
 
+def _tree_draft_step(model, adapter, head, ids, pos, carry):
+  """One depth of tree drafting: K frontier nodes through the shallow layers, the adapter
+  and the draft head in one call, reading the caches (as `tree._node_pass`), then top-K."""
+  tok, cache, acache = carry  # tok [1, K]
+  k = tok.shape[1]
+  positions = jnp.broadcast_to(pos[:, None], tok.shape)  # [1, K]
+  l = adapter.acfg.exit_layer
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((k, k), bool))[None], (1, k, k))  # [1, K, K]
+  view = dict(slots=jnp.arange(k)[None], mask=mask, limit=pos + 1)
+  empty = lambda c: jnp.zeros((1, k) + c.shape[2:], c.dtype)  # [1, K, Kv, Hd]
+  h, _ = model.run_layers_block(model.embed(tok), positions, cache, 0, l,
+                                tree=view | jax.tree.map(empty, {"k": cache["k"][:l],
+                                                                  "v": cache["v"][:l]}))
+  abuf = jax.tree.map(empty, acache)
+  a_out, _ = adapter(h, positions, acache, view=BlockView(abuf["k"][0], abuf["v"][0],
+                                                          view["slots"], mask, pos + 1))
+  logq = jax.nn.log_softmax(model.project(a_out, head), axis=-1)  # [1, K, V']
+  choice = jax.lax.top_k(logq[:, -1], k)[1]  # [1, K]
+  nxt = choice if ids is None else ids[choice]
+  return nxt.astype(jnp.int32), cache, acache
+
+
 def _verify_step(model, adapter, head, ids, pos, carry):
   x, cache = carry  # x [1, T, D]
   t = x.shape[1]
@@ -135,7 +161,7 @@ def _slope(fn: Callable, args: tuple, iters: int, reps: int) -> float:
 def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
                   draft_ids: Optional[np.ndarray] = None, *, max_block: int = 8,
                   context: int = 256, iters: int = 20, reps: int = 3,
-                  exit_layer: int = 2) -> dict:
+                  exit_layer: int = 2, tree_topk: int = 0) -> dict:
   """Times one plain step, a draft step and verification of 1..max_block positions.
 
   Args:
@@ -147,6 +173,8 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
     context: tokens already in the cache; its slots are sized as decoding sizes them.
     iters: iterations per timing (the slope over this many); reps: timings per length.
     exit_layer: for a fresh adapter only.
+    tree_topk: also time one depth of tree drafting over this many frontier nodes
+      (`tree_draft`; 0 = not).
   Returns:
     {"seconds": {...}, "relative": {...}} where each has plain, shallow, draft,
     draft_full_vocab and verify {T: ...}; relative = seconds / plain seconds. Also the
@@ -171,6 +199,9 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
           "draft": (_draft_step, (head, ids, (tok, h0, cache, acache)))}
   if draft_ids is not None:
     jobs["draft_full_vocab"] = (_draft_step, (None, None, (tok, h0, cache, acache)))
+  if tree_topk:
+    jobs["tree_draft"] = (_tree_draft_step, (head, ids, (jnp.ones((1, tree_topk), jnp.int32),
+                                                         cache, acache)))
   for t in range(1, max_block + 1):
     x = jnp.zeros((1, t, cfg.hidden_size), dtype)
     jobs[f"verify{t}"] = (_verify_step, (None, None, (x, cache)))
@@ -246,7 +277,9 @@ def format_costs(result: dict) -> str:
            f"exit layer {sh['exit_layer']}, draft vocab {sh['draft_vocab']}/{sh['vocab']}, "
            f"{sh['cache_slots']} cache slots)",
            f"  {'piece':<22}{'ms':>9}{'x plain':>9}"]
-  for name in ("plain", "shallow", "draft", "draft_full_vocab"):
+  for name in ("plain", "shallow", "draft", "draft_full_vocab", "tree_draft"):
+    if name not in s:
+      continue
     lines.append(f"  {name:<22}{1e3 * s[name]:>9.3f}{r[name]:>9.3f}")
   for t, rel in r["verify"].items():
     lines.append(f"  {'verify T=' + str(t):<22}{1e3 * s['verify'][t]:>9.3f}{rel:>9.3f}")
@@ -281,6 +314,8 @@ def main(argv=None) -> int:
   p.add_argument("--draft-vocab", type=int, default=0,
                  help="reduced draft vocabulary size (0 = full head only)")
   p.add_argument("--context", type=int, default=256)
+  p.add_argument("--tree-topk", type=int, default=0,
+                 help="also time one depth of tree drafting over this many nodes")
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--accepted", type=float, action="append", default=[],
                  help="tokens per round to project (repeatable; with --drafts)")
@@ -294,7 +329,8 @@ def main(argv=None) -> int:
   model = random_model(cfg, DTYPES[args.dtype])
   ids = np.arange(args.draft_vocab) if 0 < args.draft_vocab < cfg.vocab_size else None
   result = measure_costs(model, None, ids, max_block=args.max_block, context=args.context,
-                         iters=args.iters, exit_layer=args.exit_layer)
+                         iters=args.iters, exit_layer=args.exit_layer,
+                         tree_topk=args.tree_topk)
   gamma = args.max_block - 1
   acceptance = ([(f"given {a:.2f}/{k:.2f}", a, k) for a, k in zip(args.accepted, args.drafts)]
                 or default_acceptance(gamma))
