@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import Adapter, AdapterError
@@ -36,6 +36,7 @@ from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptErr
                                    drain, is_eos, last_hidden, new_tokens, pad_prompts,
                                    place_batch, prefill)
 from kangaroo_jax.model import Llama
+from kangaroo_jax.round_state import RoundState, Verdict
 from kangaroo_jax.sampling import (SamplingParams, init_seen, mark_seen, penalize, probs,
                                    process_logits, sample)
 from kangaroo_jax.tree import check_tree, tree_round
@@ -92,59 +93,73 @@ def _draft_distribution(model, adapter_out, draft_head, draft_ids, seen, params)
   return jax.nn.softmax(process_logits(logits, params), axis=-1)
 
 
-def _draft(model: Llama, adapter: Adapter, draft_head, draft_ids, st, eta, *,
-           gamma: int, params: SamplingParams, send_unconfident: bool = True):
-  """Drafts up to gamma tokens for every sequence; returns block buffers and counts.
+@struct.dataclass
+class DraftChain:
+  """The draft loop's state, and its result (K = gamma + 1 block positions).
 
-  Returns (Y [B, K] block tokens with Y[:, 0] = y0, H [B, K, D] their layer-l states,
-  Q [B, gamma, V] draft distributions over the full vocabulary (sampling only),
-  k [B] drafts to verify, steps [B] draft steps run (k, or k + 1 when an unconfident
-  draft was dropped), model cache, adapter cache, rng), K = gamma + 1.
+  step []: draft steps taken so far; active [B]: still drafting (confident so far, not
+  done); sent [B]: drafts to verify; steps [B]: draft steps run (sent, or sent + 1 when
+  an unconfident draft was dropped); tokens [B, K]: the block, y0 then the drafts;
+  hidden [B, K, D]: their layer-l states; q [B, gamma, V]: draft distributions over the
+  full vocabulary (sampling only, else [B, gamma, 1]); cache, acache, rng, seen: as in
+  RoundState, advanced by the drafts.
   """
+  step: jax.Array
+  active: jax.Array
+  sent: jax.Array
+  steps: jax.Array
+  tokens: jax.Array
+  hidden: jax.Array
+  q: jax.Array
+  cache: kv.KVCache
+  acache: kv.KVCache
+  rng: jax.Array
+  seen: jax.Array
+
+
+def _draft(model: Llama, adapter: Adapter, draft_head, draft_ids, st: RoundState, eta, *,
+           gamma: int, params: SamplingParams, send_unconfident: bool = True) -> DraftChain:
+  """Drafts up to gamma tokens for every sequence (the first and second early exit)."""
   l = adapter.acfg.exit_layer
-  b = st["y0"].shape[0]
-  n = st["n"]
+  b = st.y0.shape[0]
+  n = st.n
   vocab = model.cfg.vocab_size
-  h0, cache = model.run_layers(model.embed(st["y0"][:, None]), n[:, None], st["cache"], 0, l)
-  Y = jnp.zeros((b, gamma + 1), jnp.int32).at[:, 0].set(st["y0"])
-  H = jnp.zeros((b, gamma + 1, h0.shape[-1]), h0.dtype).at[:, 0].set(h0[:, 0])
-  Q = jnp.zeros((b, gamma, vocab if not params.greedy else 1), jnp.float32)
+  h0, cache = model.run_layers(model.embed(st.y0[:, None]), n[:, None], st.cache, 0, l)
+  zeros = jnp.zeros((b,), jnp.int32)
+  init = DraftChain(
+      step=jnp.int32(0), active=~st.done, sent=zeros, steps=zeros,
+      tokens=jnp.zeros((b, gamma + 1), jnp.int32).at[:, 0].set(st.y0),
+      hidden=jnp.zeros((b, gamma + 1, h0.shape[-1]), h0.dtype).at[:, 0].set(h0[:, 0]),
+      q=jnp.zeros((b, gamma, vocab if not params.greedy else 1), jnp.float32),
+      cache=cache, acache=st.acache, rng=st.rng, seen=st.seen)
 
-  def cond(s):
-    i, active = s[0], s[1]
-    return (i < gamma) & jnp.any(active)
-
-  def body(s):
-    i, active, k, steps, Y, H, Q, cache, acache, rng, seen = s
-    prev = jnp.where(i == 0, st["h_prev"], H[:, jnp.maximum(i - 1, 0)])  # [B, D]
-    pair = jnp.stack([prev, H[:, i]], axis=1)  # [B, 2, D]
+  def body(d: DraftChain) -> DraftChain:
+    i = d.step
+    prev = jnp.where(i == 0, st.h_prev, d.hidden[:, jnp.maximum(i - 1, 0)])  # [B, D]
+    pair = jnp.stack([prev, d.hidden[:, i]], axis=1)  # [B, 2, D]
     pos = (n + i)[:, None] + jnp.arange(-1, 1)[None]  # [B, 2]
-    a_out, acache = adapter(pair, pos, acache)
-    q = _draft_distribution(model, a_out[:, 1:], draft_head, draft_ids, seen, params)  # [B, V']
-    rng, sub = jax.random.split(rng)
+    a_out, acache = adapter(pair, pos, d.acache)
+    q = _draft_distribution(model, a_out[:, 1:], draft_head, draft_ids, d.seen, params)  # [B, V']
+    rng, sub = jax.random.split(d.rng)
+    q_all = d.q
     if params.greedy:
       choice = jnp.argmax(q, axis=-1)
     else:
       choice = jax.random.categorical(sub, jnp.log(q), axis=-1)
       q_full = q if draft_ids is None else jnp.zeros((b, vocab), q.dtype).at[:, draft_ids].set(q)
-      Q = Q.at[:, i].set(q_full)
+      q_all = q_all.at[:, i].set(q_full)
     y = (choice if draft_ids is None else draft_ids[choice]).astype(jnp.int32)  # [B]
-    seen = mark_seen(seen, y[:, None], jnp.ones((b, 1), bool), params)
-    conf = jnp.max(q, axis=-1)
-    h, cache = model.run_layers(model.embed(y[:, None]), (n + i + 1)[:, None], cache, 0, l)
-    Y = Y.at[:, i + 1].set(y)
-    H = H.at[:, i + 1].set(h[:, 0])
-    confident = conf >= eta
-    k = jnp.where(active & (confident | send_unconfident), i + 1, k)
-    steps = jnp.where(active, i + 1, steps)
-    active = active & confident
-    return i + 1, active, k, steps, Y, H, Q, cache, acache, rng, seen
+    h, cache = model.run_layers(model.embed(y[:, None]), (n + i + 1)[:, None], d.cache, 0, l)
+    confident = jnp.max(q, axis=-1) >= eta
+    return DraftChain(
+        step=i + 1, active=d.active & confident,
+        sent=jnp.where(d.active & (confident | send_unconfident), i + 1, d.sent),
+        steps=jnp.where(d.active, i + 1, d.steps),
+        tokens=d.tokens.at[:, i + 1].set(y), hidden=d.hidden.at[:, i + 1].set(h[:, 0]),
+        q=q_all, cache=cache, acache=acache, rng=rng,
+        seen=mark_seen(d.seen, y[:, None], jnp.ones((b, 1), bool), params))
 
-  zeros = jnp.zeros((b,), jnp.int32)
-  init = (jnp.int32(0), ~st["done"], zeros, zeros, Y, H, Q, cache, st["acache"], st["rng"],
-          st["seen"])
-  _, _, k, steps, Y, H, Q, cache, acache, rng, _ = jax.lax.while_loop(cond, body, init)
-  return Y, H, Q, k, steps, cache, acache, rng
+  return jax.lax.while_loop(lambda d: (d.step < gamma) & jnp.any(d.active), body, init)
 
 
 def verify_block_sizes(gamma: int, send_unconfident: bool = True) -> tuple[int, ...]:
@@ -250,7 +265,7 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: Sa
 
 
 def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eos_ids, *,
-                    params: SamplingParams, max_new_tokens: int, gamma: int) -> dict:
+                    params: SamplingParams, max_new_tokens: int, gamma: int) -> RoundState:
   """Prefill (shallow layers, adapter, deep layers) and the first token: the round state."""
   l = adapter.acfg.exit_layer
   b = tokens.shape[0]
@@ -267,74 +282,80 @@ def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eo
   y0 = sample(penalize(logits, seen, params), params, sub)  # [B]
   seen = mark_seen(seen, y0[:, None], jnp.ones((b, 1), bool), params)
   out = jnp.zeros((b, max_new_tokens + gamma + 1), jnp.int32).at[:, 0].set(y0)
-  return dict(n=prompt_lens, y0=y0, h_prev=last_hidden(h_l, prompt_lens)[:, 0], cache=cache,
-              acache=acache, rng=rng, out=out, count=jnp.ones((b,), jnp.int32),
-              done=is_eos(y0, eos_ids) | (max_new_tokens <= 1),
-              rounds=jnp.zeros((b,), jnp.int32), drafts=jnp.zeros((b,), jnp.int32),
-              drafts_verified=jnp.zeros((b,), jnp.int32),
-              total_rounds=jnp.int32(0), seen=seen)
+  zeros = jnp.zeros((b,), jnp.int32)
+  return RoundState(n=prompt_lens, y0=y0, h_prev=last_hidden(h_l, prompt_lens)[:, 0],
+                    cache=cache, acache=acache, rng=rng, out=out, count=jnp.ones((b,), jnp.int32),
+                    done=is_eos(y0, eos_ids) | (max_new_tokens <= 1), rounds=zeros,
+                    drafts=zeros, drafts_verified=zeros, total_rounds=jnp.int32(0), seen=seen)
 
 
-def _chain_round(model: Llama, adapter: Adapter, draft_head, draft_ids, st: dict, eta, *,
+def _chain_round(model: Llama, adapter: Adapter, draft_head, draft_ids, st: RoundState, eta, *,
                  gamma: int, params: SamplingParams, send_unconfident: bool):
-  """Draft a chain, verify it. Returns (block tokens Y [B, K] whose first a + 1 are y0 and
-  the accepted drafts, layer-l states H [B, K, D], a [B], z [B], drafts verified [B],
-  draft steps [B], cache, adapter cache, rng)."""
-  Y, H, Q, k, steps, cache, acache, rng = _draft(
-      model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, params=params,
-      send_unconfident=send_unconfident)
-  a, z, cache, rng = _verify_switch(model, Y, H, Q, k, ~st["done"], st["n"], cache, rng,
-                                    st["seen"], l=adapter.acfg.exit_layer, params=params,
-                                    send_unconfident=send_unconfident)
-  return Y, H, a, z, k, steps, cache, acache, rng
+  """Drafts a chain and verifies it: (Verdict, cache, adapter cache, rng)."""
+  d = _draft(model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, params=params,
+             send_unconfident=send_unconfident)
+  a, z, cache, rng = _verify_switch(model, d.tokens, d.hidden, d.q, d.sent, ~st.done, st.n,
+                                    d.cache, d.rng, st.seen, l=adapter.acfg.exit_layer,
+                                    params=params, send_unconfident=send_unconfident)
+  # The block's first a + 1 tokens are y0 and the accepted drafts.
+  verdict = Verdict(tokens=d.tokens, hidden=d.hidden, accepted=a, next_token=z, verified=d.sent,
+                    steps=d.steps)
+  return verdict, cache, d.acache, rng
 
 
-def _kangaroo_rounds(model: Llama, adapter: Adapter, draft_ids, st: dict, eos_ids, eta, until, *,
-                     params: SamplingParams, max_new_tokens: int, gamma: int,
-                     send_unconfident: bool, tree: Optional[tuple[int, int]] = None) -> dict:
-  """Runs draft-verify rounds (a chain, or a tree of (nodes, top-k)) until round `until`
-  or every sequence is done."""
-  b = st["y0"].shape[0]
+def _commit(st: RoundState, v: Verdict, cache, acache, rng, eos_ids, *, params: SamplingParams,
+            max_new_tokens: int) -> RoundState:
+  """Appends a round's accepted drafts and the target's token; the next round's state."""
+  b, kb = v.tokens.shape
+  live = ~st.done
+  a = v.accepted
+  j = jnp.arange(kb)[None]  # [1, K]
+  # This round's new tokens: accepted drafts y_1..y_a, then z.
+  new = jnp.where(j < a[:, None], jnp.roll(v.tokens, -1, axis=1), v.next_token[:, None])  # [B, K]
+  n_new = a + 1
+  # Cut at the first EOS (kept) and at the token budget.
+  eos_at = jnp.where(is_eos(new, eos_ids) & (j < n_new[:, None]), j, kb)
+  n_new = jnp.minimum(jnp.minimum(n_new, jnp.min(eos_at, axis=1) + 1), max_new_tokens - st.count)
+  n_new = jnp.where(live, n_new, 0)
+  slots = st.count[:, None] + j  # [B, K]
+  out = st.out.at[jnp.arange(b)[:, None], slots].set(
+      jnp.where(j < n_new[:, None], new, PAD_ID), mode="drop")
+  count = st.count + n_new
+  last_h = jnp.take_along_axis(v.hidden, a[:, None, None], 1)[:, 0]  # [B, D]
+  return RoundState(
+      n=jnp.where(live, st.n + a + 1, st.n), y0=jnp.where(live, v.next_token, st.y0),
+      h_prev=jnp.where(live[:, None], last_h, st.h_prev), cache=cache, acache=acache, rng=rng,
+      out=out, count=count,
+      done=st.done | (jnp.min(eos_at, axis=1) < a + 1) | (count >= max_new_tokens),
+      rounds=st.rounds + live, drafts=st.drafts + jnp.where(live, v.steps, 0),
+      drafts_verified=st.drafts_verified + jnp.where(live, v.verified, 0),
+      total_rounds=st.total_rounds + 1,
+      seen=mark_seen(st.seen, new, j < n_new[:, None], params))
+
+
+def _kangaroo_rounds(model: Llama, adapter: Adapter, draft_ids, st: RoundState, eos_ids, eta,
+                     until, *, params: SamplingParams, max_new_tokens: int, gamma: int,
+                     send_unconfident: bool, tree: Optional[tuple[int, int]] = None) -> RoundState:
+  """Runs rounds (draft -> verify -> commit; a chain, or a tree of (nodes, top-k)) until
+  round `until` or every sequence is done."""
   # A reduced draft vocabulary scores only its rows of the head.
   draft_head = None if draft_ids is None else model.head_weight()[draft_ids]  # [N, D]
 
-  def round_body(st):
-    live = ~st["done"]
+  def round_body(st: RoundState) -> RoundState:
     if tree is None:
-      Y, H, a, z, k, steps, cache, acache, rng = _chain_round(
+      verdict, cache, acache, rng = _chain_round(
           model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, params=params,
           send_unconfident=send_unconfident)
     else:
       nodes, topk = tree
-      Y, H, a, z, k, steps, cache, acache = tree_round(
+      verdict, cache, acache = tree_round(
           model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, topk=topk, nodes=nodes,
           sizes=verify_block_sizes(nodes), params=params)
-      rng = st["rng"]
-    j = jnp.arange(gamma + 1)[None]  # [1, K]
-    # This round's new tokens: accepted drafts y_1..y_a, then z.
-    new = jnp.where(j < a[:, None], jnp.roll(Y, -1, axis=1), z[:, None])  # [B, K]
-    n_new = a + 1
-    # Cut at the first EOS (kept) and at the token budget.
-    eos_at = jnp.where(is_eos(new, eos_ids) & (j < n_new[:, None]), j, gamma + 1)
-    n_new = jnp.minimum(jnp.minimum(n_new, jnp.min(eos_at, axis=1) + 1),
-                        max_new_tokens - st["count"])
-    n_new = jnp.where(live, n_new, 0)
-    slots = st["count"][:, None] + j  # [B, K]
-    out = st["out"].at[jnp.arange(b)[:, None], slots].set(
-        jnp.where(j < n_new[:, None], new, PAD_ID), mode="drop")
-    count = st["count"] + n_new
-    done = st["done"] | (jnp.min(eos_at, axis=1) < a + 1) | (count >= max_new_tokens)
-    return dict(
-        n=jnp.where(live, st["n"] + a + 1, st["n"]), y0=jnp.where(live, z, st["y0"]),
-        h_prev=jnp.where(live[:, None], jnp.take_along_axis(H, a[:, None, None], 1)[:, 0],
-                         st["h_prev"]),
-        cache=cache, acache=acache, rng=rng, out=out, count=count, done=done,
-        rounds=st["rounds"] + live, drafts=st["drafts"] + jnp.where(live, steps, 0),
-        drafts_verified=st["drafts_verified"] + jnp.where(live, k, 0),
-        total_rounds=st["total_rounds"] + 1,
-        seen=mark_seen(st["seen"], new, j < n_new[:, None], params))
+      rng = st.rng
+    return _commit(st, verdict, cache, acache, rng, eos_ids, params=params,
+                   max_new_tokens=max_new_tokens)
 
-  return jax.lax.while_loop(lambda s: ~jnp.all(s["done"]) & (s["total_rounds"] < until),
+  return jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.total_rounds < until),
                             round_body, st)
 
 
@@ -354,14 +375,13 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
   st = _kangaroo_rounds(model, adapter, draft_ids, st, eos_ids, eta, jnp.iinfo(jnp.int32).max,
                         params=params, max_new_tokens=max_new_tokens, gamma=gamma,
                         send_unconfident=send_unconfident, tree=tree)
-  return (st["out"], st["count"], st["rounds"], st["drafts"], st["drafts_verified"],
-          st["total_rounds"])
+  return st.out, st.count, st.rounds, st.drafts, st.drafts_verified, st.total_rounds
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, prompt_lens, rng,
                            eos_ids, *, params: SamplingParams, max_new_tokens: int, gamma: int,
-                           send_unconfident: bool, tree: Optional[tuple[int, int]] = None) -> dict:
+                           send_unconfident: bool, tree: Optional[tuple[int, int]] = None) -> RoundState:
   del send_unconfident, tree  # static for a uniform call; the prefill does not depend on them
   return _kangaroo_start(nnx.merge(graphdef, state), nnx.merge(agraphdef, astate), tokens,
                          prompt_lens, rng, eos_ids, params=params,
@@ -372,7 +392,7 @@ def _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, prompt_le
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("st",))
 def _kangaroo_stream_rounds(graphdef, state, agraphdef, astate, draft_ids, st, eos_ids, eta,
                             until, *, params: SamplingParams, max_new_tokens: int, gamma: int,
-                            send_unconfident: bool, tree: Optional[tuple[int, int]] = None) -> dict:
+                            send_unconfident: bool, tree: Optional[tuple[int, int]] = None) -> RoundState:
   return _kangaroo_rounds(nnx.merge(graphdef, state), nnx.merge(agraphdef, astate), draft_ids,
                           st, eos_ids, eta, until, params=params, max_new_tokens=max_new_tokens,
                           gamma=gamma, send_unconfident=send_unconfident, tree=tree)
@@ -437,8 +457,8 @@ def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
                               **static)
   shown = np.zeros((len(prompts),), np.int32)
   while True:
-    host = jax.device_get({k: st[k] for k in ("out", "count", "done", "rounds", "drafts",
-                                              "drafts_verified", "total_rounds")})
+    host = jax.device_get({k: getattr(st, k) for k in (
+        "out", "count", "done", "rounds", "drafts", "drafts_verified", "total_rounds")})
     yield new_tokens(host["out"], host["count"], shown)
     shown = host["count"]
     if host["done"].all():

@@ -30,6 +30,7 @@ from flax import struct
 from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import Adapter
 from kangaroo_jax.model import BlockView, Llama
+from kangaroo_jax.round_state import RoundState, Verdict
 from kangaroo_jax.sampling import SamplingParams, penalize
 
 # A child ranks strictly below its parent even when the draft gives it probability 1.
@@ -124,19 +125,19 @@ def _node_pass(model: Llama, adapter: Adapter, tree: DraftTree, slots, n, cache,
   return tree.replace(adapter=abuf), out
 
 
-def draft_tree(model: Llama, adapter: Adapter, draft_head, draft_ids, st: dict, eta, *,
+def draft_tree(model: Llama, adapter: Adapter, draft_head, draft_ids, st: RoundState, eta, *,
                gamma: int, topk: int, params: SamplingParams):
   """Drafts a tree for every sequence. Returns (tree, root state h0 [B, D], draft steps
   [B], shallow cache with the root written, adapter cache with slots n-1, n written)."""
   l = adapter.acfg.exit_layer
-  b, n = st["y0"].shape[0], st["n"]
+  b, n = st.y0.shape[0], st.n
   m = topk * gamma
   # The root exactly as the chain's first step: shallow layers written at slot n, the
   # adapter over (previous state, root) at slots n-1, n.
-  h0, cache = model.run_layers(model.embed(st["y0"][:, None]), n[:, None], st["cache"], 0, l)
-  pair = jnp.stack([st["h_prev"], h0[:, 0]], axis=1)  # [B, 2, D]
-  a_out, acache = adapter(pair, n[:, None] + jnp.arange(-1, 1)[None], st["acache"])
-  logq = _draft_logprobs(model, a_out[:, 1:], draft_head, draft_ids, st["seen"], params)
+  h0, cache = model.run_layers(model.embed(st.y0[:, None]), n[:, None], st.cache, 0, l)
+  pair = jnp.stack([st.h_prev, h0[:, 0]], axis=1)  # [B, 2, D]
+  a_out, acache = adapter(pair, n[:, None] + jnp.arange(-1, 1)[None], st.acache)
+  logq = _draft_logprobs(model, a_out[:, 1:], draft_head, draft_ids, st.seen, params)
 
   shape_kv = lambda c: jnp.zeros((b, m) + c.shape[2:], c.dtype)  # [B, M, Kv, Hd]
   tree = DraftTree(
@@ -145,7 +146,7 @@ def draft_tree(model: Llama, adapter: Adapter, draft_head, draft_ids, st: dict, 
       ancestors=jnp.zeros((b, m, m), bool), hidden=jnp.zeros((b, m, h0.shape[-1]), h0.dtype),
       shallow=jax.tree.map(shape_kv, {"k": cache["k"][:l], "v": cache["v"][:l]}),
       adapter=jax.tree.map(shape_kv, acache))
-  live = ~st["done"]
+  live = ~st.done
   first = jnp.arange(topk)
   # The root's children: its top-K draft tokens at slots 0..K-1.
   child_logq, child_ids = jax.lax.top_k(logq[:, 0], topk)  # [B, K] each
@@ -166,7 +167,7 @@ def draft_tree(model: Llama, adapter: Adapter, draft_head, draft_ids, st: dict, 
     d, active, steps, tree = s
     frontier = (d - 1) * topk + first  # [K]
     tree, out = _node_pass(model, adapter, tree, frontier, n, cache, acache)
-    logq = _draft_logprobs(model, out, draft_head, draft_ids, st["seen"], params)  # [B, K, V']
+    logq = _draft_logprobs(model, out, draft_head, draft_ids, st.seen, params)  # [B, K, V']
     tree = _expand(tree, logq, frontier, d * topk + first, topk, draft_ids, active)
     node_live = tree.score[:, frontier] > -jnp.inf  # [B, K]
     confident = jnp.any(node_live & (jnp.max(logq, axis=-1) >= jnp.log(eta)), axis=1)
@@ -273,22 +274,22 @@ def accept_path(block: dict, target, gamma: int):
   return a, z, jnp.argmax(at_depth, axis=-1)
 
 
-def tree_round(model: Llama, adapter: Adapter, draft_head, draft_ids, st: dict, eta, *,
+def tree_round(model: Llama, adapter: Adapter, draft_head, draft_ids, st: RoundState, eta, *,
                gamma: int, topk: int, nodes: int, sizes: tuple[int, ...],
                params: SamplingParams):
   """One tree round: draft, verify, and write the accepted path into every cache.
 
-  Returns (path tokens Y [B, G+1] (Y[:, 0] = y0, then the accepted drafts), their layer-l
-  states H [B, G+1, D], accepted drafts a [B], next token z [B], nodes verified [B],
-  draft steps [B], cache, adapter cache). `sizes`: the static verification block sizes.
+  Returns (Verdict: the path's tokens (y0, then the accepted drafts) and layer-l states,
+  accepted drafts, next token, nodes verified, draft steps; cache; adapter cache).
+  `sizes`: the static verification block sizes.
   """
   l = adapter.acfg.exit_layer
-  n, live = st["n"], ~st["done"]
+  n, live = st.n, ~st.done
   tree, h0, steps, cache, acache = draft_tree(model, adapter, draft_head, draft_ids, st, eta,
                                               gamma=gamma, topk=topk, params=params)
   chosen = select_nodes(tree, nodes)  # [B, N] slots
-  block = verification_block(tree, chosen, st["y0"], h0)
-  target, deep_kv = verify_tree(model, block, n, cache, st["seen"], live, l=l,
+  block = verification_block(tree, chosen, st.y0, h0)
+  target, deep_kv = verify_tree(model, block, n, cache, st.seen, live, l=l,
                                 sizes=sizes, params=params)
   a, z, path = accept_path(block, target, gamma)
   rows = jnp.arange(path.shape[0])[:, None]  # [B, 1]
@@ -304,4 +305,5 @@ def tree_round(model: Llama, adapter: Adapter, draft_head, draft_ids, st: dict, 
   Y = jnp.take_along_axis(block["tokens"], path, axis=1)
   H = block["hidden"][rows, path]
   verified = jnp.sum(block["valid"][:, 1:], axis=1)
-  return Y, H, a, z, verified, steps, cache, acache
+  return Verdict(tokens=Y, hidden=H, accepted=a, next_token=z, verified=verified,
+                 steps=steps), cache, acache
