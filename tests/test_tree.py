@@ -76,7 +76,7 @@ def test_tree_states_equal_a_from_scratch_recomputation(easy):
                        params=params, max_new_tokens=20, gamma=gamma)
   tree, _, _, _, _ = T.draft_tree(model, adapter, None, None, st, jnp.float32(0.01),
                                   gamma=gamma, topk=topk, params=params)
-  root = int(st["y0"][0])
+  root = int(st.y0[0])
 
   def path(slot):
     out = []
