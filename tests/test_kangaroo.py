@@ -327,3 +327,22 @@ def test_adapter_bad_input(tmp_path, tiny):
     KangarooParams(eta=1.5)
   with pytest.raises(ValueError, match="gamma"):
     KangarooParams(gamma=0)
+
+
+# ---- draft vocabularies: unique ids inside the model's vocabulary, checked on load ----
+
+@pytest.mark.parametrize("ids, problem", [
+    ([3, 5, 3], "repeats token id 3"),
+    ([3, 5, 97], "id 97 is outside"),
+    ([-1, 5], "id -1 is outside"),
+])
+def test_a_bad_draft_vocabulary_is_refused(tmp_path, tiny, ids, problem):
+  """Duplicates lose probability mass in the scatter to the full vocabulary and
+  out-of-range ids are clamped by the gather: either breaks lossless sampling."""
+  adapter = init_adapter(tiny.cfg, 2)
+  path = str(tmp_path / "a.safetensors")
+  save_adapter(path, adapter, np.asarray(ids))
+  with pytest.raises(AdapterError, match=problem):
+    load_adapter(path, tiny.cfg)
+  with pytest.raises(AdapterError, match=problem):
+    kangaroo_decode(tiny, adapter, [[1, 2]], max_new_tokens=2, draft_ids=np.asarray(ids))
