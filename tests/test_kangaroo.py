@@ -266,6 +266,8 @@ N_SAMPLES, TV_BOUND = 4000, 0.05
     (SamplingParams(temperature=0.7, top_k=4), None, KangarooParams(1e-6, 2)),
     (SamplingParams(temperature=1.0, top_p=0.8), None, KangarooParams(1e-6, 2)),
     (SamplingParams(temperature=1.0), np.asarray([0, 2, 3, 5]), KangarooParams(1e-6, 2)),
+    # top_k above the 4-id draft vocabulary: the draft keeps all 4, the target its top 5.
+    (SamplingParams(temperature=1.0, top_k=5), np.asarray([0, 2, 3, 5]), KangarooParams(1e-6, 2)),
     # Drafts dropped by confidence (some rounds verify no draft): still the target's law.
     (SamplingParams(temperature=1.0), None, KangarooParams(0.5, 2, send_unconfident=False)),
 ])
