@@ -73,6 +73,7 @@ class ModelConfig:
       elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
         raise ConfigError(f"unsupported rope_scaling type {rs.get('rope_type', rs.get('type'))!r}")
       theta = d.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0
+      _refuse_sliding_window(d, archs[0])
       eos = d.get("eos_token_id")
       eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
       return cls(
@@ -95,3 +96,19 @@ class ModelConfig:
       )
     except KeyError as e:
       raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
+
+
+def _refuse_sliding_window(d: dict[str, Any], arch: str) -> None:
+  """Raises ConfigError if the checkpoint's attention window is shorter than its context.
+
+  The decoder attends full-causally; a sliding window that decoding can reach (Mistral
+  v0.1's 4096 of 32768 positions) would make later tokens differ from the reference.
+  Qwen2 configs carry a window that transformers uses only with `use_sliding_window`.
+  """
+  window = d.get("sliding_window")
+  if arch == "Qwen2ForCausalLM" and not d.get("use_sliding_window", False):
+    window = None
+  max_positions = int(d.get("max_position_embeddings", 4096))
+  if window is not None and int(window) < max_positions:
+    raise ConfigError(f"sliding-window attention is not supported: sliding_window {window} < "
+                      f"max_position_embeddings {max_positions}")
