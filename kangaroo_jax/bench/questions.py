@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 
 from kangaroo_jax.bench.errors import BenchError
 
-# The package folder's parent: the shipped question set lives in kangaroo_jax/questions.
+# The shipped question set lives in kangaroo_jax/questions, beside this package.
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_QUESTIONS = os.path.join(HERE, "questions", "spec_bench_small.jsonl")
 
