@@ -8,7 +8,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# The checkpoint families the decoder runs: Hugging Face model_type -> architecture. The
+# one list; a config.json without "architectures" is read by its model_type.
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES.values())
 
 
 class ConfigError(ValueError):
@@ -54,9 +58,7 @@ class ModelConfig:
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
     """Builds a config from a Hugging Face `config.json` dictionary."""
-    model_types = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                   "qwen2": "Qwen2ForCausalLM"}
-    archs = d.get("architectures") or [model_types.get(d.get("model_type", "llama"),
+    archs = d.get("architectures") or [MODEL_TYPES.get(d.get("model_type", "llama"),
                                                        str(d.get("model_type")))]
     if archs[0] not in SUPPORTED_ARCHITECTURES:
       raise ConfigError(f"unsupported architecture {archs[0]!r}; supported: "
