@@ -354,6 +354,24 @@ def _global(tree, shardings):
   return jax.tree.map(put, tree, shardings)
 
 
+def training_mesh(c):
+  """The ('data', 'model') mesh of config `c`: batch over 'data', parameters over 'model'."""
+  from kangaroo_jax import sharding
+  n_dev = len(jax.devices())
+  mesh = sharding.make_mesh(n_dev // c.mesh_model if c.mesh_data == -1 else c.mesh_data, c.mesh_model)
+  if c.batch_size % mesh.shape["data"]:
+    raise ValueError(f"config.batch_size {c.batch_size} is not a multiple of the 'data' axis "
+                     f"({mesh.shape['data']} devices)")
+  return mesh
+
+
+def split_onto_mesh(module: nnx.Module, mesh):
+  """(graphdef, state) of `module`, its parameters placed on `mesh` by their partition specs."""
+  from kangaroo_jax import sharding
+  graphdef, state = nnx.split(module)
+  return graphdef, _global(state, sharding.param_shardings(state, mesh))
+
+
 def _fingerprint(examples) -> int:
   """A cheap identity of the training data, so a resume on different data is caught."""
   h = len(examples)
@@ -414,20 +432,13 @@ def train(c, log=print) -> dict:
       counts = np.where(np.isin(np.arange(len(counts)), old), counts + 1, 0)
     draft_ids = pick_draft_vocab(counts, c.draft_vocab, tuple(eos))
 
-  # Mesh: batch over 'data', parameters over 'model'.
-  n_dev = len(jax.devices())
-  mesh = sharding.make_mesh(n_dev // c.mesh_model if c.mesh_data == -1 else c.mesh_data, c.mesh_model)
-  if c.batch_size % mesh.shape["data"]:
-    raise ValueError(f"config.batch_size {c.batch_size} is not a multiple of the 'data' axis "
-                     f"({mesh.shape['data']} devices)")
-  model_graphdef, model_state = nnx.split(model)
-  model_state = _global(model_state, sharding.param_shardings(model_state, mesh))
+  mesh = training_mesh(c)
+  model_graphdef, model_state = split_onto_mesh(model, mesh)
   adapter = warm_start(init_adapter(model.cfg, c.exit_layer, c.adapter_heads or None, c.seed,
                                     model.dtype, c.get("adapter_ffn", 0)), model)
   if start_from is not None:
     copy_adapter_weights(start_from[0], adapter)
-  adapter_graphdef, params = nnx.split(adapter)
-  params = _global(params, sharding.param_shardings(params, mesh))
+  adapter_graphdef, params = split_onto_mesh(adapter, mesh)
   tx = make_optimizer(c.lr, c.warmup_steps, c.steps, c.weight_decay, c.b1, c.b2, c.grad_clip,
                       c.end_lr_fraction)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
