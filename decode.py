@@ -22,16 +22,11 @@ import time
 
 STARTED = time.perf_counter()  # time to first token is measured from here
 
-# Set before jax/transformers are imported: no hub is reachable, and their logs would
-# mix with the stats on stderr.
-for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                     "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                     "TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false"}.items():
-  os.environ.setdefault(_key, _value)
+from kangaroo_jax import cli  # noqa: E402  light (no jax): the shared command-line helpers
 
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+# Before jax/transformers are imported: their logs would mix with the stats on stderr.
+cli.set_offline_quiet_environment()
+
 ADAPTER_FORMAT = "kangaroo-jax-adapter/1"  # kangaroo_jax.adapter._FORMAT (importing it loads jax)
 ADAPTER_TENSORS = ("input_norm.weight", "attn.qkv", "attn.o", "out_norm.weight")
 
@@ -40,13 +35,9 @@ class CliError(ValueError):
   """Bad command-line input; a ValueError so that main() reports it like library errors."""
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, instead of argparse's usage block
-    raise CliError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-  p = _Parser(description=__doc__.split("\n")[0])
+  """The command-line flags (errors raise CliError instead of printing usage)."""
+  p = cli.OneLineParser(description=__doc__.split("\n")[0], error_type=CliError)
   add = p.add_argument
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--prompt", help="the user message; '-' reads it from stdin")
@@ -318,7 +309,7 @@ def chat(api, args) -> None:
       gen, stats = run_stream(api, model, tokenizer, history, kwargs, show=True)
     except ValueError as e:  # e.g. one message too long for the model: report, keep chatting
       history = history[:-1]
-      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+      print(f"error: {cli.one_line(e)}", file=sys.stderr)
       continue
     print(flush=True)
     history.append({"role": "assistant", "content": gen.text})
@@ -350,19 +341,13 @@ def run(args) -> None:
 
 def main(argv=None) -> int:
   """Runs the command; returns the exit status (errors: one `error:` line, status 2)."""
-  try:
+  def command():
     args = build_parser().parse_args(argv)
     validate(args)
     run(args)
-  except BrokenPipeError:
-    raise  # the reader went away: handled by the caller, which must not write again
-  except (ValueError, OSError) as e:  # the library's errors all subclass ValueError
-    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-    return EXIT_ERROR
-  except KeyboardInterrupt:  # in-process callers; the command line uses _interrupt_watcher
-    print("\ninterrupted", file=sys.stderr)
-    return EXIT_INTERRUPTED
-  return 0
+
+  # Ctrl-C here reaches in-process callers only; the command line uses _interrupt_watcher.
+  return cli.exit_status(command, interrupted="\ninterrupted")
 
 
 def _interrupt_watcher() -> None:
@@ -376,20 +361,10 @@ def _interrupt_watcher() -> None:
   """
   signal.sigwait({signal.SIGINT})
   os.write(2, b"\ninterrupted\n")
-  os._exit(EXIT_INTERRUPTED)
+  os._exit(cli.EXIT_INTERRUPTED)
 
 
-def _exit_quietly_on_broken_pipe() -> None:
-  """The reader of stdout went away (e.g. `| head -2`): exit at once, printing nothing."""
-  try:
-    # Point stdout at /dev/null so that nothing flushes to the dead pipe again.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-  except OSError:
-    pass
-  os._exit(EXIT_BROKEN_PIPE)
-
-
-def cli() -> None:
+def run_command_line() -> None:
   """The command-line entry point: main() plus clean exits on Ctrl-C and a closed pipe."""
   signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
   threading.Thread(target=_interrupt_watcher, daemon=True).start()
@@ -397,10 +372,10 @@ def cli() -> None:
     code = main()
     sys.stdout.flush()
   except BrokenPipeError:
-    _exit_quietly_on_broken_pipe()
+    cli.exit_quietly_on_broken_pipe()
   sys.stderr.flush()
   os._exit(code)  # no interpreter teardown under XLA's threads (see _interrupt_watcher)
 
 
 if __name__ == "__main__":
-  cli()
+  run_command_line()

@@ -1,8 +1,19 @@
-"""kangaroo-jax: Kangaroo self-speculative decoding (double early exiting) in JAX/Flax."""
-from kangaroo_jax.api import Generation, generate, load_adapter_for, load_model, stream
-from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode
-from kangaroo_jax.decoding import plain_decode
-from kangaroo_jax.sampling import SamplingParams
+"""kangaroo-jax: Kangaroo self-speculative decoding (double early exiting) in JAX/Flax.
 
-__all__ = ["Generation", "generate", "stream", "load_model", "load_adapter_for",
-           "KangarooParams", "kangaroo_decode", "plain_decode", "SamplingParams"]
+The public names load on first use, so that light modules (kangaroo_jax.cli, the bench
+command's argument checks) import without jax: commands set their environment and
+reject bad flags before the slow import.
+"""
+import importlib
+
+_HOMES = {"Generation": "api", "generate": "api", "stream": "api", "load_model": "api",
+          "load_adapter_for": "api", "KangarooParams": "kangaroo", "kangaroo_decode": "kangaroo",
+          "plain_decode": "decoding", "SamplingParams": "sampling"}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+  if name not in _HOMES:
+    raise AttributeError(f"module 'kangaroo_jax' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"kangaroo_jax.{_HOMES[name]}"), name)

@@ -111,6 +111,27 @@ def init_adapter(cfg: ModelConfig, exit_layer: int, num_heads: Optional[int] = N
   return Adapter(acfg, cfg, dtype, nnx.Rngs(seed))
 
 
+def check_draft_ids(ids, vocab_size: int, source: str = "draft_ids") -> np.ndarray:
+  """The draft vocabulary `ids` as int32 [N], or AdapterError naming what is wrong.
+
+  Lossless sampling needs each id once and inside [0, vocab_size): a repeated id loses
+  probability mass in the scatter back to the full vocabulary, and an out-of-range id
+  would be silently clamped by the gather from the LM head.
+  """
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or not 0 < len(ids) <= vocab_size or not np.issubdtype(ids.dtype, np.integer):
+    raise AdapterError(f"{source}: draft vocabulary must be 1..{vocab_size} integer ids, got "
+                       f"{ids.dtype} of shape {ids.shape}")
+  bad = ids[(ids < 0) | (ids >= vocab_size)]
+  if len(bad):
+    raise AdapterError(f"{source}: draft vocabulary id {bad[0]} is outside the model's "
+                       f"{vocab_size} tokens")
+  values, counts = np.unique(ids, return_counts=True)
+  if (counts > 1).any():
+    raise AdapterError(f"{source}: draft vocabulary repeats token id {values[counts > 1][0]}")
+  return ids.astype(np.int32)
+
+
 # ---- the standalone adapter file: one safetensors file, config in its metadata ----
 _FORMAT = "kangaroo-jax-adapter/1"
 
@@ -173,6 +194,6 @@ def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32) -> tuple[Adapte
                          f"{tuple(var.shape)}")
     var.set_value(jnp.asarray(arrays[name], dtype))
   draft_ids = arrays.get("draft_ids")
-  if draft_ids is not None and (draft_ids.min() < 0 or draft_ids.max() >= cfg.vocab_size):
-    raise AdapterError(f"{path}: draft vocabulary ids fall outside the model's {cfg.vocab_size} tokens")
+  if draft_ids is not None:
+    draft_ids = check_draft_ids(draft_ids, cfg.vocab_size, path)
   return adapter, draft_ids

@@ -8,7 +8,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# The checkpoint families the decoder runs: Hugging Face model_type -> architecture. The
+# one list; a config.json without "architectures" is read by its model_type.
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES.values())
 
 
 class ConfigError(ValueError):
@@ -54,9 +58,7 @@ class ModelConfig:
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
     """Builds a config from a Hugging Face `config.json` dictionary."""
-    model_types = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                   "qwen2": "Qwen2ForCausalLM"}
-    archs = d.get("architectures") or [model_types.get(d.get("model_type", "llama"),
+    archs = d.get("architectures") or [MODEL_TYPES.get(d.get("model_type", "llama"),
                                                        str(d.get("model_type")))]
     if archs[0] not in SUPPORTED_ARCHITECTURES:
       raise ConfigError(f"unsupported architecture {archs[0]!r}; supported: "
@@ -73,6 +75,7 @@ class ModelConfig:
       elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
         raise ConfigError(f"unsupported rope_scaling type {rs.get('rope_type', rs.get('type'))!r}")
       theta = d.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0
+      _refuse_sliding_window(d, archs[0])
       eos = d.get("eos_token_id")
       eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
       return cls(
@@ -95,3 +98,19 @@ class ModelConfig:
       )
     except KeyError as e:
       raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
+
+
+def _refuse_sliding_window(d: dict[str, Any], arch: str) -> None:
+  """Raises ConfigError if the checkpoint's attention window is shorter than its context.
+
+  The decoder attends full-causally; a sliding window that decoding can reach (Mistral
+  v0.1's 4096 of 32768 positions) would make later tokens differ from the reference.
+  Qwen2 configs carry a window that transformers uses only with `use_sliding_window`.
+  """
+  window = d.get("sliding_window")
+  if arch == "Qwen2ForCausalLM" and not d.get("use_sliding_window", False):
+    window = None
+  max_positions = int(d.get("max_position_embeddings", 4096))
+  if window is not None and int(window) < max_positions:
+    raise ConfigError(f"sliding-window attention is not supported: sliding_window {window} < "
+                      f"max_position_embeddings {max_positions}")

@@ -26,6 +26,9 @@ gamma + 1) that holds every sequence's drafts, so T lies between k + 1 and gamma
 at batch 1 it is close to k + 1. Costs do not depend on the weights, so a
 randomly initialised model of the target's shape (`SEVEN_B`) gives the costs at scale.
 
+`cost_markdown` puts the measured pieces beside a benchmark's measured speedup (the
+report of `python -m kangaroo_jax.bench --costs`).
+
   python -m kangaroo_jax.costs --preset 7b --dtype bfloat16 --max-block 8
 """
 from __future__ import annotations
@@ -301,6 +304,89 @@ def default_acceptance(gamma: int) -> list[tuple[str, float, float]]:
   """Illustrative acceptance rows when none was measured: k drafts, a fraction accepted."""
   return [(f"{k} drafts, {tau - 1:.1f} accepted", tau, float(k))
           for k, tau in ((2, 2.0), (3, 2.5), (gamma, 3.0), (gamma, 4.0)) if k <= gamma]
+
+
+# ---- markdown for the benchmark report: the measured pieces beside the measured speedup ----
+
+def cost_markdown(costs: dict, kangaroo_rows: dict[str, dict], gamma: int,
+                  target_speedup: float) -> str:
+  """Where Kangaroo's time goes, as markdown: piece costs and the speedup they predict.
+
+  Args:
+    costs: what `measure_costs` returned.
+    kangaroo_rows: per row label (the benchmark's categories, then "overall") Kangaroo's
+      summary there: mean_accepted_tokens, drafts_per_round, verified_drafts_per_round
+      (optional) and the measured speedup (None when unknown).
+    gamma: the most drafts per round.
+    target_speedup: the speedup the levers line says what it would take to reach.
+  """
+  rel, sh = costs["relative"], costs["shapes"]
+  lines = [f"Where the time goes (`kangaroo_jax.costs`, {sh['device']}, {sh['cache_slots']} cache "
+           "slots; one plain step = 1):", "",
+           "| piece | x plain step |", "| --- | --- |",
+           f"| draft step: layers 0..{sh['exit_layer'] - 1} + adapter + head over "
+           f"{sh['draft_vocab']} tokens | {rel['draft']:.3f} |",
+           f"| same with the full {sh['vocab']}-token head | {rel['draft_full_vocab']:.3f} |",
+           f"| shallow layers alone (pending token, once a round) | {rel['shallow']:.3f} |"]
+  for t, v in rel["verify"].items():
+    lines.append(f"| verify T={t} (layers {sh['exit_layer']}..{sh['layers'] - 1} + head) "
+                 f"| {v:.3f} |")
+  lines += ["", "Per round: shallow + k x draft + verify[T]; speedup = tokens per round / that "
+            "cost. `kangaroo.py` verifies the smallest static block (powers of two, or "
+            f"gamma + 1 = {gamma + 1}) that holds the drafts plus the pending token, so T = k + 1 "
+            "(k = drafts verified per round, which is fewer than the draft steps when "
+            "unconfident drafts are dropped) is the model; T = gamma + 1 shows a fixed-size "
+            "block.", "",
+            "| category | tokens/round | drafts/round | predicted (T = k+1) | "
+            "predicted (T = gamma+1) | measured | gap vs T = k+1 |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+  for cat, k in kangaroo_rows.items():
+    if not k or not k["mean_accepted_tokens"]:
+      continue
+    tau, d, v = k["mean_accepted_tokens"], k["drafts_per_round"], _sent(k)
+    predicted = project_speedup(rel, tau, d, v + 1)
+    # The gap is what the loop costs beyond its pieces (negative: slower than predicted).
+    gap = "–" if k["speedup"] is None else f"{100 * (k['speedup'] / predicted - 1):+.0f}%"
+    lines.append(f"| {cat} | {tau:.2f} | {d:.2f} | {predicted:.2f}x | "
+                 f"{project_speedup(rel, tau, d, gamma + 1):.2f}x | {_speedup(k)}x | {gap} |")
+  k = kangaroo_rows.get("overall")
+  if k and k["mean_accepted_tokens"]:
+    lines += ["", _levers(rel, k, target_speedup)]
+  return "\n".join(lines)
+
+
+def _levers(rel: dict, k: dict, target: float) -> str:
+  """The overall round broken into its pieces, and what would move the speedup."""
+  tau, d, v = k["mean_accepted_tokens"], k["drafts_per_round"], _sent(k)
+  draft, verify = d * rel["draft"], verify_cost(rel, v + 1)
+  total = rel["shallow"] + draft + verify
+  full = dict(rel, draft=rel["draft_full_vocab"])
+  one = verify_cost(rel, 1)
+  flat = dict(rel, verify={t: one for t in rel["verify"]})
+  lines = [f"Overall, a round costs {total:.2f} plain steps: {rel['shallow']:.2f} shallow + "
+           f"{d:.2f} drafts x {rel['draft']:.3f} = {draft:.2f} drafting + {verify:.2f} verifying "
+           f"~{v + 1:.1f} positions ({100 * verify / total:.0f}% of the round), and yields "
+           f"{tau:.2f} tokens: {tau / total:.2f}x predicted, {_speedup(k)}x measured "
+           "(the gap is per-round work outside the pieces: bookkeeping, block padding). Levers:",
+           f"- with these costs, {target:.1f}x needs {target * total:.2f} tokens per round "
+           f"(now {tau:.2f})" + (": a better-trained adapter;" if tau < target * total else ";"),
+           "- if verifying a block cost no more than one position (as on an accelerator): "
+           f"{project_speedup(flat, tau, d, v + 1):.2f}x predicted;",
+           "- drafting over the full vocabulary instead: "
+           f"{project_speedup(full, tau, d, v + 1):.2f}x predicted."]
+  return "\n".join(lines)
+
+
+def _sent(k: dict) -> float:
+  """Drafts verified per round; results without the count (older runs) fall back to the
+  draft steps, which overstates the block when unconfident drafts are dropped."""
+  v = k.get("verified_drafts_per_round")
+  return k["drafts_per_round"] if v is None else v
+
+
+def _speedup(k: dict) -> str:
+  """The measured speedup for a table cell ("–" when unknown)."""
+  return "–" if k["speedup"] is None else f"{k['speedup']:.2f}"
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,6 @@ import glob
 import json
 import logging
 import os
-import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -287,60 +286,6 @@ class MagpieSettings:
   user_starts: tuple[str, ...] = ()
 
 
-def _answer_loop_fn():
-  """The jitted decode loop that also records the target's top-k per generated token."""
-  import functools
-
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from kangaroo_jax import cache as kv
-  from kangaroo_jax.decoding import PAD_ID, cache_size, is_eos, last_hidden, prefill
-  from kangaroo_jax.sampling import SamplingParams, sample
-
-  @functools.partial(jax.jit, static_argnames=("graphdef", "params", "max_new", "k"))
-  def loop(graphdef, state, tokens, prompt_lens, rng, eos_ids, *, params: SamplingParams,
-           max_new: int, k: int):
-    model = nnx.merge(graphdef, state)
-    b = tokens.shape[0]
-    cache = kv.init_model_cache(model.cfg, b, cache_size(tokens.shape[1], max_new), model.dtype)
-    hidden, cache = prefill(model, tokens, prompt_lens, cache)
-
-    def pick(logits, rng):
-      # The teacher is the raw (temperature 1) distribution; only sampling is tempered.
-      top_p, top_i = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)  # [B, K]
-      return sample(logits, params, rng), top_i, top_p
-
-    rng, sub = jax.random.split(rng)
-    first, ti, tp = pick(model.logits(last_hidden(hidden, prompt_lens))[:, 0], sub)
-    out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first)
-    out_i = jnp.zeros((b, max_new, k), jnp.int32).at[:, 0].set(ti)
-    out_p = jnp.zeros((b, max_new, k), jnp.float32).at[:, 0].set(tp)
-    done = is_eos(first, eos_ids)
-
-    def body(s):
-      step, tok, lens, out, out_i, out_p, done, cache, rng = s
-      logits, cache = model(tok[:, None], lens[:, None], cache)  # [B, 1, V]
-      rng, sub = jax.random.split(rng)
-      nxt, ti, tp = pick(logits[:, 0], sub)
-      nxt = jnp.where(done, PAD_ID, nxt)
-      out, out_i, out_p = out.at[:, step].set(nxt), out_i.at[:, step].set(ti), out_p.at[:, step].set(tp)
-      lens = lens + (~done).astype(jnp.int32)
-      done = done | is_eos(nxt, eos_ids)
-      return step + 1, nxt, lens, out, out_i, out_p, done, cache, rng
-
-    init = (jnp.int32(1), first, prompt_lens, out, out_i, out_p, done, cache, rng)
-    s = jax.lax.while_loop(lambda s: (s[0] < max_new) & ~jnp.all(s[6]), body, init)
-    lens = s[2]
-    return s[3], s[4], s[5], lens - prompt_lens + 1
-
-  return loop
-
-
-_ANSWER_LOOP = None
-
-
 def generate_answers(model, prompts: Sequence[Sequence[int]], *, max_new: int, temperature: float,
                      top_p: float, k: int, seed: int, eos_ids: Sequence[int]):
   """Samples answers and records the target's top-k distribution for each answer token.
@@ -352,17 +297,14 @@ def generate_answers(model, prompts: Sequence[Sequence[int]], *, max_new: int, t
   import jax.numpy as jnp
   from flax import nnx
 
-  from kangaroo_jax.decoding import pad_prompts
+  from kangaroo_jax.decoding import pad_prompts, plain_loop_with_top_k
   from kangaroo_jax.sampling import SamplingParams
-  global _ANSWER_LOOP
-  _ANSWER_LOOP = _ANSWER_LOOP or _answer_loop_fn()
   tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new)
   graphdef, state = nnx.split(model)
-  out, ti, tp, counts = _ANSWER_LOOP(
+  out, ti, tp, counts = map(np.asarray, plain_loop_with_top_k(
       graphdef, state, jnp.asarray(tokens), jnp.asarray(lens), jax.random.key(seed),
       jnp.asarray(list(eos_ids) or [-1], jnp.int32),
-      params=SamplingParams(temperature, 0, top_p), max_new=max_new, k=k)
-  out, ti, tp, counts = map(np.asarray, (out, ti, tp, jnp.minimum(counts, max_new)))
+      params=SamplingParams(temperature, 0, top_p), max_new_tokens=max_new, top_k=k))
   return [(out[i, :counts[i]], ti[i, :counts[i]], tp[i, :counts[i]]) for i in range(len(prompts))]
 
 

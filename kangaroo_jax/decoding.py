@@ -118,9 +118,23 @@ def is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
   return jnp.any(tokens[..., None] == eos_ids, axis=-1)
 
 
+def _own_top_k(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The model's own top-k (ids [B, k], probabilities [B, k]) from raw logits [B, V].
+
+  Temperature 1 and no truncation: a distillation teacher is the model itself, however
+  its tokens were sampled.
+  """
+  probs_k, ids_k = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)  # [B, k] each
+  return ids_k, probs_k
+
+
 def _plain_start(model: Llama, tokens, prompt_lens, rng, eos_ids, params: SamplingParams,
-                 max_new_tokens: int) -> dict:
-  """Prefill and the first token: the loop state (see `_plain_body`)."""
+                 max_new_tokens: int, top_k: int = 0) -> dict:
+  """Prefill and the first token: the loop state (see `_plain_run`).
+
+  With `top_k` > 0 the state also records, per new token, the model's own top-k
+  (`top_ids`, `top_probs`: [B, N, top_k]) for self-distillation.
+  """
   b = tokens.shape[0]
   cache = kv.init_model_cache(model.cfg, b, cache_size(tokens.shape[1], max_new_tokens), model.dtype)
   hidden, cache = prefill(model, tokens, prompt_lens, cache)
@@ -132,13 +146,21 @@ def _plain_start(model: Llama, tokens, prompt_lens, rng, eos_ids, params: Sampli
   seen = mark_seen(seen, first[:, None], jnp.ones((b, 1), bool), params)
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
   done = is_eos(first, eos_ids) | (max_new_tokens <= 1)
-  return dict(step=jnp.int32(1), tok=first, lens=prompt_lens, out=out, done=done, cache=cache,
-              rng=rng, seen=seen, count=jnp.ones((b,), jnp.int32))
+  st = dict(step=jnp.int32(1), tok=first, lens=prompt_lens, out=out, done=done, cache=cache,
+            rng=rng, seen=seen, count=jnp.ones((b,), jnp.int32))
+  if top_k:
+    ids_k, probs_k = _own_top_k(logits, top_k)
+    st["top_ids"] = jnp.zeros((b, max_new_tokens, top_k), jnp.int32).at[:, 0].set(ids_k)
+    st["top_probs"] = jnp.zeros((b, max_new_tokens, top_k), jnp.float32).at[:, 0].set(probs_k)
+  return st
 
 
 def _plain_run(model: Llama, st: dict, eos_ids, until, params: SamplingParams,
                max_new_tokens: int) -> dict:
-  """Decodes one token per step until step `until`, the token limit or every EOS."""
+  """Decodes one token per step until step `until`, the token limit or every EOS.
+
+  Records the model's own top-k per token when `_plain_start` was given a `top_k`.
+  """
 
   def cond(s):
     return (s["step"] < jnp.minimum(until, max_new_tokens)) & ~jnp.all(s["done"])
@@ -150,11 +172,16 @@ def _plain_run(model: Llama, st: dict, eos_ids, until, params: SamplingParams,
     nxt = sample(penalize(logits[:, 0], s["seen"], params), params, sub)
     nxt = jnp.where(done, PAD_ID, nxt)
     live = (~done).astype(jnp.int32)
-    return dict(step=s["step"] + 1, tok=nxt, lens=s["lens"] + live,
-                out=s["out"].at[:, s["step"]].set(nxt),
-                done=done | is_eos(nxt, eos_ids) | (s["step"] + 1 >= max_new_tokens),
-                cache=cache, rng=rng, seen=mark_seen(s["seen"], nxt[:, None], ~done[:, None], params),
-                count=s["count"] + live)
+    new = dict(step=s["step"] + 1, tok=nxt, lens=s["lens"] + live,
+               out=s["out"].at[:, s["step"]].set(nxt),
+               done=done | is_eos(nxt, eos_ids) | (s["step"] + 1 >= max_new_tokens),
+               cache=cache, rng=rng, seen=mark_seen(s["seen"], nxt[:, None], ~done[:, None], params),
+               count=s["count"] + live)
+    if "top_ids" in s:
+      ids_k, probs_k = _own_top_k(logits[:, 0], s["top_ids"].shape[-1])
+      new["top_ids"] = s["top_ids"].at[:, s["step"]].set(ids_k)
+      new["top_probs"] = s["top_probs"].at[:, s["step"]].set(probs_k)
+    return new
 
   return jax.lax.while_loop(cond, body, st)
 
@@ -170,6 +197,22 @@ def _plain_loop(graphdef, state, tokens, prompt_lens, rng, eos_ids, *,
   st = _plain_start(model, tokens, prompt_lens, rng, eos_ids, params, max_new_tokens)
   st = _plain_run(model, st, eos_ids, max_new_tokens, params, max_new_tokens)
   return st["out"], st["count"], st["step"]
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("top_k",))
+def plain_loop_with_top_k(graphdef, state, tokens, prompt_lens, rng, eos_ids, *,
+                          params: SamplingParams, max_new_tokens: int, top_k: int):
+  """Plain decoding that also records the model's own top-k for every new token.
+
+  Args as `_plain_loop` (device arrays; see `plain_decode` for the host side), plus
+  `top_k`. Returns (out [B, N], top ids [B, N, top_k], top probabilities [B, N, top_k],
+  new token counts [B]); row j of a sequence is the distribution its token j was drawn
+  from, before the sampling's temperature / top-p.
+  """
+  model = nnx.merge(graphdef, state)
+  st = _plain_start(model, tokens, prompt_lens, rng, eos_ids, params, max_new_tokens, top_k)
+  st = _plain_run(model, st, eos_ids, max_new_tokens, params, max_new_tokens)
+  return st["out"], st["top_ids"], st["top_probs"], st["count"]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx, struct
 
 from kangaroo_jax import cache as kv
-from kangaroo_jax.adapter import Adapter, AdapterError
+from kangaroo_jax.adapter import Adapter, check_draft_ids
 from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptError, cache_size,
                                    drain, is_eos, last_hidden, new_tokens, pad_prompts,
                                    place_batch, prefill)
@@ -476,9 +476,7 @@ def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos
   tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings,
                              max_new_tokens + kparams.gamma + 1)
   if draft_ids is not None:
-    draft_ids = jnp.asarray(draft_ids, jnp.int32)
-    if draft_ids.ndim != 1 or not 0 < draft_ids.shape[0] <= model.cfg.vocab_size:
-      raise AdapterError(f"draft vocabulary must be 1..{model.cfg.vocab_size} ids, got shape {draft_ids.shape}")
+    draft_ids = jnp.asarray(check_draft_ids(draft_ids, model.cfg.vocab_size))
   graphdef, state = nnx.split(model)
   agraphdef, astate = nnx.split(adapter)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)

@@ -95,7 +95,9 @@ def penalize(logits: jax.Array, seen: jax.Array, params: SamplingParams) -> jax.
 def process_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
   """Temperature, top-k and top-p on float32 logits [..., V]; removed tokens get -inf."""
   logits = logits.astype(jnp.float32) / params.temperature
-  if params.top_k:
+  # A top_k above the vocabulary keeps every token (as transformers does); the draft's
+  # reduced vocabulary is often smaller than the top_k the target samples with.
+  if 0 < params.top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, params.top_k)[0][..., -1:]  # [..., 1]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if params.top_p < 1.0:

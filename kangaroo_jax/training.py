@@ -354,6 +354,24 @@ def _global(tree, shardings):
   return jax.tree.map(put, tree, shardings)
 
 
+def training_mesh(c):
+  """The ('data', 'model') mesh of config `c`: batch over 'data', parameters over 'model'."""
+  from kangaroo_jax import sharding
+  n_dev = len(jax.devices())
+  mesh = sharding.make_mesh(n_dev // c.mesh_model if c.mesh_data == -1 else c.mesh_data, c.mesh_model)
+  if c.batch_size % mesh.shape["data"]:
+    raise ValueError(f"config.batch_size {c.batch_size} is not a multiple of the 'data' axis "
+                     f"({mesh.shape['data']} devices)")
+  return mesh
+
+
+def split_onto_mesh(module: nnx.Module, mesh):
+  """(graphdef, state) of `module`, its parameters placed on `mesh` by their partition specs."""
+  from kangaroo_jax import sharding
+  graphdef, state = nnx.split(module)
+  return graphdef, _global(state, sharding.param_shardings(state, mesh))
+
+
 def _fingerprint(examples) -> int:
   """A cheap identity of the training data, so a resume on different data is caught."""
   h = len(examples)
@@ -375,7 +393,7 @@ def train(c, log=print) -> dict:
   from tqdm import tqdm
 
   from kangaroo_jax import api, checkpoint, data, sharding
-  from kangaroo_jax.adapter import init_adapter, save_adapter
+  from kangaroo_jax.adapter import init_adapter
 
   check_config(c)
   if c.distributed or c.num_processes > 1:
@@ -389,25 +407,7 @@ def train(c, log=print) -> dict:
   model, tokenizer = api.load_model(c.model_path or None, c.dtype)
   eos = api.eos_ids(model, tokenizer)
 
-  # Data: hold out a fixed slice for evaluation, draft vocabulary from the training part.
-  gen_bar = None
-  if c.data.source == "magpie" and main:
-    folder = c.data.path or os.path.join(c.workdir, "magpie")
-    have = data.count_magpie(folder) if os.path.isdir(folder) else 0
-    gen_bar = tqdm(total=c.data.magpie_num, initial=min(have, c.data.magpie_num),
-                   desc="self-distilling", unit="conv", disable=have >= c.data.magpie_num)
-  if c.data.source == "teacher":
-    train_set, eval_sets = split_teacher_caches(c, log if main else (lambda *_: None))
-    skipped = {}
-  else:
-    ds = load_dataset(c, model, tokenizer, eos, gen_bar.update if gen_bar else None)
-    if gen_bar:
-      gen_bar.close()
-    order = np.random.default_rng([c.seed, 1]).permutation(len(ds.examples))
-    n_eval = min(c.data.eval_examples, max(0, len(ds.examples) - c.batch_size))
-    eval_sets = {"": [ds.examples[i] for i in order[:n_eval]]}
-    train_set = [ds.examples[i] for i in order[n_eval:]]
-    skipped = ds.skipped
+  train_set, eval_sets, skipped = prepare_data(c, model, tokenizer, eos, main, log)
   everything = train_set + [ex for s in eval_sets.values() for ex in s]
   batches = data.Batches(train_set, c.batch_size, c.seq_len, c.seed)
   if main:
@@ -432,20 +432,13 @@ def train(c, log=print) -> dict:
       counts = np.where(np.isin(np.arange(len(counts)), old), counts + 1, 0)
     draft_ids = pick_draft_vocab(counts, c.draft_vocab, tuple(eos))
 
-  # Mesh: batch over 'data', parameters over 'model'.
-  n_dev = len(jax.devices())
-  mesh = sharding.make_mesh(n_dev // c.mesh_model if c.mesh_data == -1 else c.mesh_data, c.mesh_model)
-  if c.batch_size % mesh.shape["data"]:
-    raise ValueError(f"config.batch_size {c.batch_size} is not a multiple of the 'data' axis "
-                     f"({mesh.shape['data']} devices)")
-  model_graphdef, model_state = nnx.split(model)
-  model_state = _global(model_state, sharding.param_shardings(model_state, mesh))
+  mesh = training_mesh(c)
+  model_graphdef, model_state = split_onto_mesh(model, mesh)
   adapter = warm_start(init_adapter(model.cfg, c.exit_layer, c.adapter_heads or None, c.seed,
                                     model.dtype, c.get("adapter_ffn", 0)), model)
   if start_from is not None:
     copy_adapter_weights(start_from[0], adapter)
-  adapter_graphdef, params = nnx.split(adapter)
-  params = _global(params, sharding.param_shardings(params, mesh))
+  adapter_graphdef, params = split_onto_mesh(adapter, mesh)
   tx = make_optimizer(c.lr, c.warmup_steps, c.steps, c.weight_decay, c.b1, c.b2, c.grad_clip,
                       c.end_lr_fraction)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -458,9 +451,7 @@ def train(c, log=print) -> dict:
 
   # Resume: step, optimizer state, parameters, data position and draft vocabulary.
   mgr = checkpoint.manager(os.path.join(c.workdir, "checkpoints"), c.keep_checkpoints)
-  like = {"params": params, "opt_state": opt_state, "step": np.int64(0), "epoch": np.int64(0),
-          "index": np.int64(0), "draft_ids": vocab_ids, "data_fingerprint": np.int64(0)}
-  restored = checkpoint.restore_latest(mgr, like)
+  restored = checkpoint.restore_latest(mgr, train_state(params, opt_state, 0, (0, 0), vocab_ids, 0))
   start = 0
   if restored is not None:
     start = int(restored["step"])
@@ -504,10 +495,8 @@ def train(c, log=print) -> dict:
     return out
 
   def save(step):
-    epoch, index = batches.position(step)
-    checkpoint.save(mgr, step, {"params": params, "opt_state": opt_state, "step": np.int64(step),
-                                "epoch": np.int64(epoch), "index": np.int64(index),
-                                "draft_ids": vocab_ids, "data_fingerprint": np.int64(_fingerprint(train_set))})
+    checkpoint.save(mgr, step, train_state(params, opt_state, step, batches.position(step),
+                                           vocab_ids, _fingerprint(train_set)))
 
   metrics_file = os.path.join(c.workdir, "metrics.jsonl")  # training metrics, per log step
   eval_file = os.path.join(c.workdir, "eval.jsonl")  # held-out metrics: the learning curve
@@ -565,20 +554,69 @@ def train(c, log=print) -> dict:
       "tokens_seen": c.steps * tokens_per_step, "adapter_ffn": c.get("adapter_ffn", 0),
       "data_skipped": skipped}
   if main:
-    path = c.export_path or os.path.join(c.workdir, "adapter.safetensors")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    nnx.update(adapter, jax.device_get(params))
-    save_adapter(path, adapter, draft_ids, extra={k: v for k, v in final.items()
-                                                  if isinstance(v, (int, float))})
-    with open(os.path.join(c.workdir, "final_metrics.json"), "w") as f:
-      json.dump(final, f, indent=1)
-    with open(eval_file, "a") as f:
-      f.write(json.dumps({k: v for k, v in final.items() if k.startswith("eval_")}
-                         | {"step": c.steps, "tokens_seen": final["tokens_seen"]}) + "\n")
-    plot_learning_curve(eval_file, os.path.join(c.workdir, "learning_curve.png"))
-    log(f"adapter written to {path}")
-    log(json.dumps(final))
+    export(c, adapter, params, draft_ids, final, eval_file, log)
   return final
+
+
+def prepare_data(c, model, tokenizer, eos_ids, main: bool, log) -> tuple[list, dict, dict]:
+  """(training conversations, {eval name: held-out conversations}, skipped counts).
+
+  A fixed slice is held out for evaluation (for teacher caches, whole shards of each);
+  self-distilled data is generated first if the folder lacks it, with a progress bar.
+  """
+  from tqdm import tqdm
+
+  from kangaroo_jax import data
+  if c.data.source == "teacher":
+    train_set, eval_sets = split_teacher_caches(c, log if main else (lambda *_: None))
+    return train_set, eval_sets, {}
+  gen_bar = None
+  if c.data.source == "magpie" and main:
+    folder = c.data.path or os.path.join(c.workdir, "magpie")
+    have = data.count_magpie(folder) if os.path.isdir(folder) else 0
+    gen_bar = tqdm(total=c.data.magpie_num, initial=min(have, c.data.magpie_num),
+                   desc="self-distilling", unit="conv", disable=have >= c.data.magpie_num)
+  ds = load_dataset(c, model, tokenizer, eos_ids, gen_bar.update if gen_bar else None)
+  if gen_bar:
+    gen_bar.close()
+  order = np.random.default_rng([c.seed, 1]).permutation(len(ds.examples))
+  n_eval = min(c.data.eval_examples, max(0, len(ds.examples) - c.batch_size))
+  eval_sets = {"": [ds.examples[i] for i in order[:n_eval]]}
+  return [ds.examples[i] for i in order[n_eval:]], eval_sets, ds.skipped
+
+
+def train_state(params, opt_state, step: int, position: tuple[int, int], vocab_ids: np.ndarray,
+                fingerprint: int) -> dict:
+  """What a checkpoint holds; the same keys serve as the template a restore fills.
+
+  position: the data position (epoch, index) after `step`; vocab_ids: the draft
+  vocabulary, [-1] for the full one; fingerprint: `_fingerprint` of the training data,
+  so that a resume on other data is refused.
+  """
+  epoch, index = position
+  return {"params": params, "opt_state": opt_state, "step": np.int64(step),
+          "epoch": np.int64(epoch), "index": np.int64(index), "draft_ids": vocab_ids,
+          "data_fingerprint": np.int64(fingerprint)}
+
+
+def export(c, adapter: Adapter, params, draft_ids, final: dict, eval_file: str, log) -> None:
+  """Writes the trained adapter file, final_metrics.json and the learning curve."""
+  import json
+
+  from kangaroo_jax.adapter import save_adapter
+  path = c.export_path or os.path.join(c.workdir, "adapter.safetensors")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  nnx.update(adapter, jax.device_get(params))
+  save_adapter(path, adapter, draft_ids, extra={k: v for k, v in final.items()
+                                                if isinstance(v, (int, float))})
+  with open(os.path.join(c.workdir, "final_metrics.json"), "w") as f:
+    json.dump(final, f, indent=1)
+  with open(eval_file, "a") as f:
+    f.write(json.dumps({k: v for k, v in final.items() if k.startswith("eval_")}
+                       | {"step": c.steps, "tokens_seen": final["tokens_seen"]}) + "\n")
+  plot_learning_curve(eval_file, os.path.join(c.workdir, "learning_curve.png"))
+  log(f"adapter written to {path}")
+  log(json.dumps(final))
 
 
 def tx_lr(c, step: int) -> float:

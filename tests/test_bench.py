@@ -250,7 +250,7 @@ def test_end_to_end_tiny_model(tiny, qfile, tmp_path, monkeypatch):
       m.run = lambda ids: (_ for _ in ()).throw(RuntimeError("early exit unsupported"))
     return m
 
-  monkeypatch.setattr(bench, "hf_method", flaky)
+  monkeypatch.setattr(bench.command, "hf_method", flaky)  # where the command looks it up
   md = tmp_path / "BENCHMARKS.md"
   md.write_text(f"{bench.MARK_BEGIN}\n{bench.MARK_END}\n")
   results = bench.bench(["--model", tiny, "--questions", qfile, "--methods",

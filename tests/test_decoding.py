@@ -82,6 +82,15 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
   np.testing.assert_allclose(p, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=1e-6)
 
 
+def test_top_k_above_the_vocabulary_keeps_every_token():
+  """A top_k larger than the vocabulary (the draft's is often smaller) truncates nothing."""
+  import jax.numpy as jnp
+  from kangaroo_jax.sampling import probs
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  p = np.asarray(probs(logits, SamplingParams(temperature=1.0, top_k=9)))[0]
+  np.testing.assert_allclose(p, [0.5, 0.3, 0.15, 0.05], atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temperature=-1.0), "temperature"),
     (dict(temperature=1.0, top_p=0.0), "top_p"),

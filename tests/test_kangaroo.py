@@ -266,6 +266,8 @@ N_SAMPLES, TV_BOUND = 4000, 0.05
     (SamplingParams(temperature=0.7, top_k=4), None, KangarooParams(1e-6, 2)),
     (SamplingParams(temperature=1.0, top_p=0.8), None, KangarooParams(1e-6, 2)),
     (SamplingParams(temperature=1.0), np.asarray([0, 2, 3, 5]), KangarooParams(1e-6, 2)),
+    # top_k above the 4-id draft vocabulary: the draft keeps all 4, the target its top 5.
+    (SamplingParams(temperature=1.0, top_k=5), np.asarray([0, 2, 3, 5]), KangarooParams(1e-6, 2)),
     # Drafts dropped by confidence (some rounds verify no draft): still the target's law.
     (SamplingParams(temperature=1.0), None, KangarooParams(0.5, 2, send_unconfident=False)),
 ])
@@ -327,3 +329,22 @@ def test_adapter_bad_input(tmp_path, tiny):
     KangarooParams(eta=1.5)
   with pytest.raises(ValueError, match="gamma"):
     KangarooParams(gamma=0)
+
+
+# ---- draft vocabularies: unique ids inside the model's vocabulary, checked on load ----
+
+@pytest.mark.parametrize("ids, problem", [
+    ([3, 5, 3], "repeats token id 3"),
+    ([3, 5, 97], "id 97 is outside"),
+    ([-1, 5], "id -1 is outside"),
+])
+def test_a_bad_draft_vocabulary_is_refused(tmp_path, tiny, ids, problem):
+  """Duplicates lose probability mass in the scatter to the full vocabulary and
+  out-of-range ids are clamped by the gather: either breaks lossless sampling."""
+  adapter = init_adapter(tiny.cfg, 2)
+  path = str(tmp_path / "a.safetensors")
+  save_adapter(path, adapter, np.asarray(ids))
+  with pytest.raises(AdapterError, match=problem):
+    load_adapter(path, tiny.cfg)
+  with pytest.raises(AdapterError, match=problem):
+    kangaroo_decode(tiny, adapter, [[1, 2]], max_new_tokens=2, draft_ids=np.asarray(ids))

@@ -1,0 +1,90 @@
+"""The tuning sweep: a grid of Kangaroo settings, the best lossless one, its tuned file."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from kangaroo_jax.bench.errors import BenchError
+from kangaroo_jax.bench.flags import csv_items, numbers
+
+
+def sweep_grid(args, stored) -> list[tuple[float, int, Optional[int], bool]]:
+  """(eta, gamma, draft_vocab, send_unconfident) settings; vocab sizes the adapter cannot
+  give are dropped."""
+  sends = []
+  for v in csv_items(args.sweep_send_unconfident):
+    if v not in ("yes", "no"):
+      raise BenchError(f"--sweep-send-unconfident: expected yes/no values, got {v!r}")
+    sends.append(v == "yes")
+  etas = numbers(args.sweep_eta, float, "--sweep-eta")
+  gammas = numbers(args.sweep_gamma, int, "--sweep-gamma")
+  vocabs = []
+  for v in csv_items(args.sweep_draft_vocab):
+    if v == "stored":
+      vocabs.append(None)
+    else:
+      vocabs += numbers(v, int, "--sweep-draft-vocab")
+  if any(not 0 < e <= 1 for e in etas) or any(g < 1 for g in gammas) or any(
+      v is not None and v < 0 for v in vocabs):
+    raise BenchError("sweep values: eta in (0, 1], gamma >= 1, draft vocab >= 0 or 'stored'")
+  n = 0 if stored is None else len(stored)
+  # Without stored ids, 'stored' is the full vocabulary: keep one of the two.
+  vocabs = list(dict.fromkeys(0 if v is None and stored is None else v for v in vocabs
+                              if v is None or v == 0 or v <= n))
+  if not (etas and gammas and vocabs and sends):
+    raise BenchError("the sweep grid is empty")
+  return [(e, g, v, s) for s in dict.fromkeys(sends) for v in vocabs for g in gammas
+          for e in etas]
+
+
+def best_setting(results: dict, labels: dict) -> Optional[tuple[str, dict]]:
+  """The fastest lossless setting (overall speedup); None if none is lossless."""
+  ok = [(results["overall"][name]["speedup"], name) for name in labels
+        if name in results["overall"] and results["overall"][name]["lossless"] == 1.0]
+  if not ok:
+    return None
+  _, name = max(ok)
+  return name, labels[name]
+
+
+def sweep_report(results: dict, labels: dict, args, log) -> dict:
+  """Prints the sweep table and writes the best lossless setting to the tuned file."""
+  from kangaroo_jax import tuning
+  rows = []
+  for name, s in labels.items():
+    o = results["overall"].get(name)
+    if o:
+      rows.append(dict(s, speedup=o["speedup"], tokens_per_second=o["tokens_per_second"],
+                       mean_accepted_tokens=o["mean_accepted_tokens"],
+                       drafts_per_round=o["drafts_per_round"], lossless=o["lossless"]))
+  log(f"{'eta':>5} {'gamma':>5} {'vocab':>7} {'send':>5} {'speedup':>8} {'accepted':>9} "
+      f"{'drafts':>7} {'lossless':>9}")
+  for r in rows:
+    v = "stored" if r["draft_vocab"] is None else r["draft_vocab"]
+    log(f"{r['eta']:>5g} {r['gamma']:>5} {v!s:>7} {'yes' if r['send_unconfident'] else 'no':>5} "
+        f"{r['speedup']:>7.2f}x {r['mean_accepted_tokens']:>9.2f} {r['drafts_per_round']:>7.2f} "
+        f"{r['lossless']:>9.0%}")
+  best = best_setting(results, labels)
+  out = dict(rows=rows, best=None, tuned_file=None)
+  if best is None:
+    log("no setting was lossless on every prompt: nothing written")
+    return out
+  name, setting = best
+  o = results["overall"][name]
+  measured = dict(
+      speedup=o["speedup"], mean_accepted_tokens=o["mean_accepted_tokens"],
+      drafts_per_round=o["drafts_per_round"], prompts=o["prompts"],
+      max_new_tokens=args.max_new_tokens, adapter=results["config"]["adapter"],
+      device=results["config"]["machine"]["device"], date=results["config"]["date"],
+      command=results["config"]["command"])
+  # The run folder always gets the result; the shipped tuned file only when asked.
+  paths = [tuning.write_tuned(setting, os.path.join(args.out, "tuned.json"), measured)]
+  path = args.tuned_file or (tuning.tuned_path() if args.write_tuned else None)
+  if path:
+    paths.append(tuning.write_tuned(setting, path, measured=measured))
+  log(f"best: {name}, {o['speedup']:.2f}x; written to {', '.join(paths)}"
+      + ("" if path else " (--write-tuned would update " + tuning.tuned_path() + ")"))
+  out.update(best=setting, tuned_file=path)
+  return out
+
+
