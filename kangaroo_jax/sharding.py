@@ -46,7 +46,8 @@ def _path_names(path) -> list[str]:
   return [n for n in names if n != "value"]
 
 
-def _leaf_name(path) -> str:
+def leaf_name(path) -> str:
+  """The last name of a pytree path: the key of the sharding rules (`qkv`, `embedding`)."""
   names = _path_names(path)
   return names[-1] if names else ""
 
@@ -68,7 +69,7 @@ def spec_for(name: str, shape: tuple[int, ...], axis_sizes) -> tuple[P, bool]:
 
 
 def _spec(path, value, mesh: Mesh) -> P:
-  return spec_for(_leaf_name(path), tuple(getattr(value, "shape", ())), mesh.shape)[0]
+  return spec_for(leaf_name(path), tuple(getattr(value, "shape", ())), mesh.shape)[0]
 
 
 def param_shardings(state, mesh: Mesh):
@@ -81,7 +82,7 @@ def undivided_params(state, mesh: Mesh) -> list[str]:
   out = []
   for path, value in jax.tree_util.tree_flatten_with_path(state)[0]:
     shape = tuple(getattr(value, "shape", ()))
-    if not spec_for(_leaf_name(path), shape, mesh.shape)[1]:
+    if not spec_for(leaf_name(path), shape, mesh.shape)[1]:
       out.append(f"{'/'.join(_path_names(path))} {list(shape)}")
   return out
 
