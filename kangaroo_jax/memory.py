@@ -137,3 +137,31 @@ def auto_mesh(cfg: ModelConfig, dtype=jnp.float32) -> Optional[jax.sharding.Mesh
   n = len(devices)
   data, model = pick_mesh_shape(cfg, dtype, n, device_memory_bytes())
   return sharding.make_mesh(data, model)
+
+
+# Llama-2 shapes (Vicuna v1.3 shares them): the README's table.
+REFERENCE_MODELS = {
+    "7B": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                      num_heads=32, num_kv_heads=32, head_dim=128),
+    "13B": ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40,
+                       num_heads=40, num_kv_heads=40, head_dim=128),
+}
+
+
+def markdown_table(devices=(1, 4, 8), batch: int = 1, slots: int = 2048, exit_layer: int = 2) -> str:
+  """Per-device GiB of the reference models in bfloat16, weights split over all devices (1xN).
+
+  `python -m kangaroo_jax.memory` prints it; README.md shows it.
+  """
+  rows = ["| model | mesh | weights | KV cache | adapter | total |", "| --- | --- | --- | --- | --- | --- |"]
+  for name, cfg in REFERENCE_MODELS.items():
+    acfg = AdapterConfig.for_model(cfg, exit_layer)
+    for n in devices:
+      r = report(cfg, jnp.bfloat16, {"data": 1, "model": n}, batch, slots, acfg)
+      rows.append(f"| {name} | 1x{n} | {r.weights / GIB:.2f} | {r.kv_cache / GIB:.2f} | "
+                  f"{r.adapter / GIB:.2f} | {r.total / GIB:.2f} |")
+  return "\n".join(rows)
+
+
+if __name__ == "__main__":
+  print(markdown_table())
