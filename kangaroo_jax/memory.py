@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kangaroo_jax import cache as kv
 from kangaroo_jax import sharding
 from kangaroo_jax.adapter import Adapter, AdapterConfig
 from kangaroo_jax.config import ModelConfig
@@ -74,14 +75,12 @@ def adapter_bytes(acfg: AdapterConfig, cfg: ModelConfig, dtype, axis_sizes) -> i
 
 def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype, batch: int,
                    slots: int, axis_sizes) -> int:
-  """KV cache bytes per device: the batch splits over 'data' (when it divides).
-
-  The heads are counted whole: no annotation pins the cache to the 'model' axis, so this
-  is the upper bound of what XLA's sharding propagation may keep on one device.
-  """
-  data = axis_sizes["data"] if batch % axis_sizes["data"] == 0 else 1
+  """KV cache bytes per device: the batch over 'data', the KV heads over 'model' where they
+  divide (`cache.cache_spec`, the sharding the decode loops pin the cache to)."""
+  spec = kv.cache_spec(batch, num_kv_heads, axis_sizes)
+  split = math.prod(axis_sizes[a] for a in spec if a is not None)
   per_layer = 2 * batch * slots * num_kv_heads * head_dim * np.dtype(dtype).itemsize  # k and v
-  return num_layers * per_layer // data
+  return num_layers * per_layer // split
 
 
 def report(cfg: ModelConfig, dtype, axis_sizes, batch: int = 1, slots: int = 2048,

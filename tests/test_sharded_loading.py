@@ -12,11 +12,12 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fixtures import tiny_model
 from hf_tiny import VARIANTS
 from kangaroo_jax import api, loading, memory, sharding, weights
+from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import init_adapter, save_adapter
 from kangaroo_jax.config import ModelConfig
 
@@ -93,10 +94,12 @@ def test_memory_report_equals_the_placed_bytes(folder, adapter_path):
   assert (got.data, got.model) == (2, 4)
   assert got.weights == on_device(model)
   assert got.adapter == on_device(drafter.adapter)
-  cfg = model.cfg
-  # k and v, batch 2 split over 'data' (2), bf16; the adapter's own one-layer cache too.
-  want_kv = 2 * 256 * 2 * (cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-                           + drafter.adapter.acfg.num_heads * drafter.adapter.acfg.head_dim)
+  cfg, acfg = model.cfg, drafter.adapter.acfg
+  per_layer = lambda heads, head_dim: 2 * 2 * 256 * heads * head_dim * 2  # k+v, B, S, bf16
+  # The model's 2 KV heads do not divide 'model' (4): only the batch splits (over 2);
+  # the adapter's 4 heads split over 'model' too.
+  want_kv = (cfg.num_layers * per_layer(cfg.num_kv_heads, cfg.head_dim) // 2
+             + per_layer(acfg.num_heads, acfg.head_dim) // 8)
   assert got.kv_cache == want_kv
   assert "per device (mesh 2x4)" in got.summary()
 
@@ -153,3 +156,22 @@ def test_decode_cli_on_a_1x8_mesh(folder, capsys):
   assert "per device (mesh 1x8): weights" in capsys.readouterr().err
   assert decode.main(["--model", folder, "--prompt", "Hi", "--mesh", "2by4"]) == decode.EXIT_ERROR
   assert "--mesh must be DATAxMODEL" in capsys.readouterr().err
+
+
+def test_caches_are_pinned_to_the_mesh():
+  mesh = sharding.make_mesh(2, 4)
+  cfg = ModelConfig.from_hf_dict(tiny_model.CONFIG)  # 2 KV heads: 'model' (4) does not divide
+  with jax.set_mesh(mesh):
+    cache = jax.jit(lambda: kv.init_cache(2, 4, 128, 4, 8))()
+    odd = jax.jit(lambda: kv.init_model_cache(cfg, 3, 128))()
+  assert cache["k"][1].sharding.spec == P("data", None, "model", None)
+  assert odd["v"][0].sharding.is_fully_replicated
+  # Outside a mesh the cache is an ordinary single-device array.
+  assert not isinstance(jax.jit(lambda: kv.init_cache(1, 1, 8, 2, 4))()["k"][0].sharding,
+                        NamedSharding)
+
+
+def test_readme_shows_the_computed_memory_table():
+  with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "README.md")) as f:
+    assert memory.markdown_table() in f.read()
