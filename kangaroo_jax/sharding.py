@@ -125,10 +125,11 @@ def place(host: np.ndarray, name: str, mesh: Optional[Mesh]) -> tuple[jax.Array,
 
   Each device receives only its own slice (`make_array_from_callback` asks for one index
   per device), so no device ever holds a whole sharded weight. mesh=None: the default
-  device. `divides` as for `spec_for`.
+  device, uncommitted (as `jnp.asarray` leaves it), so jit may still move it. `divides` as
+  for `spec_for`.
   """
   if mesh is None:
-    return jax.device_put(host, jax.devices()[0]), True
+    return jax.device_put(host), True
   spec, divides = spec_for(name, host.shape, mesh.shape)
   array = jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda idx: host[idx])
   return array, divides

@@ -164,7 +164,7 @@ def test_caches_are_pinned_to_the_mesh():
   with jax.set_mesh(mesh):
     cache = jax.jit(lambda: kv.init_cache(2, 4, 128, 4, 8))()
     odd = jax.jit(lambda: kv.init_model_cache(cfg, 3, 128))()
-  assert cache["k"][1].sharding.spec == P("data", None, "model", None)
+  assert cache["k"][1].sharding.spec == P("data", None, "model")  # trailing None dropped
   assert odd["v"][0].sharding.is_fully_replicated
   # Outside a mesh the cache is an ordinary single-device array.
   assert not isinstance(jax.jit(lambda: kv.init_cache(1, 1, 8, 2, 4))()["k"][0].sharding,
