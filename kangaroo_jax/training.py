@@ -386,13 +386,17 @@ def train(c, log=print) -> dict:
     jax.distributed.initialize(**kw)
   main = jax.process_index() == 0
   t_start = time.time()
-  # Mesh: batch over 'data', parameters over 'model'; the checkpoint streams straight onto it.
+  # Mesh: batch over 'data', parameters over 'model'. One process: the checkpoint streams
+  # straight onto the mesh. Several: each loads its own copy (the data preparation below
+  # runs per process, on local arrays) and the state is made global after.
+  per_process = jax.process_count() > 1
   n_dev = len(jax.devices())
   mesh = sharding.make_mesh(n_dev // c.mesh_model if c.mesh_data == -1 else c.mesh_data, c.mesh_model)
   if c.batch_size % mesh.shape["data"]:
     raise ValueError(f"config.batch_size {c.batch_size} is not a multiple of the 'data' axis "
                      f"({mesh.shape['data']} devices)")
-  model, tokenizer = api.load_model(c.model_path or None, c.dtype, mesh=mesh)
+  model, tokenizer = api.load_model(c.model_path or None, c.dtype,
+                                    mesh=None if per_process else mesh)
   eos = api.eos_ids(model, tokenizer)
 
   # Data: hold out a fixed slice for evaluation, draft vocabulary from the training part.
@@ -438,7 +442,9 @@ def train(c, log=print) -> dict:
       counts = np.where(np.isin(np.arange(len(counts)), old), counts + 1, 0)
     draft_ids = pick_draft_vocab(counts, c.draft_vocab, tuple(eos))
 
-  model_graphdef, model_state = nnx.split(model)  # already sharded on `mesh` by load_model
+  model_graphdef, model_state = nnx.split(model)
+  if per_process:
+    model_state = _global(model_state, sharding.param_shardings(model_state, mesh))
   adapter = warm_start(init_adapter(model.cfg, c.exit_layer, c.adapter_heads or None, c.seed,
                                     model.dtype, c.get("adapter_ffn", 0)), model)
   if start_from is not None:
