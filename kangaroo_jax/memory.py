@@ -45,10 +45,15 @@ class MemoryReport:
     return self.weights + self.kv_cache + self.adapter
 
   def summary(self) -> str:
-    """One line: 'per device (mesh 1x8): weights 1.58 GiB, KV cache ... = total'."""
-    return (f"per device (mesh {self.data}x{self.model}): weights {self.weights / GIB:.2f} GiB, "
-            f"KV cache {self.kv_cache / GIB:.2f} GiB (batch {self.batch} x {self.slots} slots), "
-            f"adapter {self.adapter / GIB:.2f} GiB; total {self.total / GIB:.2f} GiB")
+    """One line: 'per device (mesh 1x8): weights 1.57 GiB, KV cache ..., adapter ...; total ...'."""
+    return (f"per device (mesh {self.data}x{self.model}): weights {_readable(self.weights)}, "
+            f"KV cache {_readable(self.kv_cache)} (batch {self.batch} x {self.slots} slots), "
+            f"adapter {_readable(self.adapter)}; total {_readable(self.total)}")
+
+
+def _readable(n: int) -> str:
+  """Bytes as GiB from 1 GiB up, else MiB (a small model's adapter is a few MiB)."""
+  return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.1f} MiB"
 
 
 def state_bytes_per_device(state, axis_sizes) -> int:
