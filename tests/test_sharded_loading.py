@@ -26,16 +26,14 @@ PROMPTS = ["Hello there", "Why is the sky blue? Tell me."]  # batch 2: split ove
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  path = tiny_model.write(str(tmp_path_factory.mktemp("tiny") / "model"))
-  cfg = ModelConfig.from_hf_dict(tiny_model.CONFIG)
-  adapter = init_adapter(cfg, exit_layer=1, seed=3)
-  save_adapter(str(tmp_path_factory.getbasetemp() / "adapter.safetensors"), adapter)
-  return path
+  return tiny_model.write(str(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 @pytest.fixture(scope="module")
-def adapter_path(folder, tmp_path_factory):
-  return str(tmp_path_factory.getbasetemp() / "adapter.safetensors")
+def adapter_path(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("adapter") / "adapter.safetensors")
+  save_adapter(path, init_adapter(ModelConfig.from_hf_dict(tiny_model.CONFIG), exit_layer=1, seed=3))
+  return path
 
 
 @pytest.fixture(scope="module")
