@@ -29,6 +29,7 @@ cli.set_offline_quiet_environment()
 
 ADAPTER_FORMAT = "kangaroo-jax-adapter/1"  # kangaroo_jax.adapter._FORMAT (importing it loads jax)
 ADAPTER_TENSORS = ("input_norm.weight", "attn.qkv", "attn.o", "out_norm.weight")
+PROMPT_SLOTS = 512  # the prompt length the memory line assumes
 
 
 class CliError(ValueError):
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
   add("--model", metavar="PATH",
       help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
   add("--dtype", choices=["float32", "bfloat16"], default="float32")
+  add("--mesh", metavar="DATAxMODEL", type=parse_mesh,
+      help="shard over a ('data', 'model') device mesh, e.g. 1x8: batch over DATA devices, "
+      "weights over MODEL (default: on several accelerators, the smallest MODEL that fits the "
+      "weights; on CPUs one device)")
   add("--max-new-tokens", type=int, default=256, metavar="N")
   add("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   add("--top-p", type=float, default=1.0)
@@ -85,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
       "cache (default: on, in $KANGAROO_JAX_CACHE/xla, else ~/.cache/kangaroo_jax/xla; "
       "KANGAROO_JAX_NO_COMPILE_CACHE=1 also turns it off)")
   return p
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+  """'2x4' -> (2, 4): the --mesh value."""
+  data, sep, model = text.partition("x")
+  if not (sep and data.isdigit() and model.isdigit() and int(data) >= 1 and int(model) >= 1):
+    raise argparse.ArgumentTypeError(f"--mesh must be DATAxMODEL with positive integers "
+                                     f"(e.g. 1x8), got {text!r}")
+  return int(data), int(model)
 
 
 def read_prompt(args: argparse.Namespace) -> None:
@@ -234,15 +248,25 @@ def load(api, args):
   start = time.perf_counter()
   if args.no_compile_cache:
     os.environ["KANGAROO_JAX_NO_COMPILE_CACHE"] = "1"  # read by load_model
-  model, tokenizer = api.load_model(args.model, args.dtype)
+  from kangaroo_jax import sharding, tuning
+  mesh = sharding.make_mesh(*args.mesh) if args.mesh else "auto"
+  model, tokenizer = api.load_model(args.model, args.dtype, mesh=mesh)
   adapter = draft_ids = None
   if args.mode == "kangaroo":
     adapter, stored = api.load_adapter_for(model, args.adapter, args.exit_layer)
-    from kangaroo_jax import tuning
     # Without --draft-vocab: the tuned size for this backend, else all the adapter stores.
     n = tuning.tuned_settings()["draft_vocab"] if args.draft_vocab is None else args.draft_vocab
     draft_ids = tuning.select_draft_ids(stored, n, strict=args.draft_vocab is not None)
   return model, tokenizer, adapter, draft_ids, time.perf_counter() - start
+
+
+def memory(api, model, adapter, args):
+  """Per-device bytes of weights, KV cache and adapter (`api.memory_report`) for this run."""
+  from kangaroo_jax import decoding, tuning
+  drafts = 0 if adapter is None else tuning.resolve(gamma=args.max_draft)["gamma"] + 1
+  # Cache slots for a prompt of up to PROMPT_SLOTS tokens, the new ones and a round's drafts.
+  slots = decoding.cache_size(PROMPT_SLOTS, args.max_new_tokens, drafts)
+  return api.memory_report(model, adapter, batch=1, slots=slots)
 
 
 def compare(api, model, tokenizer, args, kwargs) -> tuple[object, dict, dict]:
@@ -263,6 +287,7 @@ def report(args, out: dict) -> None:
     lines += [describe("plain", out["plain_stats"]),
               f"speedup {out['speedup']:.2f}x, outputs token-identical: "
               f"{'yes' if out['identical'] else 'no'}"]
+  lines.append(out["memory"])
   lines.append(f"load {out['stats']['load_seconds']:.1f} s")
   if "time_to_first_token_seconds" in out["stats"]:
     lines[-1] += (f", time to first token {out['stats']['time_to_first_token_seconds']:.1f} s "
@@ -288,7 +313,8 @@ def chat(api, args) -> None:
                                    if args.mode == "kangaroo" else 0)
   interactive = sys.stdin.isatty()
   print(f"chat ({args.mode}; loaded in {load_seconds:.1f} s): one message per line; /reset "
-        "clears the conversation, /exit or end of input ends", file=sys.stderr)
+        "clears the conversation, /exit or end of input ends\n"
+        + memory(api, model, adapter, args).summary(), file=sys.stderr)
   history: list = []
   while True:
     if interactive:
@@ -322,7 +348,7 @@ def run(args) -> None:
     return chat(api, args)
   model, tokenizer, adapter, draft_ids, load_seconds = load(api, args)
   kwargs = decode_kwargs(args, adapter, draft_ids, args.mode)
-  out = dict(prompt=args.prompt)
+  out = dict(prompt=args.prompt, memory=memory(api, model, adapter, args).summary())
   if args.compare:
     gen, stats, comparison = compare(api, model, tokenizer, args, kwargs)
     out.update(comparison)

@@ -7,8 +7,8 @@ reject bad flags before the slow import.
 import importlib
 
 _HOMES = {"Generation": "api", "generate": "api", "stream": "api", "load_model": "api",
-          "load_adapter_for": "api", "KangarooParams": "kangaroo", "kangaroo_decode": "kangaroo",
-          "plain_decode": "decoding", "SamplingParams": "sampling"}
+          "load_adapter_for": "api", "memory_report": "api", "KangarooParams": "kangaroo",
+          "kangaroo_decode": "kangaroo", "plain_decode": "decoding", "SamplingParams": "sampling"}
 
 __all__ = list(_HOMES)
 

@@ -158,14 +158,19 @@ def save_adapter(path: str, adapter: Adapter, draft_ids: Optional[np.ndarray] = 
   save_file(arrays, path, metadata=meta)
 
 
-def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32) -> tuple[Adapter, Optional[np.ndarray]]:
+def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32,
+                 mesh=None) -> tuple[Adapter, Optional[np.ndarray]]:
   """Reads an adapter file written by `save_adapter`; checks it fits model `cfg`.
 
+  Tensors are read one at a time, cast to `dtype` on the host and placed with their
+  final sharding on `mesh` (a ('data', 'model') mesh; None = the default device).
   Returns (adapter, draft_ids or None). Raises AdapterError on a missing, corrupt or
   mismatched file.
   """
   from safetensors import safe_open
   import os
+
+  from kangaroo_jax import sharding
   if not os.path.isfile(path):
     raise AdapterError(f"no such adapter file: {path}")
   try:
@@ -179,21 +184,29 @@ def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32) -> tuple[Adapte
         raise AdapterError(f"{path} needs a newer kangaroo-jax (unknown adapter fields: "
                            f"{', '.join(sorted(unknown))})")
       acfg = AdapterConfig(**fields)
-      arrays = {k: f.get_tensor(k) for k in f.keys()}
+      acfg.check(cfg)
+      adapter = nnx.eval_shape(lambda: Adapter(acfg, cfg, dtype, nnx.Rngs(0)))
+      undivided = []
+      for name, var in tensors(adapter).items():
+        if name not in f.keys():
+          raise AdapterError(f"{path} lacks the tensor {name!r}")
+        shape = tuple(f.get_slice(name).get_shape())
+        if shape != tuple(var.shape):
+          raise AdapterError(f"{path}: {name} has shape {shape}, the model needs "
+                             f"{tuple(var.shape)}")
+        # Sharding rules are keyed by attribute name: "attn.qkv" -> "qkv", "ffn.down" -> "ffn_down".
+        rule = name.replace("ffn.", "ffn_").split(".")[-1]
+        array, divides = sharding.place(f.get_tensor(name).astype(np.dtype(dtype)), rule, mesh)
+        var.set_value(array)
+        if not divides:
+          undivided.append(f"{name} {list(shape)}")
+      draft_ids = f.get_tensor("draft_ids") if "draft_ids" in f.keys() else None
   except AdapterError:
     raise
   except Exception as e:  # safetensors raises several types for damaged files
     raise AdapterError(f"{path} is corrupt or truncated: {str(e).splitlines()[0]}") from None
-  acfg.check(cfg)
-  adapter = nnx.eval_shape(lambda: Adapter(acfg, cfg, dtype, nnx.Rngs(0)))
-  for name, var in tensors(adapter).items():
-    if name not in arrays:
-      raise AdapterError(f"{path} lacks the tensor {name!r}")
-    if tuple(arrays[name].shape) != tuple(var.shape):
-      raise AdapterError(f"{path}: {name} has shape {arrays[name].shape}, the model needs "
-                         f"{tuple(var.shape)}")
-    var.set_value(jnp.asarray(arrays[name], dtype))
-  draft_ids = arrays.get("draft_ids")
+  if mesh is not None:
+    sharding.report_undivided(undivided, mesh)
   if draft_ids is not None:
     draft_ids = check_draft_ids(draft_ids, cfg.vocab_size, path)
   return adapter, draft_ids

@@ -20,12 +20,13 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from kangaroo_jax import compile_cache, tuning, weights
+from kangaroo_jax import compile_cache, loading, memory, sharding, tuning, weights
 from kangaroo_jax.adapter import Adapter, init_adapter, load_adapter
 from kangaroo_jax.decoding import PromptError, plain_decode, plain_stream
 from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode, kangaroo_stream
-from kangaroo_jax.model import Llama, from_hf_state_dict
+from kangaroo_jax.model import Llama
 from kangaroo_jax.sampling import SamplingParams
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -87,8 +88,21 @@ _STORED_DRAFT_IDS: "weakref.WeakKeyDictionary[Adapter, Optional[np.ndarray]]" = 
 _DEFAULT_DRAFTERS: "weakref.WeakKeyDictionary[Llama, Drafter]" = weakref.WeakKeyDictionary()
 
 
-def load_model(path: Optional[str] = None, dtype: str = "float32") -> tuple[Llama, Any]:
+def load_model(path: Optional[str] = None, dtype: str = "float32",
+               mesh: Union[Mesh, str, None] = "auto") -> tuple[Llama, Any]:
   """Loads (model, tokenizer) from a Hugging Face folder or .gguf; None = embedded default.
+
+  The checkpoint streams onto the devices one tensor at a time, cast on the host to
+  `dtype` (see `kangaroo_jax.loading`): host memory peaks at about one layer.
+
+  Args:
+    path: a Hugging Face folder or a .gguf file; None = the embedded SmolLM2-135M.
+    dtype: "float32" or "bfloat16".
+    mesh: a ('data', 'model') mesh (`sharding.make_mesh`) to shard the weights over;
+      "auto" = on more than one accelerator, a mesh over all of them whose 'model' axis
+      is the smallest that fits the weights (`memory.pick_mesh_shape`; MemoryError when
+      none does), on CPUs one device (fake CPU devices share one host); None = one device.
+      `generate`, `stream` and `load_adapter_for` then use the model's mesh.
 
   Also turns on JAX's persistent compilation cache in the project's cache folder (see
   `kangaroo_jax.compile_cache`; KANGAROO_JAX_NO_COMPILE_CACHE=1 opts out), so a later
@@ -96,10 +110,29 @@ def load_model(path: Optional[str] = None, dtype: str = "float32") -> tuple[Llam
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+  if isinstance(mesh, str) and mesh != "auto":
+    raise ValueError(f"mesh must be a jax Mesh, 'auto' or None, got {mesh!r}")
   compile_cache.enable_compilation_cache()
-  cfg, sd = weights.load_checkpoint(path)
+  cfg, tensors = weights.open_checkpoint(path)
   tokenizer = weights.load_tokenizer(path)
-  return from_hf_state_dict(cfg, sd, DTYPES[dtype]), tokenizer
+  if mesh == "auto":
+    mesh = memory.auto_mesh(cfg, DTYPES[dtype])
+  return loading.load_params(cfg, tensors, DTYPES[dtype], mesh), tokenizer
+
+
+def memory_report(model: Llama, adapter: Union[Drafter, Adapter, None] = None, batch: int = 1,
+                  slots: int = 2048) -> memory.MemoryReport:
+  """Per-device bytes of the weights, KV cache and adapter on the model's mesh.
+
+  `slots` = cache slots per sequence (prompt bucket + new tokens, rounded up to 128).
+  Print `.summary()` for one line.
+  """
+  mesh = sharding.mesh_of(model)
+  axis_sizes = dict(mesh.shape) if mesh is not None else {"data": 1, "model": 1}
+  if isinstance(adapter, tuple):
+    adapter = adapter[0]
+  return memory.report(model.cfg, model.dtype, axis_sizes, batch, slots,
+                       None if adapter is None else adapter.acfg)
 
 
 def load_adapter_for(model: Llama, path: Optional[str] = None, exit_layer: Optional[int] = None,
@@ -108,18 +141,22 @@ def load_adapter_for(model: Llama, path: Optional[str] = None, exit_layer: Optio
 
   A fresh (untrained) adapter is still lossless, only slower: few drafts are accepted.
   Returns a `Drafter` (adapter, stored draft vocabulary ids or None): pass it whole to
-  `generate`/`stream` as `adapter=`; it also unpacks as a pair.
+  `generate`/`stream` as `adapter=`; it also unpacks as a pair. The adapter is placed on
+  the model's mesh (`sharding.mesh_of`), sharded by the same rules as the model.
   """
+  mesh = sharding.mesh_of(model)
   if path is not None:
-    adapter, ids = load_adapter(path, model.cfg, model.dtype)
+    adapter, ids = load_adapter(path, model.cfg, model.dtype, mesh)
   elif os.path.isfile(DEFAULT_ADAPTER) and exit_layer is None:
     try:
-      adapter, ids = load_adapter(DEFAULT_ADAPTER, model.cfg, model.dtype)
+      adapter, ids = load_adapter(DEFAULT_ADAPTER, model.cfg, model.dtype, mesh)
     except ValueError:  # the shipped adapter belongs to another model
       adapter, ids = init_adapter(model.cfg, DEFAULT_EXIT_LAYER, seed=seed, dtype=model.dtype), None
   else:
     adapter, ids = init_adapter(model.cfg, exit_layer or DEFAULT_EXIT_LAYER, seed=seed,
                                 dtype=model.dtype), None
+  if mesh is not None and sharding.mesh_of(adapter) is None:  # a fresh one: onto the mesh
+    sharding.shard_module(adapter, mesh)
   if exit_layer is not None and adapter.acfg.exit_layer != exit_layer:
     from kangaroo_jax.adapter import AdapterError
     raise AdapterError(f"the adapter was trained for exit layer {adapter.acfg.exit_layer}, "
@@ -187,6 +224,7 @@ def _decoder(model, tokenizer, prompts, *, mode, adapter, draft_ids, draft_vocab
     prompts = [prompts]
   ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
   common = dict(max_new_tokens=max_new_tokens, seed=seed, eos_ids=eos_ids(model, tokenizer),
+                mesh=sharding.mesh_of(model),
                 params=SamplingParams(temperature, top_k, top_p, repetition_penalty))
   if mode == "plain":
     return ids, lambda stream=False: (plain_stream if stream else plain_decode)(model, ids,

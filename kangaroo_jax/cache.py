@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from kangaroo_jax.config import ModelConfig
 
@@ -20,10 +21,27 @@ KVCache = dict
 
 def init_cache(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                dtype=jnp.float32) -> KVCache:
-  """Zero cache for `num_layers` attention layers and `max_len` slots per sequence."""
+  """Zero cache for `num_layers` attention layers and `max_len` slots per sequence.
+
+  Under a mesh (`jax.set_mesh`, as the decode loops do when given one) each entry is
+  pinned to its shard: the batch over 'data', the KV heads over 'model'.
+  """
   shape = (batch, max_len, num_kv_heads, head_dim)  # [B, S, K, H]
-  return {"k": [jnp.zeros(shape, dtype) for _ in range(num_layers)],
-          "v": [jnp.zeros(shape, dtype) for _ in range(num_layers)]}
+  zeros = lambda: _sharded_over_mesh(jnp.zeros(shape, dtype))
+  return {"k": [zeros() for _ in range(num_layers)], "v": [zeros() for _ in range(num_layers)]}
+
+
+def cache_spec(batch: int, num_kv_heads: int, axis_sizes) -> P:
+  """PartitionSpec of a [B, S, K, H] cache entry: each axis that divides its dimension."""
+  return P("data" if batch % axis_sizes["data"] == 0 else None, None,
+           "model" if num_kv_heads % axis_sizes["model"] == 0 else None, None)
+
+
+def _sharded_over_mesh(x: jax.Array) -> jax.Array:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, cache_spec(x.shape[0], x.shape[2], mesh.shape))
 
 
 def init_model_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:

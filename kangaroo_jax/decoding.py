@@ -6,6 +6,7 @@ Each sequence keeps its own length: the batch may mix prompt lengths.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -36,6 +37,11 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
 def cache_size(prompt_bucket: int, max_new_tokens: int, extra: int = 0) -> int:
   """Slots per sequence: the prompt bucket, the new tokens and `extra`, rounded up to 128."""
   return -(-(prompt_bucket + max_new_tokens + extra) // 128) * 128
+
+
+def on_mesh(mesh):
+  """The context the decode loops run in: `jax.set_mesh(mesh)`, so caches shard; else none."""
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def place_batch(mesh, *arrays):
@@ -262,9 +268,10 @@ def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
   start = time.perf_counter()
-  out, counts, steps = jax.block_until_ready(_plain_loop(
-      graphdef, state, tokens, lens, jax.random.key(seed), eos, params=params,
-      max_new_tokens=max_new_tokens))
+  with on_mesh(mesh):
+    out, counts, steps = jax.block_until_ready(_plain_loop(
+        graphdef, state, tokens, lens, jax.random.key(seed), eos, params=params,
+        max_new_tokens=max_new_tokens))
   return _plain_result(np.asarray(out), np.asarray(counts), int(steps), len(prompts),
                        time.perf_counter() - start)
 
@@ -284,7 +291,8 @@ def plain_stream(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
   tokens, lens = place_batch(mesh, tokens, lens)
   static = dict(params=params, max_new_tokens=max_new_tokens)
   start = time.perf_counter()
-  st = _plain_stream_start(graphdef, state, tokens, lens, jax.random.key(seed), eos, **static)
+  with on_mesh(mesh):
+    st = _plain_stream_start(graphdef, state, tokens, lens, jax.random.key(seed), eos, **static)
   shown = np.zeros((len(prompts),), np.int32)
   while True:
     out, count, done, step = jax.device_get((st["out"], st["count"], st["done"], st["step"]))
@@ -292,7 +300,8 @@ def plain_stream(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
     shown = count
     if done.all() or step >= max_new_tokens:
       return _plain_result(out, count, int(step), len(prompts), time.perf_counter() - start)
-    st = _plain_stream_run(graphdef, state, st, eos, jnp.int32(step + STREAM_STEPS), **static)
+    with on_mesh(mesh):
+      st = _plain_stream_run(graphdef, state, st, eos, jnp.int32(step + STREAM_STEPS), **static)
 
 
 def _plain_result(out: np.ndarray, counts: np.ndarray, steps: int, n: int,

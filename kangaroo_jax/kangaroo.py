@@ -33,7 +33,7 @@ from flax import nnx, struct
 from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import Adapter, check_draft_ids
 from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptError, cache_size,
-                                   drain, is_eos, last_hidden, new_tokens, pad_prompts,
+                                   drain, is_eos, last_hidden, new_tokens, on_mesh, pad_prompts,
                                    place_batch, prefill)
 from kangaroo_jax.model import Llama
 from kangaroo_jax.round_state import RoundState, Verdict
@@ -432,8 +432,9 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
                           eos_ids, draft_ids, mesh)
   graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta = args
   start = time.perf_counter()
-  out, counts, rounds, drafts, sent, total_rounds = jax.block_until_ready(_kangaroo_loop(
-      graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, **static))
+  with on_mesh(mesh):
+    out, counts, rounds, drafts, sent, total_rounds = jax.block_until_ready(_kangaroo_loop(
+        graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, **static))
   return _result(jax.device_get(dict(out=out, count=counts, rounds=rounds, drafts=drafts,
                                      drafts_verified=sent, total_rounds=total_rounds)),
                  len(prompts), time.perf_counter() - start)
@@ -453,8 +454,9 @@ def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
                           eos_ids, draft_ids, mesh)
   graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta = args
   start = time.perf_counter()
-  st = _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, lens, rng, eos,
-                              **static)
+  with on_mesh(mesh):
+    st = _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, lens, rng, eos,
+                                **static)
   shown = np.zeros((len(prompts),), np.int32)
   while True:
     host = jax.device_get({k: getattr(st, k) for k in (
@@ -463,8 +465,9 @@ def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
     shown = host["count"]
     if host["done"].all():
       return _result(host, len(prompts), time.perf_counter() - start)
-    st = _kangaroo_stream_rounds(graphdef, state, agraphdef, astate, draft_ids, st, eos, eta,
-                                 jnp.int32(host["total_rounds"] + STREAM_STEPS), **static)
+    with on_mesh(mesh):
+      st = _kangaroo_stream_rounds(graphdef, state, agraphdef, astate, draft_ids, st, eos, eta,
+                                   jnp.int32(host["total_rounds"] + STREAM_STEPS), **static)
 
 
 def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos_ids, draft_ids,

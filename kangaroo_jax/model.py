@@ -283,27 +283,13 @@ class Llama(nnx.Module):
 
 
 def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, np.ndarray], dtype=jnp.float32) -> Llama:
-  """Builds a Llama from Hugging Face-named weights ([out, in] linear layout)."""
-  model = nnx.eval_shape(lambda: Llama(cfg, dtype, nnx.Rngs(0)))
-  arr = lambda x: jnp.asarray(np.asarray(x, np.float32), dtype)
-  model.embedding.set_value(arr(sd["model.embed_tokens.weight"]))
-  for i, layer in enumerate(model.layers):
-    p = f"model.layers.{i}."
-    a = p + "self_attn."
-    layer.input_norm.weight.set_value(arr(sd[p + "input_layernorm.weight"]))
-    layer.post_norm.weight.set_value(arr(sd[p + "post_attention_layernorm.weight"]))
-    qkv = [sd[a + n + "_proj.weight"] for n in "qkv"]
-    layer.attn.qkv.set_value(arr(np.concatenate(qkv, axis=0).T))  # [D, (N + 2K) * H]
-    if layer.attn.qkv_bias is not None:
-      layer.attn.qkv_bias.set_value(arr(np.concatenate([sd[a + n + "_proj.bias"] for n in "qkv"])))
-    layer.attn.o.set_value(arr(np.asarray(sd[a + "o_proj.weight"]).T))
-    if layer.attn.o_bias is not None:
-      layer.attn.o_bias.set_value(arr(sd[a + "o_proj.bias"]))
-    m = p + "mlp."
-    gate_up = [sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]]
-    layer.gate_up.set_value(arr(np.concatenate(gate_up, axis=0).T))  # [D, 2F]
-    layer.down.set_value(arr(np.asarray(sd[m + "down_proj.weight"]).T))
-  model.norm.weight.set_value(arr(sd["model.norm.weight"]))
-  if model.lm_head is not None:
-    model.lm_head.set_value(arr(np.asarray(sd["lm_head.weight"]).T))
-  return model
+  """Builds a Llama from in-memory Hugging Face-named weights ([out, in] linear layout).
+
+  The same construction as streamed checkpoint loading (`kangaroo_jax.loading`), from a
+  dict: for tests and models already in host memory.
+  """
+  from kangaroo_jax.loading import load_params  # loading builds on this module
+  from kangaroo_jax.weights import StoredTensor
+  tensors = {name: StoredTensor(np.shape(w), lambda dtype, w=w: np.asarray(w).astype(dtype))
+             for name, w in sd.items()}
+  return load_params(cfg, tensors, dtype)

@@ -6,9 +6,11 @@ with fake devices: `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -38,18 +40,36 @@ def make_mesh(data: int = 1, model: Optional[int] = None) -> Mesh:
   return jax.make_mesh((data, model), ("data", "model"), axis_types=(auto, auto))
 
 
-def _spec(path, value, mesh: Mesh) -> P:
+def _path_names(path) -> list[str]:
+  """A pytree path as names: ['layers', '0', 'attn', 'qkv'] (nnx's trailing `.value` dropped)."""
   names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-  names = [n for n in names if n != "value"]  # nnx Variables end in `.value`
-  spec = _RULES.get(names[-1] if names else "", P())
-  ndim = getattr(value, "ndim", 0)
-  if len(spec) != ndim:
-    return P()
-  # Replicate a dimension the 'model' axis does not divide (e.g. a tiny test vocabulary).
-  for dim, axis in zip(value.shape, spec):
-    if axis is not None and dim % mesh.shape[axis]:
-      return P()
-  return spec
+  return [n for n in names if n != "value"]
+
+
+def leaf_name(path) -> str:
+  """The last name of a pytree path: the key of the sharding rules (`qkv`, `embedding`)."""
+  names = _path_names(path)
+  return names[-1] if names else ""
+
+
+def spec_for(name: str, shape: tuple[int, ...], axis_sizes) -> tuple[P, bool]:
+  """(PartitionSpec, divides) of a parameter named `name` (the last path element).
+
+  `axis_sizes` maps axis name -> size (a Mesh's `.shape`). `divides` is False when the
+  rule names an axis that does not divide its dimension (e.g. a tiny test vocabulary):
+  the parameter is then replicated, and the caller reports it (`report_undivided`).
+  """
+  spec = _RULES.get(name, P())
+  if len(spec) != len(shape):
+    return P(), True
+  for dim, axis in zip(shape, spec):
+    if axis is not None and dim % axis_sizes[axis]:
+      return P(), False
+  return spec, True
+
+
+def _spec(path, value, mesh: Mesh) -> P:
+  return spec_for(leaf_name(path), tuple(getattr(value, "shape", ())), mesh.shape)[0]
 
 
 def param_shardings(state, mesh: Mesh):
@@ -57,13 +77,59 @@ def param_shardings(state, mesh: Mesh):
   return jax.tree_util.tree_map_with_path(lambda p, v: NamedSharding(mesh, _spec(p, v, mesh)), state)
 
 
+def undivided_params(state, mesh: Mesh) -> list[str]:
+  """'path [shape]' of each parameter that `mesh` replicates because an axis does not divide it."""
+  out = []
+  for path, value in jax.tree_util.tree_flatten_with_path(state)[0]:
+    shape = tuple(getattr(value, "shape", ()))
+    if not spec_for(leaf_name(path), shape, mesh.shape)[1]:
+      out.append(f"{'/'.join(_path_names(path))} {list(shape)}")
+  return out
+
+
+def report_undivided(names: list[str], mesh: Mesh) -> None:
+  """Warns (one line) about parameters replicated on every device of `mesh`."""
+  if names:
+    warnings.warn(f"{len(names)} parameter(s) replicated on all {mesh.devices.size} devices: the "
+                  f"mesh {dict(mesh.shape)} does not divide them: " + ", ".join(names),
+                  stacklevel=3)
+
+
 def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
-  """Places a module's parameters on `mesh` (in place) and returns it."""
+  """Places a module's parameters on `mesh` (in place) and returns it.
+
+  Parameters the mesh does not divide are replicated and reported with a warning.
+  """
   state = nnx.state(module)
+  report_undivided(undivided_params(state, mesh), mesh)
   nnx.update(module, jax.device_put(state, param_shardings(state, mesh)))
   return module
+
+
+def mesh_of(module: nnx.Module) -> Optional[Mesh]:
+  """The mesh a module's parameters live on, or None when they sit on one device."""
+  for leaf in jax.tree.leaves(nnx.state(module)):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.devices.size > 1:
+      return sharding.mesh
+  return None
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding for [B, ...] arrays: batch over 'data', replicated over 'model'."""
   return NamedSharding(mesh, P("data"))
+
+
+def place(host: np.ndarray, name: str, mesh: Optional[Mesh]) -> tuple[jax.Array, bool]:
+  """Puts one host array on `mesh` with the sharding its parameter `name` gets; (array, divides).
+
+  Each device receives only its own slice (`make_array_from_callback` asks for one index
+  per device), so no device ever holds a whole sharded weight. mesh=None: the default
+  device, uncommitted (as `jnp.asarray` leaves it), so jit may still move it. `divides` as
+  for `spec_for`.
+  """
+  if mesh is None:
+    return jax.device_put(host), True
+  spec, divides = spec_for(name, host.shape, mesh.shape)
+  array = jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda idx: host[idx])
+  return array, divides

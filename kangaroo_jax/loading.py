@@ -1,0 +1,89 @@
+"""Streamed, sharded model loading: checkpoint tensors go one at a time to their devices.
+
+Each parameter of the model is built on the host from its checkpoint tensors (q/k/v and
+gate/up fused, [out, in] transposed to the model's [in, out]), cast straight from the
+stored type to the model's dtype, placed with its final sharding (`sharding.place`) and
+dropped from host memory before the next one is read. Peak host memory is therefore
+about one fused weight (the largest: an FFN gate/up or the embedding), not the model.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from kangaroo_jax import sharding
+from kangaroo_jax.config import ModelConfig
+from kangaroo_jax.model import Llama
+from kangaroo_jax.weights import StoredTensor
+
+
+def _fused(tensors: dict[str, StoredTensor], names: list[str], dtype,
+           transpose: bool) -> np.ndarray:
+  """The checkpoint tensors `names` concatenated along their first (output) axis.
+
+  transpose=True returns the [in, out] layout the model multiplies with. Each tensor is
+  read and written into its slice of one preallocated array, so at most the fused
+  result plus one source tensor are in host memory.
+  """
+  shapes = [tensors[n].shape for n in names]
+  rows = sum(s[0] for s in shapes)
+  out = np.empty((shapes[0][1:] + (rows,)) if transpose else (rows,) + shapes[0][1:], dtype)
+  start = 0
+  for name, shape in zip(names, shapes):
+    w = tensors[name].read(dtype)
+    if transpose:
+      out[:, start:start + shape[0]] = w.T  # [out_i, in] -> columns of [in, out]
+    else:
+      out[start:start + shape[0]] = w
+    start += shape[0]
+    del w
+  return out
+
+
+def _recipes(model: Llama) -> list[tuple[nnx.Variable, str, list[str], bool]]:
+  """(variable, sharding rule name, checkpoint tensor names, transpose) per model parameter."""
+  out = [(model.embedding, "embedding", ["model.embed_tokens.weight"], False)]
+  for i, layer in enumerate(model.layers):
+    p = f"model.layers.{i}."
+    a, m = p + "self_attn.", p + "mlp."
+    out += [(layer.input_norm.weight, "weight", [p + "input_layernorm.weight"], False),
+            (layer.post_norm.weight, "weight", [p + "post_attention_layernorm.weight"], False),
+            (layer.attn.qkv, "qkv", [a + n + "_proj.weight" for n in "qkv"], True),
+            (layer.attn.o, "o", [a + "o_proj.weight"], True),
+            (layer.gate_up, "gate_up", [m + "gate_proj.weight", m + "up_proj.weight"], True),
+            (layer.down, "down", [m + "down_proj.weight"], True)]
+    if layer.attn.qkv_bias is not None:
+      out.append((layer.attn.qkv_bias, "qkv_bias", [a + n + "_proj.bias" for n in "qkv"], False))
+    if layer.attn.o_bias is not None:
+      out.append((layer.attn.o_bias, "o_bias", [a + "o_proj.bias"], False))
+  out.append((model.norm.weight, "weight", ["model.norm.weight"], False))
+  if model.lm_head is not None:
+    out.append((model.lm_head, "lm_head", ["lm_head.weight"], True))
+  return out
+
+
+def load_params(cfg: ModelConfig, tensors: dict[str, StoredTensor], dtype=jnp.float32,
+                mesh: Optional[Mesh] = None) -> Llama:
+  """Builds a Llama from checkpoint tensors (`weights.open_checkpoint`), streamed to `mesh`.
+
+  Args:
+    cfg: the model config.
+    tensors: Hugging Face-named tensors ([out, in] linear layout), read one at a time.
+    dtype: the parameters' dtype; each tensor is cast to it on the host as it is read.
+    mesh: a ('data', 'model') mesh to shard the parameters over; None = the default device.
+  Parameters the mesh does not divide are replicated and reported with a warning.
+  """
+  model = nnx.eval_shape(lambda: Llama(cfg, dtype, nnx.Rngs(0)))
+  undivided = []
+  for var, rule, names, transpose in _recipes(model):
+    array, divides = sharding.place(_fused(tensors, names, np.dtype(dtype), transpose), rule, mesh)
+    var.set_value(array)
+    if not divides:
+      undivided.append(f"{'+'.join(names)} {list(array.shape)}")
+  if mesh is not None:
+    sharding.report_undivided(undivided, mesh)
+  return model
