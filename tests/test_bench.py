@@ -300,12 +300,23 @@ def test_sweep_grid_covers_send_unconfident():
   args = bench.build_parser().parse_args(["--sweep", "--sweep-eta", "0.5", "--sweep-gamma", "2,4",
                                           "--sweep-draft-vocab", "stored"])
   grid = bench.sweep_grid(args, stored=[5, 6, 7])
-  assert grid == [(0.5, 2, None, True), (0.5, 4, None, True), (0.5, 2, None, False),
-                  (0.5, 4, None, False)]
+  assert grid == [(0.5, 2, None, True, 0, 0), (0.5, 4, None, True, 0, 0),
+                  (0.5, 2, None, False, 0, 0), (0.5, 4, None, False, 0, 0)]
   assert len({bench.kangaroo_label(*g) for g in grid}) == 4
   args.sweep_send_unconfident = "yes,perhaps"
   with pytest.raises(BenchError, match="--sweep-send-unconfident"):
     bench.sweep_grid(args, stored=None)
+
+
+def test_sweep_grid_puts_trees_beside_the_chain():
+  """Trees are swept with send yes only, and never with more nodes than top-k x gamma."""
+  args = bench.build_parser().parse_args([
+      "--sweep", "--sweep-eta", "0.5", "--sweep-gamma", "2", "--sweep-draft-vocab", "stored",
+      "--sweep-tree-nodes", "0,4,16", "--sweep-tree-topk", "2,4"])
+  grid = bench.sweep_grid(args, stored=None)
+  assert grid == [(0.5, 2, 0, True, 0, 0), (0.5, 2, 0, False, 0, 0), (0.5, 2, 0, True, 4, 2),
+                  (0.5, 2, 0, True, 4, 4)]
+  assert len({bench.kangaroo_label(*g) for g in grid}) == 4
 
 
 # ---- tuned settings ----

@@ -34,9 +34,10 @@ def run(args) -> dict:
   from kangaroo_jax import api, tuning  # slow (jax): after the cheap checks
   tuned = tuning.resolve(eta=args.eta, gamma=args.gamma, draft_vocab=args.draft_vocab,
                          send_unconfident=None if args.send_unconfident is None
-                         else args.send_unconfident == "yes")
-  eta, gamma, draft_vocab, send = (tuned[k] for k in ("eta", "gamma", "draft_vocab",
-                                                      "send_unconfident"))
+                         else args.send_unconfident == "yes", tree_nodes=args.tree_nodes,
+                         tree_topk=args.tree_topk)
+  eta, gamma, draft_vocab, send, tree_nodes, tree_topk = (tuned[k] for k in (
+      "eta", "gamma", "draft_vocab", "send_unconfident", "tree_nodes", "tree_topk"))
   start = time.perf_counter()
   model, tokenizer = api.load_model(args.model)
   eos = api.eos_ids(model, tokenizer)
@@ -49,16 +50,18 @@ def run(args) -> dict:
   runners = [jax_plain(model, eos, args.max_new_tokens)]
   labels: dict[str, dict] = {}
   if args.sweep:
-    for e, g, v, s in sweep_grid(args, stored):
-      name = kangaroo_label(e, g, v, s)
+    for e, g, v, s, t, k in sweep_grid(args, stored):
+      name = kangaroo_label(e, g, v, s, t, k)
       runners.append(jax_kangaroo(model, adapter, tuning.select_draft_ids(stored, v), eos,
                                   args.max_new_tokens, e, g, name=name, draft_vocab=v,
-                                  send_unconfident=s))
-      labels[name] = dict(eta=e, gamma=g, draft_vocab=v, send_unconfident=s)
+                                  send_unconfident=s, tree_nodes=t, tree_topk=k or 4))
+      labels[name] = dict(eta=e, gamma=g, draft_vocab=v, send_unconfident=s, tree_nodes=t,
+                          tree_topk=k or 4)
     methods = ["plain"] + list(labels)
   elif "kangaroo" in methods:
     runners.append(jax_kangaroo(model, adapter, draft_ids, eos, args.max_new_tokens, eta, gamma,
-                                draft_vocab=draft_vocab, send_unconfident=send))
+                                draft_vocab=draft_vocab, send_unconfident=send,
+                                tree_nodes=tree_nodes, tree_topk=tree_topk))
   skipped = {}
   hf_names = [m for m in methods if m.startswith("hf")]
   if hf_names:
@@ -87,6 +90,7 @@ def run(args) -> dict:
       questions_used=len({r.question_id for r in records}), prompts=sum(
           1 for r in records if r.method == "plain"),
       kangaroo=dict(eta=eta, gamma=gamma, draft_vocab=draft_vocab, send_unconfident=send,
+                    tree_nodes=tree_nodes, tree_topk=tree_topk,
                     draft_vocab_size=None if draft_ids is None else len(draft_ids),
                     exit_layer=adapter.acfg.exit_layer if adapter else None),
       sweep=args.sweep), methods_run=ran, descriptions={m: DESCRIPTIONS.get(m.split("[")[0], m)
@@ -98,8 +102,10 @@ def run(args) -> dict:
     from kangaroo_jax import costs as C
     log("measuring piece costs...")
     context = int(sorted(r.prompt_tokens for r in records)[len(records) // 2]) if records else 256
-    results["costs"] = C.measure_costs(model, adapter, draft_ids, max_block=gamma + 1,
-                                       context=context + args.max_new_tokens // 2)
+    results["costs"] = C.measure_costs(model, adapter, draft_ids,
+                                       max_block=max(gamma, tree_nodes) + 1,
+                                       context=context + args.max_new_tokens // 2,
+                                       tree_topk=tree_topk if tree_nodes else 0)
     log(C.format_costs(results["costs"]))
   if args.sweep:
     results["sweep"] = sweep_report(results, labels, args, log)

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="0 = full vocabulary, N = first N stored ids (default: tuned, else all stored)")
   add("--send-unconfident", choices=("yes", "no"),
       help="verify the draft that fell below eta too (default: tuned, else yes)")
+  add("--tree-nodes", type=int, metavar="N",
+      help="tree drafting (greedy): verify the N best nodes; 0 = chain (default: tuned, else 0)")
+  add("--tree-topk", type=int, metavar="K", help="tree drafting: children per node "
+      "(default: tuned, else 4)")
   add("--hf-threads", type=int, default=os.cpu_count() or 1, metavar="N",
       help="torch threads for the transformers peers (default: all CPUs)")
   add("--out", metavar="DIR", help="results.json, results.md, speedup.png (default: a new "
@@ -52,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
   add("--sweep-draft-vocab", default="stored,0", metavar="A,B",
       help="'stored' = the adapter's own, 0 = full, N = first N stored ids")
   add("--sweep-send-unconfident", default="yes,no", metavar="A,B", help="yes, no or both")
+  add("--sweep-tree-nodes", default="0", metavar="A,B",
+      help="0 = chain, N = a tree verifying N nodes (e.g. 0,4,8,16,32: chain against trees)")
+  add("--sweep-tree-topk", default="4", metavar="A,B", help="children per node of the trees")
   add("--write-tuned", action="store_true",
       help="with --sweep: also update kangaroo_jax/tuned/<backend>.json, which decoding reads")
   add("--tuned-file", metavar="PATH",
@@ -91,6 +98,10 @@ def validate(args) -> None:
             (args.gamma is None or args.gamma >= 1, f"--gamma must be >= 1, got {args.gamma}"),
             (args.draft_vocab is None or args.draft_vocab >= 0,
              f"--draft-vocab must be >= 0, got {args.draft_vocab}"),
+            (args.tree_nodes is None or args.tree_nodes >= 0,
+             f"--tree-nodes must be >= 0, got {args.tree_nodes}"),
+            (args.tree_topk is None or args.tree_topk >= 1,
+             f"--tree-topk must be >= 1, got {args.tree_topk}"),
             (args.hf_threads >= 1, f"--hf-threads must be >= 1, got {args.hf_threads}"),
             (args.adapter is None or os.path.isfile(args.adapter),
              f"no such adapter file: {args.adapter}"),

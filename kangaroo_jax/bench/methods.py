@@ -68,20 +68,23 @@ def jax_plain(model, eos: Sequence[int], max_new_tokens: int) -> Method:
 
 
 def kangaroo_label(eta: float, gamma: int, draft_vocab: Optional[int],
-                   send_unconfident: bool = True) -> str:
-  """The method name of one sweep setting, e.g. kangaroo[eta=0.6,gamma=4,vocab=stored,send=yes]."""
+                   send_unconfident: bool = True, tree_nodes: int = 0, tree_topk: int = 0) -> str:
+  """The method name of one sweep setting, e.g. kangaroo[eta=0.6,gamma=4,vocab=stored,send=yes]
+  (a tree adds ",tree=NODES/TOPK")."""
   vocab = "stored" if draft_vocab is None else ("full" if draft_vocab == 0 else draft_vocab)
   send = "yes" if send_unconfident else "no"
-  return f"kangaroo[eta={eta:g},gamma={gamma},vocab={vocab},send={send}]"
+  tree = f",tree={tree_nodes}/{tree_topk}" if tree_nodes else ""
+  return f"kangaroo[eta={eta:g},gamma={gamma},vocab={vocab},send={send}{tree}]"
 
 
 def jax_kangaroo(model, adapter, draft_ids, eos: Sequence[int], max_new_tokens: int, eta: float,
                  gamma: int, name: str = "kangaroo", draft_vocab: Optional[int] = None,
-                 send_unconfident: bool = True) -> Method:
-  """Kangaroo decoding with one (eta, gamma, draft vocabulary, send_unconfident) setting."""
+                 send_unconfident: bool = True, tree_nodes: int = 0,
+                 tree_topk: int = 4) -> Method:
+  """Kangaroo decoding with one (eta, gamma, draft vocabulary, send_unconfident, tree) setting."""
   from kangaroo_jax.decoding import bucket
   from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode
-  kparams = KangarooParams(eta, gamma, send_unconfident)
+  kparams = KangarooParams(eta, gamma, send_unconfident, tree_nodes, tree_topk)
   vocab = None if draft_ids is None else len(draft_ids)
 
   def run(ids):
@@ -93,9 +96,11 @@ def jax_kangaroo(model, adapter, draft_ids, eos: Sequence[int], max_new_tokens: 
 
   # eta is a traced argument: settings that differ only in eta share compiled code.
   return Method(name, DESCRIPTIONS["kangaroo"], "plain", run,
-                lambda ids: ("kangaroo", gamma, send_unconfident, vocab, bucket(len(ids))),
+                lambda ids: ("kangaroo", gamma, send_unconfident, kparams.tree, vocab,
+                             bucket(len(ids))),
                 dict(eta=eta, gamma=gamma, draft_vocab=draft_vocab, draft_vocab_size=vocab,
-                     send_unconfident=send_unconfident, exit_layer=adapter.acfg.exit_layer))
+                     send_unconfident=send_unconfident, tree_nodes=tree_nodes,
+                     tree_topk=tree_topk, exit_layer=adapter.acfg.exit_layer))
 
 
 def load_hf_model(path: Optional[str], threads: int):

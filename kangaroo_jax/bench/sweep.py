@@ -8,9 +8,10 @@ from kangaroo_jax.bench.errors import BenchError
 from kangaroo_jax.bench.flags import csv_items, numbers
 
 
-def sweep_grid(args, stored) -> list[tuple[float, int, Optional[int], bool]]:
-  """(eta, gamma, draft_vocab, send_unconfident) settings; vocab sizes the adapter cannot
-  give are dropped."""
+def sweep_grid(args, stored) -> list[tuple[float, int, Optional[int], bool, int, int]]:
+  """(eta, gamma, draft_vocab, send_unconfident, tree_nodes, tree_topk) settings; vocab
+  sizes the adapter cannot give and trees larger than top-k x gamma nodes are dropped.
+  A tree verifies every node it drafts, so it is swept with send_unconfident yes only."""
   sends = []
   for v in csv_items(args.sweep_send_unconfident):
     if v not in ("yes", "no"):
@@ -18,6 +19,8 @@ def sweep_grid(args, stored) -> list[tuple[float, int, Optional[int], bool]]:
     sends.append(v == "yes")
   etas = numbers(args.sweep_eta, float, "--sweep-eta")
   gammas = numbers(args.sweep_gamma, int, "--sweep-gamma")
+  trees = numbers(args.sweep_tree_nodes, int, "--sweep-tree-nodes")
+  topks = numbers(args.sweep_tree_topk, int, "--sweep-tree-topk")
   vocabs = []
   for v in csv_items(args.sweep_draft_vocab):
     if v == "stored":
@@ -25,16 +28,21 @@ def sweep_grid(args, stored) -> list[tuple[float, int, Optional[int], bool]]:
     else:
       vocabs += numbers(v, int, "--sweep-draft-vocab")
   if any(not 0 < e <= 1 for e in etas) or any(g < 1 for g in gammas) or any(
-      v is not None and v < 0 for v in vocabs):
-    raise BenchError("sweep values: eta in (0, 1], gamma >= 1, draft vocab >= 0 or 'stored'")
+      v is not None and v < 0 for v in vocabs) or any(t < 0 for t in trees) or any(
+      k < 1 for k in topks):
+    raise BenchError("sweep values: eta in (0, 1], gamma >= 1, draft vocab >= 0 or 'stored', "
+                     "tree nodes >= 0, tree top-k >= 1")
   n = 0 if stored is None else len(stored)
   # Without stored ids, 'stored' is the full vocabulary: keep one of the two.
   vocabs = list(dict.fromkeys(0 if v is None and stored is None else v for v in vocabs
                               if v is None or v == 0 or v <= n))
-  if not (etas and gammas and vocabs and sends):
+  shapes = [(0, 0)] if 0 in trees else []
+  shapes += [(t, k) for t in dict.fromkeys(trees) if t for k in dict.fromkeys(topks)]
+  grid = [(e, g, v, s, t, k) for t, k in shapes for s in dict.fromkeys(sends) for v in vocabs
+          for g in gammas for e in etas if not t or (s and t <= k * g)]
+  if not (etas and gammas and vocabs and sends) or not grid:
     raise BenchError("the sweep grid is empty")
-  return [(e, g, v, s) for s in dict.fromkeys(sends) for v in vocabs for g in gammas
-          for e in etas]
+  return grid
 
 
 def best_setting(results: dict, labels: dict) -> Optional[tuple[str, dict]]:
@@ -57,12 +65,13 @@ def sweep_report(results: dict, labels: dict, args, log) -> dict:
       rows.append(dict(s, speedup=o["speedup"], tokens_per_second=o["tokens_per_second"],
                        mean_accepted_tokens=o["mean_accepted_tokens"],
                        drafts_per_round=o["drafts_per_round"], lossless=o["lossless"]))
-  log(f"{'eta':>5} {'gamma':>5} {'vocab':>7} {'send':>5} {'speedup':>8} {'accepted':>9} "
-      f"{'drafts':>7} {'lossless':>9}")
+  log(f"{'eta':>5} {'gamma':>5} {'vocab':>7} {'send':>5} {'tree':>6} {'speedup':>8} "
+      f"{'accepted':>9} {'drafts':>7} {'lossless':>9}")
   for r in rows:
     v = "stored" if r["draft_vocab"] is None else r["draft_vocab"]
+    tree = f"{r['tree_nodes']}/{r['tree_topk']}" if r["tree_nodes"] else "chain"
     log(f"{r['eta']:>5g} {r['gamma']:>5} {v!s:>7} {'yes' if r['send_unconfident'] else 'no':>5} "
-        f"{r['speedup']:>7.2f}x {r['mean_accepted_tokens']:>9.2f} {r['drafts_per_round']:>7.2f} "
+        f"{tree:>6} {r['speedup']:>7.2f}x {r['mean_accepted_tokens']:>9.2f} {r['drafts_per_round']:>7.2f} "
         f"{r['lossless']:>9.0%}")
   best = best_setting(results, labels)
   out = dict(rows=rows, best=None, tuned_file=None)
