@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kangaroo_jax import api, cache as kv, sharegpt, teacher, training
+from kangaroo_jax import api, cache as kv, distill, sharegpt, teacher, training
 from kangaroo_jax.adapter import AdapterError, init_adapter, load_adapter, save_adapter
 from kangaroo_jax.data import DataError
 from kangaroo_jax.decoding import plain_decode
@@ -269,8 +269,8 @@ def test_an_ffn_adapter_started_from_a_paper_adapter_computes_the_same(tiny):
   h = jax.random.normal(jax.random.key(2), (2, 5, model.cfg.hidden_size))
   pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
   want, _ = source(h, pos, source.init_cache(2, 8))
-  training.copy_adapter_weights(source, target)
+  distill.copy_adapter_weights(source, target)
   got, _ = target(h, pos, target.init_cache(2, 8))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="exit layer"):
-    training.copy_adapter_weights(source, init_adapter(model.cfg, 2))
+    distill.copy_adapter_weights(source, init_adapter(model.cfg, 2))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kangaroo_jax import api, checkpoint, data, sharding, training
+from kangaroo_jax import api, checkpoint, data, distill, sharding, training
 from kangaroo_jax.adapter import init_adapter, load_adapter
 
 from fixtures import tiny_model
@@ -60,7 +60,7 @@ def _config(tiny, workdir, **overrides):
 # ---- the loss and its alignment ----
 def test_prediction_mask_shifts_assistant_flags_left():
   assistant = jnp.asarray([[0, 0, 1, 1, 0], [1, 0, 0, 0, 1]], bool)
-  np.testing.assert_array_equal(training.prediction_mask(assistant),
+  np.testing.assert_array_equal(distill.prediction_mask(assistant),
                                 [[0, 1, 1, 0, 0], [0, 0, 0, 1, 0]])
 
 
@@ -68,12 +68,12 @@ def test_distill_loss_metrics():
   logits = jnp.log(jnp.asarray([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]))
   p = jnp.asarray([[[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]]])
   top1 = jnp.asarray([[0, 0]])
-  loss, m = training.distill_loss(logits, p, top1, jnp.asarray([[1, 0]]))
+  loss, m = distill.distill_loss(logits, p, top1, jnp.asarray([[1, 0]]))
   entropy = -np.sum(np.array([0.7, 0.2, 0.1]) * np.log([0.7, 0.2, 0.1]))
   np.testing.assert_allclose(loss, entropy, rtol=1e-6)
   assert float(m["top1_agreement"]) == 1.0
   np.testing.assert_allclose(m["expected_acceptance"], 1.0, rtol=1e-6)
-  _, m = training.distill_loss(logits, p, top1, jnp.asarray([[0, 1]]))
+  _, m = distill.distill_loss(logits, p, top1, jnp.asarray([[0, 1]]))
   assert float(m["top1_agreement"]) == 0.0  # draft says 2, target 0
   np.testing.assert_allclose(m["expected_acceptance"], 0.1 + 0.1 + 0.1, rtol=1e-6)
 
@@ -93,8 +93,8 @@ def test_loss_reads_the_position_that_predicts_the_assistant_token(tiny):
   adapter = init_adapter(model.cfg, 1, seed=3)
   j = 7
   batch = _one_hot_batch(tiny, j)
-  inv = jnp.asarray(training.draft_index(None, model.cfg.vocab_size))
-  loss, m = training.forward(model, adapter, batch, inv, None)
+  inv = jnp.asarray(distill.draft_index(None, model.cfg.vocab_size))
+  loss, m = distill.forward(model, adapter, batch, inv, None)
   assert float(m["tokens"]) == 1.0
   # Independent reference: full target forward and draft forward over the sequence.
   tokens = batch["tokens"]
@@ -126,8 +126,8 @@ def test_cached_teacher_rows_are_shifted_like_the_mask(tiny):
   tid[0, j + 1] = [40, 41]
   tp[0, j - 1] = tp[0, j + 1] = [1.0, 0.0]
   batch |= {"teacher_ids": jnp.asarray(tid), "teacher_probs": jnp.asarray(tp)}
-  inv = jnp.asarray(training.draft_index(None, model.cfg.vocab_size))
-  loss, m = training.forward(model, adapter, batch, inv, None)
+  inv = jnp.asarray(distill.draft_index(None, model.cfg.vocab_size))
+  loss, m = distill.forward(model, adapter, batch, inv, None)
   from kangaroo_jax import cache as kv
   pos = jnp.arange(t)[None]
   h1, _ = model.run_layers(model.embed(batch["tokens"]), pos, kv.init_model_cache(model.cfg, 1, t), 0, 1)
@@ -140,16 +140,16 @@ def test_reduced_draft_vocabulary(tiny):
   _, model, _, _ = tiny
   counts = np.zeros(64, np.int64)
   counts[[40, 3, 17, 9, 22, 5, 30, 11, 50]] = [90, 80, 70, 60, 50, 40, 30, 20, 10]
-  ids = training.pick_draft_vocab(counts, 8, always=(60,))
+  ids = distill.pick_draft_vocab(counts, 8, always=(60,))
   # EOS-like ids first, then by falling frequency: the first n are the n most useful.
   assert ids.tolist() == [60, 40, 3, 17, 9, 22, 5, 30]
   from kangaroo_jax import tuning
   assert tuning.select_draft_ids(ids, 3).tolist() == [60, 40, 3]
-  inv = training.draft_index(ids, 64)
+  inv = distill.draft_index(ids, 64)
   assert inv[60] == 0 and inv[30] == 7 and inv[11] == 8  # 8 = "not in the draft vocabulary"
   adapter = init_adapter(model.cfg, 1, seed=3)
   batch = _one_hot_batch(tiny, 7)
-  loss, m = training.forward(model, adapter, batch, jnp.asarray(inv), jnp.asarray(ids))
+  loss, m = distill.forward(model, adapter, batch, jnp.asarray(inv), jnp.asarray(ids))
   assert np.isfinite(float(loss)) and 0 <= float(m["expected_acceptance"]) <= 1
 
 
@@ -161,14 +161,14 @@ def _step_setup(tiny, batch_size=4, mesh=None):
   adapter = init_adapter(model.cfg, 1, seed=0)
   mg, ms = nnx.split(model)
   ag, params = nnx.split(adapter)
-  tx = training.make_optimizer(3e-2, 2, 40)
-  inv = jnp.asarray(training.draft_index(None, model.cfg.vocab_size))
+  tx = distill.make_optimizer(3e-2, 2, 40)
+  inv = jnp.asarray(distill.draft_index(None, model.cfg.vocab_size))
   return mg, ms, ag, params, tx, batch, inv
 
 
 def test_loss_falls_on_a_fixed_batch(tiny):
   mg, ms, ag, params, tx, batch, inv = _step_setup(tiny)
-  step = training.make_train_step(mg, ag, tx)
+  step = distill.make_train_step(mg, ag, tx)
   opt = tx.init(params)
   losses = []
   for _ in range(40):
@@ -181,8 +181,8 @@ def test_loss_falls_on_a_fixed_batch(tiny):
   pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   logits, _ = model(tokens, pos, kv.init_model_cache(model.cfg, *tokens.shape))
   p = jax.nn.softmax(logits, -1)
-  entropy, _ = training.distill_loss(jnp.log(p), p, jnp.argmax(p, -1),
-                                     training.prediction_mask(jnp.asarray(batch["assistant"])))
+  entropy, _ = distill.distill_loss(jnp.log(p), p, jnp.argmax(p, -1),
+                                     distill.prediction_mask(jnp.asarray(batch["assistant"])))
   gaps = np.asarray(losses) - float(entropy)
   assert gaps[-1] < 0.3 * gaps[0], (float(entropy), losses)
   assert float(m["expected_acceptance"]) > 0.5
@@ -191,7 +191,7 @@ def test_loss_falls_on_a_fixed_batch(tiny):
 def test_only_the_adapter_trains(tiny):
   mg, ms, ag, params, tx, batch, inv = _step_setup(tiny)
   before = jax.tree.map(np.asarray, ms)
-  step = training.make_train_step(mg, ag, tx)
+  step = distill.make_train_step(mg, ag, tx)
   p0 = jax.tree.map(np.array, params)
   opt = tx.init(params)
   for _ in range(2):  # the warm-up's first learning rate is 0
@@ -203,7 +203,7 @@ def test_only_the_adapter_trains(tiny):
 def test_sharded_step_on_8_devices_matches_one_device(tiny):
   assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
   mg, ms, ag, params, tx, batch, inv = _step_setup(tiny, batch_size=8)
-  step = training.make_train_step(mg, ag, tx)
+  step = distill.make_train_step(mg, ag, tx)
   _, _, m1 = step(jax.tree.map(jnp.copy, params), tx.init(params), ms, batch, inv, None)
   mesh = sharding.make_mesh(4, 2)
   ms_s = jax.device_put(ms, sharding.param_shardings(ms, mesh))
@@ -217,7 +217,7 @@ def test_sharded_step_on_8_devices_matches_one_device(tiny):
 # ---- checkpoints ----
 def test_checkpoint_save_restore_is_bit_exact(tiny, tmp_path):
   mg, ms, ag, params, tx, batch, inv = _step_setup(tiny)
-  step = training.make_train_step(mg, ag, tx)
+  step = distill.make_train_step(mg, ag, tx)
   params, opt, _ = step(params, tx.init(params), ms, batch, inv, None)
   state = {"params": params, "opt_state": opt, "step": np.int64(1), "epoch": np.int64(0),
            "index": np.int64(4), "draft_ids": np.arange(5, dtype=np.int32),
@@ -371,13 +371,13 @@ def test_precomputed_hidden_states_give_the_same_loss(tiny):
   ds = data.sharegpt(path, tok, max_len=64, eos_ids=[2])
   examples = ds.examples[:4]
   batch = {k: jnp.asarray(v) for k, v in data.make_batch(examples, 64).items()}
-  training.add_hidden(model, examples, 1, 64, 3)  # a batch size that splits the examples
+  distill.add_hidden(model, examples, 1, 64, 3)  # a batch size that splits the examples
   with_hidden = {k: jnp.asarray(v) for k, v in data.make_batch(examples, 64).items()}
   assert "hidden" in with_hidden
-  inv = jnp.asarray(training.draft_index(None, model.cfg.vocab_size))
+  inv = jnp.asarray(distill.draft_index(None, model.cfg.vocab_size))
   adapter = init_adapter(model.cfg, 1, seed=2)
-  a, _ = training.forward(model, adapter, batch, inv, None)
-  b, _ = training.forward(model, adapter, with_hidden, inv, None)
+  a, _ = distill.forward(model, adapter, batch, inv, None)
+  b, _ = distill.forward(model, adapter, with_hidden, inv, None)
   np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
@@ -397,11 +397,11 @@ def test_simulate_acceptance_replays_kangaroo_rounds():
   sure = np.ones((1, 8))
   m = np.ones((1, 8), bool)
   # Round 1 accepts 2 drafts + the target's token at 2; round 2 accepts 4 drafts + 1 token.
-  assert training.simulate_acceptance(ok, sure, m) == (8, 2)
+  assert distill.simulate_acceptance(ok, sure, m) == (8, 2)
   # Unsure at 0: round 1 stops after that (accepted) draft; round 2 fails at 2 at once.
   unsure = sure.copy()
   unsure[0, 0] = 0.5
-  assert training.simulate_acceptance(ok, unsure, m) == (8, 3)
-  assert training.simulate_acceptance(ok, sure, m, gamma=2) == (8, 3)  # 3 + 3 + 2
+  assert distill.simulate_acceptance(ok, unsure, m) == (8, 3)
+  assert distill.simulate_acceptance(ok, sure, m, gamma=2) == (8, 3)  # 3 + 3 + 2
   m[0, :3] = False  # only the answer counts
-  assert training.simulate_acceptance(ok, sure, m) == (5, 1)
+  assert distill.simulate_acceptance(ok, sure, m) == (5, 1)

@@ -1,0 +1,274 @@
+"""Adapter training: the distillation loss, the jitted train step, evaluation.
+
+The loss (Liu et al., 2024) at position t compares two distributions over token t+1:
+
+  q_A(.|t) = softmax(head(adapter(h_l)[t]))   the draft, trained
+  p_T(.|t) = softmax(head(norm(h_L)[t]))      the frozen target
+
+  L = -(1 / sum_t m_t) sum_t m_t sum_v p_T(v|t) log q_A(v|t),   m_t = [token t+1 is assistant]
+
+Both predict token t+1, so the mask is the assistant flag shifted left by one
+(`prediction_mask`); the reference code shifts inputs and targets but not the mask.
+The teacher comes either on the fly (the deep layers run inside the step) or from a
+top-k cache recorded when the target wrote the data (`teacher_ids`/`teacher_probs` rows
+are indexed by the token they describe, so they shift the same way as the mask).
+With a reduced draft vocabulary V' both distributions live on V' (the draft can never
+propose another token); top-1 agreement still compares with the target's full argmax.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from kangaroo_jax import cache as kv
+from kangaroo_jax.adapter import Adapter, tensors
+from kangaroo_jax.model import Llama
+
+
+def prediction_mask(assistant: jax.Array) -> jax.Array:
+  """[B, T] assistant flags -> [B, T] loss mask: m[t] = assistant[t + 1] (last is 0)."""
+  return jnp.pad(assistant[:, 1:], ((0, 0), (0, 1)))
+
+
+def next_rows(x: jax.Array) -> jax.Array:
+  """Row t <- row t + 1 along axis 1 (zero past the end): token-indexed -> prediction-indexed."""
+  return jnp.pad(x[:, 1:], [(0, 0), (0, 1)] + [(0, 0)] * (x.ndim - 2))
+
+
+def draft_index(draft_ids: Optional[np.ndarray], vocab_size: int) -> np.ndarray:
+  """[V] map token id -> position in the draft vocabulary, or V' when it is not in it."""
+  if draft_ids is None:
+    return np.arange(vocab_size, dtype=np.int32)
+  inv = np.full(vocab_size, len(draft_ids), np.int32)
+  inv[np.asarray(draft_ids)] = np.arange(len(draft_ids), dtype=np.int32)
+  return inv
+
+
+def pick_draft_vocab(counts: np.ndarray, size: int, always: tuple[int, ...] = ()) -> np.ndarray:
+  """The `size` most frequent token ids, `always` (e.g. EOS) first, then by falling count.
+
+  The order is the contract `tuning.select_draft_ids` relies on: its first n ids are the
+  n most useful ones, so `--draft-vocab n` keeps the most frequent tokens (ties by id).
+  """
+  order = np.argsort(-counts, kind="stable")
+  chosen = list(dict.fromkeys(list(always) + order.tolist()))[:size]
+  return np.asarray(chosen, np.int32)
+
+
+def distill_loss(draft_logits: jax.Array, teacher_probs: jax.Array, teacher_top1: jax.Array,
+                 mask: jax.Array) -> tuple[jax.Array, dict]:
+  """Soft cross-entropy of draft vs teacher, masked, plus agreement metrics.
+
+  Args:
+    draft_logits: [B, T, V'] the draft's logits at each position.
+    teacher_probs: [B, T, V'] the target's probabilities at the same positions.
+    teacher_top1: [B, T] index (in V') of the target's full-vocabulary argmax; V' when
+      that token is outside the draft vocabulary.
+    mask: [B, T] which positions count.
+  Returns:
+    (loss, {"loss", "top1_agreement", "expected_acceptance", "tokens"}).
+  """
+  m = mask.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(m), 1.0)
+  logq = jax.nn.log_softmax(draft_logits.astype(jnp.float32), axis=-1)  # [B, T, V']
+  ce = -jnp.sum(teacher_probs * logq, axis=-1)  # [B, T]
+  loss = jnp.sum(ce * m) / n
+  agree = (jnp.argmax(logq, axis=-1) == teacher_top1).astype(jnp.float32)  # [B, T]
+  accept = jnp.sum(jnp.minimum(teacher_probs, jnp.exp(logq)), axis=-1)  # [B, T]
+  return loss, {"loss": loss, "top1_agreement": jnp.sum(agree * m) / n,
+                "expected_acceptance": jnp.sum(accept * m) / n, "tokens": jnp.sum(m)}
+
+
+def forward(model: Llama, adapter: Adapter, batch: dict, inv: jax.Array,
+            draft_ids: Optional[jax.Array]) -> tuple[jax.Array, dict]:
+  """Loss and metrics of the adapter on a batch (see the module docstring).
+
+  batch: tokens [B, T], assistant [B, T] and optionally teacher_ids / teacher_probs
+  [B, T, K]; inv [V] from `draft_index`; draft_ids [V'] or None.
+  """
+  return distill_loss(*draft_and_teacher(model, adapter, batch, inv, draft_ids))
+
+
+def draft_and_teacher(model: Llama, adapter: Adapter, batch: dict, inv: jax.Array,
+                      draft_ids: Optional[jax.Array]):
+  """(draft logits [B, T, V'], teacher probs [B, T, V'], teacher top-1 [B, T], mask [B, T])."""
+  tokens = batch["tokens"]
+  b, t = tokens.shape
+  l = adapter.acfg.exit_layer
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B, T]
+  cache = kv.init_model_cache(model.cfg, b, t, model.dtype)
+  if "hidden" in batch:  # precomputed by `add_hidden`
+    h_l = batch["hidden"].astype(model.dtype)
+  else:
+    h_l, cache = model.run_layers(model.embed(tokens), positions, cache, 0, l)  # [B, T, D]
+  h_l = jax.lax.stop_gradient(h_l)
+  out, _ = adapter(h_l, positions, adapter.init_cache(b, t))
+  head = None if draft_ids is None else model.head_weight()[draft_ids]  # [V', D]
+  logits = model.project(out, jax.lax.stop_gradient(head) if head is not None else None)
+  v = logits.shape[-1]  # V'
+  if "teacher_ids" in batch:
+    idx = inv[next_rows(batch["teacher_ids"])]  # [B, T, K] in V', V' = not in the draft vocab
+    probs = next_rows(batch["teacher_probs"]).astype(jnp.float32)  # [B, T, K]
+    bi = jnp.arange(b)[:, None, None]
+    ti = jnp.arange(t)[None, :, None]
+    p = jnp.zeros((b, t, v), jnp.float32).at[bi, ti, idx].add(probs, mode="drop")  # [B, T, V']
+    top1 = idx[..., 0]  # [B, T]
+  else:
+    h, _ = model.run_layers(h_l, positions, cache, l, None)
+    full = jax.lax.stop_gradient(model.logits(h))  # [B, T, V]
+    p = jax.nn.softmax(full, axis=-1)
+    p = p if draft_ids is None else p[..., draft_ids]  # [B, T, V']
+    top1 = inv[jnp.argmax(full, axis=-1)]  # [B, T]
+  return logits, p, top1, prediction_mask(batch["assistant"])
+
+
+def warm_start(adapter: Adapter, model: Llama) -> Adapter:
+  """Starts the adapter as the "logit lens" of layer l: head(final_norm(h_l)).
+
+  Zeroing the attention's output projection makes the block the identity on h_l, and
+  copying the target's final norm makes the draft the target's own head read at layer l.
+  Training then only has to learn the correction, not undo a random projection (at
+  random init the draft's loss is ~3x higher and the first epochs are spent there).
+  """
+  adapter.attn.o[...] = jnp.zeros_like(adapter.attn.o[...])
+  adapter.out_norm.weight[...] = model.norm.weight[...].astype(adapter.out_norm.weight.dtype)
+  return adapter
+
+
+def add_hidden(model: Llama, examples, exit_layer: int, seq_len: int, batch_size: int) -> None:
+  """Stores each conversation's frozen layer-l states in it (`Conversation.hidden`).
+
+  With a cached teacher the shallow layers are the only frozen compute left in a step;
+  they see the same tokens every epoch, so running them once saves about a third of
+  each step. Causal attention makes a row's states independent of its padding.
+  """
+  from kangaroo_jax import data
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def shallow(state, tokens):
+    m = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B, T]
+    return m.run_layers(m.embed(tokens), pos, kv.init_model_cache(m.cfg, b, t, m.dtype), 0,
+                        exit_layer)[0]  # [B, T, D]
+
+  for i in range(0, len(examples), batch_size):
+    chunk = examples[i:i + batch_size]
+    h = np.asarray(shallow(state, data.make_batch(chunk, seq_len, rows=batch_size)["tokens"]),
+                   np.float32)
+    for j, ex in enumerate(chunk):
+      ex.hidden = h[j, :min(len(ex.ids), seq_len)]
+
+
+def copy_adapter_weights(source: Adapter, target: Adapter) -> None:
+  """Starts `target` from `source`'s weights (same exit layer and heads; an FFN that only
+  `target` has keeps its zero output projection, so the start computes what `source` does)."""
+  if (source.acfg.exit_layer, source.acfg.num_heads) != (target.acfg.exit_layer, target.acfg.num_heads):
+    raise ValueError(f"config.init_from: exit layer / heads {source.acfg.exit_layer}/"
+                     f"{source.acfg.num_heads} != {target.acfg.exit_layer}/{target.acfg.num_heads}")
+  theirs = tensors(source)
+  for name, var in tensors(target).items():
+    if name in theirs and theirs[name].shape == var.shape:
+      var.set_value(theirs[name][...])
+
+
+def make_optimizer(lr: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.0,
+                   b1: float = 0.9, b2: float = 0.95, grad_clip: float = 1.0,
+                   end_lr_fraction: float = 0.1) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then cosine decay, after global-norm gradient clipping."""
+  warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1), lr * end_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+
+
+def make_train_step(model_graphdef, adapter_graphdef, tx: optax.GradientTransformation,
+                    state_shardings=None):
+  """A jitted `step(params, opt_state, model_state, batch, inv, draft_ids)`.
+
+  Returns (params, opt_state, metrics). Only the adapter's params get gradients; the
+  model state is an argument (not a constant) so the compiled step stays small.
+  `state_shardings` = (params, opt_state) shardings pins the outputs to the inputs'
+  layout, so the second step does not compile again for a new layout.
+  """
+
+  def loss_fn(params, model_state, batch, inv, draft_ids):
+    model = nnx.merge(model_graphdef, model_state)
+    adapter = nnx.merge(adapter_graphdef, params)
+    return forward(model, adapter, batch, inv, draft_ids)
+
+  out = None if state_shardings is None else (*state_shardings, None)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out)
+  def step(params, opt_state, model_state, batch, inv, draft_ids):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, model_state, batch, inv, draft_ids)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return params, opt_state, metrics
+
+  return step
+
+
+def make_eval_step(model_graphdef, adapter_graphdef):
+  """A jitted `eval(params, model_state, batch, inv, draft_ids)` -> metrics."""
+
+  @jax.jit
+  def evaluate(params, model_state, batch, inv, draft_ids):
+    model = nnx.merge(model_graphdef, model_state)
+    logits, p, top1, mask = draft_and_teacher(model, nnx.merge(adapter_graphdef, params), batch,
+                                              inv, draft_ids)
+    metrics = distill_loss(logits, p, top1, mask)[1]
+    # Per position, for `simulate_acceptance` (keys with "_" are not averaged).
+    metrics["_correct"] = jnp.argmax(logits, axis=-1) == top1  # [B, T]
+    metrics["_confidence"] = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, T]
+    metrics["_mask"] = mask
+    return metrics
+
+  return evaluate
+
+
+def simulate_acceptance(correct: np.ndarray, confidence: np.ndarray, mask: np.ndarray,
+                        eta: float = 0.6, gamma: int = 6) -> tuple[int, int]:
+  """Kangaroo rounds replayed on teacher-forced text: (tokens accepted, rounds).
+
+  On text the target wrote greedily this is exactly what greedy Kangaroo decoding would
+  accept there: each round drafts while the draft is confident (the first token below
+  `eta` is still sent) up to `gamma` tokens, accepts the drafts up to the first one that
+  differs from the target's argmax, and adds the target's own token. Positions outside
+  `mask` (the answer) are skipped; tokens/rounds is the mean accepted tokens per step.
+  """
+  tokens = rounds = 0
+  for ok, conf, m in zip(correct, confidence, mask):
+    idx = np.flatnonzero(m)
+    t = 0
+    while t < len(idx):
+      a = 0
+      while a < gamma and t + a < len(idx) and ok[idx[t + a]]:
+        a += 1
+        if conf[idx[t + a - 1]] < eta:
+          break
+      n = min(a + 1, len(idx) - t)
+      tokens, rounds, t = tokens + n, rounds + 1, t + n
+  return tokens, rounds
+
+
+def average(metrics: list[dict]) -> dict:
+  """Token-weighted mean of per-batch metrics (host floats)."""
+  n = sum(float(m["tokens"]) for m in metrics)
+  keys = [k for k in metrics[0] if k not in ("tokens", "grad_norm") and not k.startswith("_")]
+  out = {k: sum(float(m[k]) * float(m["tokens"]) for m in metrics) / max(n, 1.0) for k in keys}
+  out["tokens"] = n
+  return out
+
+
+# ---- the training run: data, mesh, resume, loop, export ----
