@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "(/reset clears it, /exit or end of input ends); stats per answer on stderr")
   add("--model", metavar="PATH",
       help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-  add("--dtype", choices=["float32", "bfloat16"], default="float32")
+  add("--dtype", choices=["float32", "bfloat16"], default="float32",
+      help="weights and KV cache dtype (default float32)")
+  add("--activations", choices=["float32", "bfloat16"], default="float32",
+      help="hidden-state dtype: float32 (default) keeps greedy Kangaroo token-identical to "
+      "plain decoding with bfloat16 weights too; bfloat16 is cheaper on accelerators but "
+      "may differ from plain at a near tie")
   add("--max-new-tokens", type=int, default=256, metavar="N")
   add("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   add("--top-p", type=float, default=1.0)
@@ -231,7 +236,7 @@ def load(api, args):
   start = time.perf_counter()
   if args.no_compile_cache:
     os.environ["KANGAROO_JAX_NO_COMPILE_CACHE"] = "1"  # read by load_model
-  model, tokenizer = api.load_model(args.model, args.dtype)
+  model, tokenizer = api.load_model(args.model, args.dtype, args.activations)
   adapter = draft_ids = None
   if args.mode == "kangaroo":
     adapter, stored = api.load_adapter_for(model, args.adapter, args.exit_layer)

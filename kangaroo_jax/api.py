@@ -26,6 +26,7 @@ from kangaroo_jax.adapter import Adapter, init_adapter, load_adapter
 from kangaroo_jax.decoding import PromptError, plain_decode, plain_stream
 from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode, kangaroo_stream
 from kangaroo_jax.model import Llama, from_hf_state_dict
+from kangaroo_jax.precision import activation_dtype
 from kangaroo_jax.sampling import SamplingParams
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -87,8 +88,14 @@ _STORED_DRAFT_IDS: "weakref.WeakKeyDictionary[Adapter, Optional[np.ndarray]]" = 
 _DEFAULT_DRAFTERS: "weakref.WeakKeyDictionary[Llama, Drafter]" = weakref.WeakKeyDictionary()
 
 
-def load_model(path: Optional[str] = None, dtype: str = "float32") -> tuple[Llama, Any]:
+def load_model(path: Optional[str] = None, dtype: str = "float32",
+               activations: str = "float32") -> tuple[Llama, Any]:
   """Loads (model, tokenizer) from a Hugging Face folder or .gguf; None = embedded default.
+
+  `dtype` stores the weights and KV caches; `activations` is the hidden states' dtype.
+  float32 activations (the default) keep Kangaroo's greedy output equal to plain
+  decoding's with bfloat16 weights too; bfloat16 ones are cheaper but may differ at a
+  near tie (see `kangaroo_jax.precision` and the README).
 
   Also turns on JAX's persistent compilation cache in the project's cache folder (see
   `kangaroo_jax.compile_cache`; KANGAROO_JAX_NO_COMPILE_CACHE=1 opts out), so a later
@@ -96,10 +103,11 @@ def load_model(path: Optional[str] = None, dtype: str = "float32") -> tuple[Llam
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+  hidden_dtype = activation_dtype(activations)
   compile_cache.enable_compilation_cache()
   cfg, sd = weights.load_checkpoint(path)
   tokenizer = weights.load_tokenizer(path)
-  return from_hf_state_dict(cfg, sd, DTYPES[dtype]), tokenizer
+  return from_hf_state_dict(cfg, sd, DTYPES[dtype], hidden_dtype), tokenizer
 
 
 def load_adapter_for(model: Llama, path: Optional[str] = None, exit_layer: Optional[int] = None,
