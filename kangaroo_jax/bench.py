@@ -698,6 +698,10 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"comma-separated, from {', '.join(METHODS)} (plain is always run)")
   add("--skip", default="", metavar="A,B", help="methods to leave out")
   add("--model", metavar="PATH", help="HF folder or .gguf (default: embedded SmolLM2-135M)")
+  add("--dtype", choices=("float32", "bfloat16"), default="float32",
+      help="this project's weights dtype (default float32)")
+  add("--activations", choices=("float32", "bfloat16"), default="float32",
+      help="this project's hidden-state and KV cache dtype (default float32: lossless)")
   add("--hf-model", metavar="PATH", help="what the transformers peers load (default: --model)")
   add("--adapter", metavar="PATH", help="adapter file (default: the shipped one, else a fresh one)")
   add("--eta", type=float, metavar="ETA", help="default: the tuned setting, else 0.6")
@@ -822,7 +826,7 @@ def run(args) -> dict:
   eta, gamma, draft_vocab, send = (tuned[k] for k in ("eta", "gamma", "draft_vocab",
                                                       "send_unconfident"))
   start = time.perf_counter()
-  model, tokenizer = api.load_model(args.model)
+  model, tokenizer = api.load_model(args.model, args.dtype, args.activations)
   eos = api.eos_ids(model, tokenizer)
   need_adapter = args.sweep or "kangaroo" in methods or "hf_early_exit" in methods
   adapter, stored = api.load_adapter_for(model, args.adapter) if need_adapter else (None, None)
@@ -866,8 +870,8 @@ def run(args) -> dict:
       command="python -m kangaroo_jax.bench " + " ".join(shlex.quote(a) for a in args.argv),
       date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine_info(),
       model=args.model or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
-      adapter=_adapter_name(args.adapter, api, adapter),
-      max_new_tokens=args.max_new_tokens, questions=_short(args.questions),
+      adapter=_adapter_name(args.adapter, api, adapter), dtype=args.dtype,
+      activations=args.activations, max_new_tokens=args.max_new_tokens, questions=_short(args.questions),
       questions_used=len({r.question_id for r in records}), prompts=sum(
           1 for r in records if r.method == "plain"),
       kangaroo=dict(eta=eta, gamma=gamma, draft_vocab=draft_vocab, send_unconfident=send,
