@@ -181,3 +181,15 @@ def test_the_check_sees_weight_converts_in_the_verify_branches():
     pytest.skip("only XLA's CPU backend converts bfloat16 weights")
   hlo = _compiled(1, 6, True, SamplingParams(), dtype=jnp.bfloat16, computed=False)
   assert ops_in_loops(hlo, ("convert",), "64,48") != []
+
+
+def test_bfloat16_weights_compile_to_the_float32_loop_on_a_cpu():
+  """bfloat16 weights with float32 activations: the CPU runs exactly the float32 loop, so
+  Kangaroo's speed relative to plain decoding is float32's (README, Precision)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("accelerators multiply bfloat16 weights as stored")
+  # The instructions must match; names carry counters (".123") and metadata source lines.
+  strip = lambda hlo: [re.sub(r"\.\d+|, metadata=\{[^}]*\}", "", l)
+                       for l in hlo.splitlines() if " = " in l]
+  assert (strip(_compiled(1, 6, True, SamplingParams(), dtype=jnp.bfloat16))
+          == strip(_compiled(1, 6, True, SamplingParams())))
