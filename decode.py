@@ -48,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "(/reset clears it, /exit or end of input ends); stats per answer on stderr")
   add("--model", metavar="PATH",
       help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-  add("--dtype", choices=["float32", "bfloat16"], default="float32")
+  add("--dtype", choices=["float32", "bfloat16"], default="float32",
+      help="weights and KV cache dtype (default float32)")
+  add("--activations", choices=["float32", "bfloat16"], default="float32",
+      help="hidden-state dtype: float32 (default) keeps greedy Kangaroo token-identical to "
+      "plain decoding with bfloat16 weights too; bfloat16 is cheaper on accelerators but "
+      "may differ from plain at a near tie")
   add("--mesh", metavar="DATAxMODEL", type=parse_mesh,
       help="shard over a ('data', 'model') device mesh, e.g. 1x8: batch over DATA devices, "
       "weights over MODEL (default: on several accelerators, the smallest MODEL that fits the "
@@ -250,7 +255,8 @@ def load(api, args):
     os.environ["KANGAROO_JAX_NO_COMPILE_CACHE"] = "1"  # read by load_model
   from kangaroo_jax import sharding, tuning
   mesh = sharding.make_mesh(*args.mesh) if args.mesh else "auto"
-  model, tokenizer = api.load_model(args.model, args.dtype, mesh=mesh)
+  model, tokenizer = api.load_model(args.model, args.dtype, mesh=mesh,
+                                    activations=args.activations)
   adapter = draft_ids = None
   if args.mode == "kangaroo":
     adapter, stored = api.load_adapter_for(model, args.adapter, args.exit_layer)

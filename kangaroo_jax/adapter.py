@@ -21,7 +21,7 @@ from flax import nnx
 
 from kangaroo_jax import cache as kv
 from kangaroo_jax.config import ModelConfig
-from kangaroo_jax.model import Attention, BlockView, RMSNorm, rope_inv_freq
+from kangaroo_jax.model import Attention, BlockView, RMSNorm, dense, rope_inv_freq
 
 
 class AdapterError(ValueError):
@@ -83,8 +83,10 @@ class Adapter(nnx.Module):
     self.ffn_down = nnx.Param(jnp.zeros((f, d), dtype)) if f else None  # [F, D]
     self.out_norm = RMSNorm(acfg.hidden_size, acfg.rms_norm_eps, dtype)
 
-  def init_cache(self, batch: int, max_len: int) -> kv.KVCache:
-    return kv.init_cache(1, batch, max_len, self.acfg.num_heads, self.acfg.head_dim, self.dtype)
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> kv.KVCache:
+    """Zero cache of `max_len` slots, in `dtype` (default: the adapter's weights' dtype)."""
+    return kv.init_cache(1, batch, max_len, self.acfg.num_heads, self.acfg.head_dim,
+                         dtype or self.dtype)
 
   def __call__(self, h: jax.Array, positions: jax.Array, cache: kv.KVCache,
                view: Optional[BlockView] = None):
@@ -98,8 +100,9 @@ class Adapter(nnx.Module):
                           write=view is None, view=view)
     x = h + out
     if self.ffn_down is not None:
-      gate, up = jnp.split(self.ffn_norm(x) @ self.ffn_gate_up[...], 2, axis=-1)  # [B, T, F] each
-      x = x + (jax.nn.silu(gate) * up) @ self.ffn_down[...]
+      gate, up = jnp.split(dense(self.ffn_norm(x), self.ffn_gate_up[...]), 2,
+                           axis=-1)  # [B, T, F] each
+      x = x + dense(jax.nn.silu(gate) * up, self.ffn_down[...])
     return self.out_norm(x), {"k": [k], "v": [v]}
 
 

@@ -27,6 +27,7 @@ from kangaroo_jax.adapter import Adapter, init_adapter, load_adapter
 from kangaroo_jax.decoding import PromptError, plain_decode, plain_stream
 from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode, kangaroo_stream
 from kangaroo_jax.model import Llama
+from kangaroo_jax.precision import activation_dtype
 from kangaroo_jax.sampling import SamplingParams
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -89,7 +90,8 @@ _DEFAULT_DRAFTERS: "weakref.WeakKeyDictionary[Llama, Drafter]" = weakref.WeakKey
 
 
 def load_model(path: Optional[str] = None, dtype: str = "float32",
-               mesh: Union[Mesh, str, None] = "auto") -> tuple[Llama, Any]:
+               mesh: Union[Mesh, str, None] = "auto",
+               activations: str = "float32") -> tuple[Llama, Any]:
   """Loads (model, tokenizer) from a Hugging Face folder or .gguf; None = embedded default.
 
   The checkpoint streams onto the devices one tensor at a time, cast on the host to
@@ -97,12 +99,16 @@ def load_model(path: Optional[str] = None, dtype: str = "float32",
 
   Args:
     path: a Hugging Face folder or a .gguf file; None = the embedded SmolLM2-135M.
-    dtype: "float32" or "bfloat16".
+    dtype: the weights' dtype, "float32" or "bfloat16".
     mesh: a ('data', 'model') mesh (`sharding.make_mesh`) to shard the weights over;
       "auto" = on more than one accelerator, a mesh over all of them whose 'model' axis
       is the smallest that fits the weights (`memory.pick_mesh_shape`; MemoryError when
       none does), on CPUs one device (fake CPU devices share one host); None = one device.
       `generate`, `stream` and `load_adapter_for` then use the model's mesh.
+    activations: the hidden states' and KV caches' dtype. "float32" (the default) keeps
+      Kangaroo's greedy output equal to plain decoding's with bfloat16 weights too;
+      "bfloat16" is cheaper but may differ at a near tie (see `kangaroo_jax.precision`
+      and the README).
 
   Also turns on JAX's persistent compilation cache in the project's cache folder (see
   `kangaroo_jax.compile_cache`; KANGAROO_JAX_NO_COMPILE_CACHE=1 opts out), so a later
@@ -112,12 +118,13 @@ def load_model(path: Optional[str] = None, dtype: str = "float32",
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
   if isinstance(mesh, str) and mesh != "auto":
     raise ValueError(f"mesh must be a jax Mesh, 'auto' or None, got {mesh!r}")
+  hidden_dtype = activation_dtype(activations)
   compile_cache.enable_compilation_cache()
   cfg, tensors = weights.open_checkpoint(path)
   tokenizer = weights.load_tokenizer(path)
   if mesh == "auto":
     mesh = memory.auto_mesh(cfg, DTYPES[dtype])
-  return loading.load_params(cfg, tensors, DTYPES[dtype], mesh), tokenizer
+  return loading.load_params(cfg, tensors, DTYPES[dtype], mesh, hidden_dtype), tokenizer
 
 
 def memory_report(model: Llama, adapter: Union[Drafter, Adapter, None] = None, batch: int = 1,

@@ -51,6 +51,7 @@ from kangaroo_jax.adapter import Adapter, init_adapter
 from kangaroo_jax.config import ModelConfig
 from kangaroo_jax.decoding import cache_size
 from kangaroo_jax.model import BlockView, Llama
+from kangaroo_jax.precision import ACTIVATIONS, as_computed, cache_dtype
 
 # Vicuna/Llama-2-7B shapes (the paper's main target).
 SEVEN_B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
@@ -66,9 +67,10 @@ PRESETS = {"7b": SEVEN_B, "135m": SMOLLM2_135M, "tiny": TINY}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> Llama:
+def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0,
+                 activations=jnp.float32) -> Llama:
   """A randomly initialised model of `cfg`'s shape (costs do not depend on the weights)."""
-  return Llama(cfg, dtype, nnx.Rngs(seed))
+  return Llama(cfg, dtype, nnx.Rngs(seed), activations)
 
 
 # ---- one iteration of each piece: carry -> carry ----
@@ -186,16 +188,17 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
   adapter = adapter or init_adapter(model.cfg, exit_layer, dtype=model.dtype)
   cfg, dtype = model.cfg, model.dtype
   slots = cache_size(context, 0, max_block + 2)
-  _, state = nnx.split(model)
-  _, astate = nnx.split(adapter)
+  # The weights as the decoding loops pass them (see `precision.as_computed`).
+  state = as_computed(nnx.split(model)[1])
+  astate = as_computed(nnx.split(adapter)[1])
   full_head = model.head_weight()  # [V, D]
   head = None if draft_ids is None else full_head[jnp.asarray(draft_ids)]  # [V', D]
   ids = None if draft_ids is None else jnp.asarray(draft_ids, jnp.int32)
   pos = jnp.full((1,), context, jnp.int32)
   tok = jnp.ones((1,), jnp.int32)
-  cache = kv.init_model_cache(cfg, 1, slots, dtype)
-  acache = adapter.init_cache(1, slots)
-  h0 = jnp.zeros((1, 1, cfg.hidden_size), dtype)
+  cache = kv.init_model_cache(cfg, 1, slots, cache_dtype(model.activations))
+  acache = adapter.init_cache(1, slots, cache_dtype(model.activations))
+  h0 = jnp.zeros((1, 1, cfg.hidden_size), model.activations)
 
   jobs = {"plain": (_plain_step, (None, None, (tok, cache))),
           "shallow": (_shallow_step, (None, None, (tok, cache))),
@@ -206,7 +209,7 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
     jobs["tree_draft"] = (_tree_draft_step, (head, ids, (jnp.ones((1, tree_topk), jnp.int32),
                                                          cache, acache)))
   for t in range(1, max_block + 1):
-    x = jnp.zeros((1, t, cfg.hidden_size), dtype)
+    x = jnp.zeros((1, t, cfg.hidden_size), model.activations)
     jobs[f"verify{t}"] = (_verify_step, (None, None, (x, cache)))
 
   # Trace one at a time (nnx graph handling is not meant for threads), then compile
@@ -230,7 +233,7 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
       layers=cfg.num_layers, exit_layer=adapter.acfg.exit_layer, hidden=cfg.hidden_size,
       ffn=cfg.intermediate_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
       vocab=cfg.vocab_size, draft_vocab=cfg.vocab_size if draft_ids is None else len(draft_ids),
-      dtype=jnp.dtype(dtype).name, context=context, cache_slots=slots, iters=iters,
+      dtype=jnp.dtype(dtype).name, activations=jnp.dtype(model.activations).name, context=context, cache_slots=slots, iters=iters,
       device=str(jax.devices()[0].device_kind))}
 
 
@@ -276,7 +279,7 @@ def projection_table(relative: dict, gamma: int, acceptance: Sequence[tuple[str,
 def format_costs(result: dict) -> str:
   """A small text table of the relative costs."""
   r, s, sh = result["relative"], result["seconds"], result["shapes"]
-  lines = [f"costs on {sh['device']} ({sh['dtype']}, {sh['layers']} layers, hidden {sh['hidden']}, "
+  lines = [f"costs on {sh['device']} ({sh['dtype']}, {sh['activations']} activations, {sh['layers']} layers, hidden {sh['hidden']}, "
            f"exit layer {sh['exit_layer']}, draft vocab {sh['draft_vocab']}/{sh['vocab']}, "
            f"{sh['cache_slots']} cache slots)",
            f"  {'piece':<22}{'ms':>9}{'x plain':>9}"]
@@ -395,6 +398,8 @@ def main(argv=None) -> int:
   p.add_argument("--preset", choices=sorted(PRESETS), default="7b",
                  help="model shape, randomly initialised (default 7b)")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+  p.add_argument("--activations", choices=sorted(ACTIVATIONS), default="float32",
+                 help="hidden-state dtype (default float32: lossless; see precision.py)")
   p.add_argument("--exit-layer", type=int, default=2)
   p.add_argument("--max-block", type=int, default=8, help="verify T = 1..this (gamma + 1)")
   p.add_argument("--draft-vocab", type=int, default=0,
@@ -412,7 +417,7 @@ def main(argv=None) -> int:
   if len(args.accepted) != len(args.drafts):
     p.error("give one --drafts per --accepted")
   cfg = PRESETS[args.preset]
-  model = random_model(cfg, DTYPES[args.dtype])
+  model = random_model(cfg, DTYPES[args.dtype], activations=ACTIVATIONS[args.activations])
   ids = np.arange(args.draft_vocab) if 0 < args.draft_vocab < cfg.vocab_size else None
   result = measure_costs(model, None, ids, max_block=args.max_block, context=args.context,
                          iters=args.iters, exit_layer=args.exit_layer,

@@ -19,6 +19,7 @@ from flax import nnx
 
 from kangaroo_jax import cache as kv
 from kangaroo_jax.model import Llama
+from kangaroo_jax.precision import as_computed, cache_dtype
 from kangaroo_jax.sampling import SamplingParams, init_seen, mark_seen, penalize, sample
 
 MIN_BUCKET = 32
@@ -142,7 +143,8 @@ def _plain_start(model: Llama, tokens, prompt_lens, rng, eos_ids, params: Sampli
   (`top_ids`, `top_probs`: [B, N, top_k]) for self-distillation.
   """
   b = tokens.shape[0]
-  cache = kv.init_model_cache(model.cfg, b, cache_size(tokens.shape[1], max_new_tokens), model.dtype)
+  cache = kv.init_model_cache(model.cfg, b, cache_size(tokens.shape[1], max_new_tokens),
+                              cache_dtype(model.activations))
   hidden, cache = prefill(model, tokens, prompt_lens, cache)
   rng, sub = jax.random.split(rng)
   # Tokens seen so far, for the repetition penalty ([B, 1] placeholder without one).
@@ -265,6 +267,7 @@ def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
   _check_budget(max_new_tokens)
   tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens)
   graphdef, state = nnx.split(model)
+  state = as_computed(state)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
   start = time.perf_counter()
@@ -287,6 +290,7 @@ def plain_stream(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
   _check_budget(max_new_tokens)
   tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens)
   graphdef, state = nnx.split(model)
+  state = as_computed(state)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
   static = dict(params=params, max_new_tokens=max_new_tokens)

@@ -36,6 +36,7 @@ from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptErr
                                    drain, is_eos, last_hidden, new_tokens, on_mesh, pad_prompts,
                                    place_batch, prefill)
 from kangaroo_jax.model import Llama
+from kangaroo_jax.precision import as_computed, cache_dtype
 from kangaroo_jax.round_state import RoundState, Verdict
 from kangaroo_jax.sampling import (SamplingParams, init_seen, mark_seen, penalize, probs,
                                    process_logits, sample)
@@ -270,10 +271,10 @@ def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eo
   l = adapter.acfg.exit_layer
   b = tokens.shape[0]
   size = cache_size(tokens.shape[1], max_new_tokens, gamma + 2)
-  cache = kv.init_model_cache(model.cfg, b, size, model.dtype)
+  cache = kv.init_model_cache(model.cfg, b, size, cache_dtype(model.activations))
   h_l, cache = prefill(model, tokens, prompt_lens, cache, l)  # [B, P, D]
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  _, acache = adapter(h_l, positions, adapter.init_cache(b, size))
+  _, acache = adapter(h_l, positions, adapter.init_cache(b, size, cache_dtype(h_l.dtype)))
   h, cache = model.run_layers(h_l, positions, cache, l, None)
   rng, sub = jax.random.split(rng)
   # Tokens seen so far, for the repetition penalty ([B, 1] placeholder without one).
@@ -482,6 +483,7 @@ def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos
     draft_ids = jnp.asarray(check_draft_ids(draft_ids, model.cfg.vocab_size))
   graphdef, state = nnx.split(model)
   agraphdef, astate = nnx.split(adapter)
+  state, astate = as_computed(state), as_computed(astate)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
   if kparams.tree:

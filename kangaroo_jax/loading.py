@@ -67,7 +67,7 @@ def _recipes(model: Llama) -> list[tuple[nnx.Variable, str, list[str], bool]]:
 
 
 def load_params(cfg: ModelConfig, tensors: dict[str, StoredTensor], dtype=jnp.float32,
-                mesh: Optional[Mesh] = None) -> Llama:
+                mesh: Optional[Mesh] = None, activations=jnp.float32) -> Llama:
   """Builds a Llama from checkpoint tensors (`weights.open_checkpoint`), streamed to `mesh`.
 
   Args:
@@ -75,9 +75,10 @@ def load_params(cfg: ModelConfig, tensors: dict[str, StoredTensor], dtype=jnp.fl
     tensors: Hugging Face-named tensors ([out, in] linear layout), read one at a time.
     dtype: the parameters' dtype; each tensor is cast to it on the host as it is read.
     mesh: a ('data', 'model') mesh to shard the parameters over; None = the default device.
+    activations: the hidden states' and KV caches' dtype (`kangaroo_jax.precision`).
   Parameters the mesh does not divide are replicated and reported with a warning.
   """
-  model = nnx.eval_shape(lambda: Llama(cfg, dtype, nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Llama(cfg, dtype, nnx.Rngs(0), activations))
   undivided = []
   for var, rule, names, transpose in _recipes(model):
     array, divides = sharding.place(_fused(tensors, names, np.dtype(dtype), transpose), rule, mesh)

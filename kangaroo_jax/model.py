@@ -48,9 +48,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return out.astype(x.dtype)
 
 
+def weight_product(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """einsum(spec, x, w) accumulated and returned in float32.
+
+  The inputs meet in the wider of their dtypes: float32 activations multiply bfloat16
+  weights exactly (the weights widen; nothing is rounded), bfloat16 ones multiply them
+  as bfloat16. See `kangaroo_jax.precision`.
+  """
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+
+
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [B, T, D_in] @ w [D_in, D_out] -> [B, T, D_out]."""
-  return x @ w
+  """x [B, T, D_in] @ w [D_in, D_out] -> [B, T, D_out] in x's (the activation) dtype."""
+  return weight_product("btd,df->btf", x, w).astype(x.dtype)  # [B, T, D_out]
 
 
 def _param(rngs: nnx.Rngs, shape, dtype, scale: float = 0.02) -> nnx.Param:
@@ -98,7 +108,7 @@ class Attention(nnx.Module):
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     qkv = dense(x, self.qkv[...])  # [B, T, (N + 2K) * H]
     if self.qkv_bias is not None:
-      qkv = qkv + self.qkv_bias[...]
+      qkv = qkv + self.qkv_bias[...].astype(qkv.dtype)
     q, key, val = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
     q = apply_rope(q.reshape(b, t, n, h), positions, inv_freq)  # [B, T, N, H]
     key = apply_rope(key.reshape(b, t, k, h), positions, inv_freq)  # [B, T, K, H]
@@ -121,12 +131,16 @@ class Attention(nnx.Module):
       cache_k, cache_v = view.keys, view.values
     out = dense(out, self.o[...])
     if self.o_bias is not None:
-      out = out + self.o_bias[...]
+      out = out + self.o_bias[...].astype(out.dtype)
     return out, cache_k, cache_v
 
 
 def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.Array) -> jax.Array:
-  """Causal attention of q [B, T, N, H] over cache slots [B, S, K, H]: slot s <= position."""
+  """Causal attention of q [B, T, N, H] over cache slots [B, S, K, H]: slot s <= position.
+
+  Probabilities and the output are in q's (the activation) dtype; sums accumulate in
+  float32.
+  """
   b, t, n, h = q.shape
   k = cache_k.shape[2]
   q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
@@ -135,9 +149,10 @@ def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.
   slots = jnp.arange(cache_k.shape[1])
   mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
   scores = jnp.where(mask[:, None, None], scores, -1e30)
-  probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, cache_v)  # [B, T, K, G, H]
-  return out.reshape(b, t, n * h)  # [B, T, N * H]
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, cache_v,
+                   preferred_element_type=jnp.float32)  # [B, T, K, G, H]
+  return out.reshape(b, t, n * h).astype(q.dtype)  # [B, T, N * H]
 
 
 class BlockView(NamedTuple):
@@ -176,11 +191,13 @@ def attend_block(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, view: Blo
   old_mask = slots[None, None, :] < view.limit[:, None, None]  # [B, 1, S]
   scores = jnp.concatenate([jnp.where(old_mask[:, None, None], old, -1e30),
                             jnp.where(view.mask[:, None, None], new, -1e30)], axis=-1)
-  probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)  # [B, K, G, T, S + T']
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S + T']
   s = cache_k.shape[1]
-  out = (jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], cache_v)
-         + jnp.einsum("bkgtj,bjkh->btkgh", probs[..., s:], view.values))  # [B, T, K, G, H]
-  return out.reshape(b, t, n * h)  # [B, T, N * H]
+  out = (jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], cache_v,
+                    preferred_element_type=jnp.float32)
+         + jnp.einsum("bkgtj,bjkh->btkgh", probs[..., s:], view.values,
+                      preferred_element_type=jnp.float32))  # [B, T, K, G, H]
+  return out.reshape(b, t, n * h).astype(q.dtype)  # [B, T, N * H]
 
 
 class DecoderLayer(nnx.Module):
@@ -204,12 +221,18 @@ class DecoderLayer(nnx.Module):
 
 
 class Llama(nnx.Module):
-  """A Llama-family causal LM whose forward pass can run over any range of layers."""
+  """A Llama-family causal LM whose forward pass can run over any range of layers.
 
-  def __init__(self, cfg: ModelConfig, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None):
+  `dtype` stores the weights; `activations` is the dtype of the hidden states and of the
+  KV cache (see `kangaroo_jax.precision`).
+  """
+
+  def __init__(self, cfg: ModelConfig, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None,
+               activations=jnp.float32):
     rngs = rngs or nnx.Rngs(0)
     self.cfg = cfg
     self.dtype = dtype
+    self.activations = activations
     self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)  # [V, D]
     self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -217,8 +240,8 @@ class Llama(nnx.Module):
     self.lm_head = None if cfg.tie_embeddings else _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
-    """tokens [B, T] -> hidden [B, T, D]."""
-    return jnp.take(self.embedding[...], tokens, axis=0)
+    """tokens [B, T] -> hidden [B, T, D] in the activation dtype."""
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.activations)
 
   def run_layers(self, x: jax.Array, positions: jax.Array, cache: kv.KVCache,
                  start: int = 0, end: Optional[int] = None):
@@ -271,10 +294,10 @@ class Llama(nnx.Module):
     `head` [V', D] replaces the full head (a reduced draft vocabulary).
     """
     if head is not None:
-      return jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
+      return weight_product("btd,vd->btv", x, head)  # [B, T, V']
     if self.lm_head is None:
-      return jnp.einsum("btd,vd->btv", x, self.embedding[...], preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
+      return weight_product("btd,vd->btv", x, self.embedding[...])  # [B, T, V]
+    return weight_product("btd,dv->btv", x, self.lm_head[...])  # [B, T, V]
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache):
     """Full forward: tokens [B, T] at positions [B, T] -> (logits [B, T, V], cache)."""
@@ -282,8 +305,10 @@ class Llama(nnx.Module):
     return self.logits(x), cache
 
 
-def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, np.ndarray], dtype=jnp.float32) -> Llama:
-  """Builds a Llama from in-memory Hugging Face-named weights ([out, in] linear layout).
+def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, np.ndarray], dtype=jnp.float32,
+                       activations=jnp.float32) -> Llama:
+  """Builds a Llama from in-memory Hugging Face-named weights ([out, in] linear layout),
+  stored in `dtype`, computing with `activations` (see `kangaroo_jax.precision`).
 
   The same construction as streamed checkpoint loading (`kangaroo_jax.loading`), from a
   dict: for tests and models already in host memory.
@@ -292,4 +317,4 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, np.ndarray], dtype=jnp.fl
   from kangaroo_jax.weights import StoredTensor
   tensors = {name: StoredTensor(np.shape(w), lambda dtype, w=w: np.asarray(w).astype(dtype))
              for name, w in sd.items()}
-  return load_params(cfg, tensors, dtype)
+  return load_params(cfg, tensors, dtype, activations=activations)

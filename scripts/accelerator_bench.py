@@ -8,7 +8,9 @@
      one plain step (`kangaroo_jax.costs`).
   2. The Spec-Bench harness on the embedded SmolLM2-135M model on the GPU (plain and
      Kangaroo, 2 questions per category, 128 new tokens, with its own piece costs), under
-     a time budget: it starts no new question once the budget is spent.
+     a time budget: it starts no new question once the budget is spent. It runs in
+     bfloat16 weights with float32 activations (--dtype/--activations; the lossless
+     mode) and reports prompts identical to plain decoding and Kangaroo's speedup.
   3. The projection: 7B speedup = tokens per round / (shallow + k * draft + verify[T]) with
      the acceptance measured in 2 (per category and overall), for the fixed verify block
      of `kangaroo.py` (T = gamma + 1) and for a variable one (T = k + 1).
@@ -48,6 +50,10 @@ def parse_args(argv):
   p.add_argument("--methods", default="plain,kangaroo")
   p.add_argument("--questions", metavar="PATH", help="default: the shipped small question set")
   p.add_argument("--gamma", type=int, help="default: the tuned setting for this backend, else 6")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                 help="benchmark weights (default bfloat16)")
+  p.add_argument("--activations", choices=("float32", "bfloat16"), default="float32",
+                 help="benchmark activations (default float32: the lossless mode)")
   return p.parse_args(argv)
 
 
@@ -69,6 +75,7 @@ def benchmark(args, seconds_left: float) -> dict:
   from kangaroo_jax import bench
   argv = ["--methods", args.methods, "--per-category", str(args.per_category),
           "--max-new-tokens", str(args.max_new_tokens), "--out", os.path.join(args.out, "bench"),
+          "--dtype", args.dtype, "--activations", args.activations,
           "--quiet", "--max-seconds", str(max(1.0, seconds_left))]
   if not args.tiny:  # the default model's own piece costs: a check of the cost model
     argv.append("--costs")
@@ -105,6 +112,13 @@ def report(out: dict) -> str:
   """accelerator.md: the 7B cost table and the projection."""
   from kangaroo_jax import costs as C
   lines = [f"# Accelerator run ({out.get('device', '?')})", ""]
+  bench = out.get("bench", {})
+  k = bench.get("overall", {}).get("kangaroo")
+  if k:
+    cfg = bench["config"]
+    lines += [f"Benchmark in {cfg['dtype']} weights, {cfg['activations']} activations: "
+              f"{k['identical']}/{k['prompts']} prompts identical to plain decoding, "
+              f"Kangaroo {k['speedup']:.2f}x plain.", ""]
   if "costs_7b" in out:
     lines += ["```", C.format_costs(out["costs_7b"]), "```", ""]
   if out.get("projection"):

@@ -389,6 +389,11 @@ def test_accelerator_script_tiny(tiny, qfile, tmp_path):
   assert c["shapes"]["dtype"] == "bfloat16" and c["shapes"]["layers"] == costs.TINY.num_layers
   assert c["shapes"]["draft_vocab"] == 64
   # The benchmark on the tiny model, with its own piece costs and the projection.
+  # ... in the lossless bfloat16 mode: bfloat16 weights, float32 activations.
   assert out["bench"]["overall"]["kangaroo"]["lossless"] == 1.0
+  assert (out["bench"]["config"]["dtype"], out["bench"]["config"]["activations"]) == (
+      "bfloat16", "float32")
   assert any(r["category"] == "overall" for r in out["projection"])
-  assert "Projected 7B speedup" in (tmp_path / "accelerator.md").read_text()
+  md = (tmp_path / "accelerator.md").read_text()
+  assert "Projected 7B speedup" in md
+  assert "bfloat16 weights, float32 activations: " in md and "prompts identical" in md

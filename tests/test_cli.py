@@ -115,6 +115,7 @@ def _save_adapter(path: str, config: dict, exit_layer: int, draft_ids=None) -> s
     (["--prompt", "hi", "--adapter", "/no/such/adapter.safetensors"], "no such adapter file"),
     (["--prompt", "hi", "--compare", "--mode", "plain"], "--compare"),
     (["--prompt", "hi", "--dtype", "float16"], "--dtype"),
+    (["--prompt", "hi", "--activations", "float16"], "--activations"),
     (["--prompt", "hi", "--max-new-tokens", "many"], "--max-new-tokens"),
     (["--max-new-tokens", "8"], "--prompt"),
 ])

@@ -64,6 +64,20 @@ def test_greedy_identical_to_plain(tiny, eta, gamma, send):
     assert out.stats["drafts_verified"] == out.stats["draft_steps"]
 
 
+@pytest.mark.parametrize("eta, gamma, send", [(0.6, 6, True), (1e-6, 4, True), (0.05, 2, False)])
+def test_greedy_identical_to_plain_with_bfloat16_weights(eta, gamma, send):
+  """bfloat16 weights, float32 activations (the default): the lossless mode."""
+  _, cfg, sd = make_hf_model("gqa_untied", num_layers=4)
+  model = M.from_hf_state_dict(cfg, sd, jnp.bfloat16)
+  assert model.layers[0].gate_up[...].dtype == jnp.bfloat16 and model.activations == jnp.float32
+  adapter = init_adapter(cfg, 2, dtype=jnp.bfloat16)
+  prompts = _prompts([5, 12, 3])
+  plain = plain_decode(model, prompts, max_new_tokens=30, eos_ids=[EOS]).tokens
+  out = kangaroo_decode(model, adapter, prompts, max_new_tokens=30, eos_ids=[EOS],
+                        kparams=KangarooParams(eta, gamma, send))
+  assert out.tokens == plain
+
+
 def _reference_kangaroo(model, adapter, prompt, max_new, eta, gamma, eos, send=True):
   """Host-side Kangaroo with no caches at all: every step recomputes from scratch.
 
@@ -216,16 +230,16 @@ def test_mesh_2x4_equals_single_device():
 
 # ---- sampling: the output distribution must be the target's ----
 
-def _peaky_tiny_model(vocab=6, seed=0):
+def _peaky_tiny_model(vocab=6, seed=0, dtype=jnp.float32):
   cfg = ModelConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_layers=3,
                     num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
-  model = M.Llama(cfg, rngs=nnx.Rngs(seed))
+  model = M.Llama(cfg, dtype, rngs=nnx.Rngs(seed))
   _scale(model.embedding, 60.0)  # sharper next-token distributions than a 0.02-scale init
   _scale(model.lm_head, 60.0)
-  adapter = init_adapter(cfg, 1, seed=seed + 1)
+  adapter = init_adapter(cfg, 1, seed=seed + 1, dtype=dtype)
   # A draft that disagrees with the target often, so acceptance and resampling both matter.
   rs = np.random.RandomState(seed)
-  adapter.out_norm.weight.set_value(jnp.asarray(rs.normal(0, 1.5, cfg.hidden_size), jnp.float32))
+  adapter.out_norm.weight.set_value(jnp.asarray(rs.normal(0, 1.5, cfg.hidden_size), dtype))
   return model, adapter
 
 
@@ -274,6 +288,14 @@ N_SAMPLES, TV_BOUND = 4000, 0.05
 def test_sampling_distribution_equals_target(params, draft_ids, kp):
   model, adapter = _peaky_tiny_model()
   tv = _empirical_tv(model, adapter, [1, 4, 2], params, kp, N_SAMPLES, draft_ids)
+  assert tv < TV_BOUND
+
+
+def test_sampling_distribution_equals_target_with_bfloat16_weights():
+  """bfloat16 weights, float32 activations: the exact law of the same bfloat16 model."""
+  model, adapter = _peaky_tiny_model(dtype=jnp.bfloat16)
+  tv = _empirical_tv(model, adapter, [1, 4, 2], SamplingParams(temperature=1.0),
+                     KangarooParams(1e-6, 2), N_SAMPLES)
   assert tv < TV_BOUND
 
 

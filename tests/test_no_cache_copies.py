@@ -1,10 +1,12 @@
 """The compiled Kangaroo loop copies no cache-shaped buffer per round or draft step.
 
 Read from the optimized HLO: a `copy` of an array shaped like a KV cache (shallow, deep or
-adapter) inside any computation other than the entry one runs once per loop iteration.
+adapter) inside a computation a loop or a conditional calls runs once per iteration.
 Checked at the shipped CPU settings (gamma 2, unsure draft dropped: block sizes 1, 2, 3),
 at the paper's gamma 6 (block sizes 2, 4, 7), with one block size (gamma 1), greedy and
-sampling, batch 1 and 2, tree drafting (greedy), and sharded over 8 fake devices.
+sampling, batch 1 and 2, tree drafting (greedy), with bfloat16 weights (float32 or
+bfloat16 activations), and sharded over 8 fake devices. With bfloat16 weights no weight
+is converted per round either (see `precision.as_computed` and `precision.cache_dtype`).
 """
 import re
 
@@ -19,6 +21,7 @@ from kangaroo_jax.adapter import init_adapter
 from kangaroo_jax.config import ModelConfig
 from kangaroo_jax.decoding import cache_size
 from kangaroo_jax.kangaroo import _kangaroo_loop
+from kangaroo_jax.precision import as_computed
 from kangaroo_jax.sampling import SamplingParams
 
 # Adapter heads (6 x 8) differ from the model's KV heads (2 x 8), so each cache has its
@@ -28,26 +31,71 @@ CFG = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_layer
 PROMPT, NEW = 32, 64
 
 
-def copies_in_loops(hlo: str, shape: str) -> list[str]:
-  """`copy` instructions of arrays of `shape` outside the entry computation."""
-  found, computation = [], None
-  pattern = re.compile(r"\[" + re.escape(shape) + r"\]")
+def _computations(hlo: str) -> dict[str, list[str]]:
+  """The HLO's computations by name ("ENTRY" for the entry one): their lines."""
+  found, name = {}, None
   for line in hlo.splitlines():
     if line and not line.startswith(" ") and "{" in line:
-      computation = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
-    if computation != "ENTRY" and (" copy(" in line or "copy-start(" in line) and pattern.search(line):
-      found.append(line.strip()[:160])
+      name = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+      found[name] = []
+    elif name is not None:
+      found[name].append(line)
   return found
 
 
-def _compiled(batch, gamma, send, params, mesh=None, tree=None):
-  model = M.Llama(CFG)
-  adapter = init_adapter(CFG, 1)
+_CALL = re.compile(r"(calls|to_apply|body|condition|branch_computations|true_computation|"
+                   r"false_computation)=(\{[^}]*\}|%[\w.\-]+)")
+_PER_ITERATION = {"body", "condition", "branch_computations", "true_computation",
+                  "false_computation"}
+
+
+def _loop_computations(computations: dict[str, list[str]]) -> set[str]:
+  """Computations that run once per loop iteration or per taken conditional branch:
+  while bodies and conditions, branches, and everything they call."""
+  callees, todo = {}, []
+  for name, lines in computations.items():
+    callees[name] = set()
+    for line in lines:
+      for kind, target in _CALL.findall(line):
+        called = re.findall(r"%[\w.\-]+", target)
+        callees[name].update(called)
+        if kind in _PER_ITERATION:
+          todo += called
+  seen: set[str] = set()
+  while todo:
+    c = todo.pop()
+    if c not in seen:
+      seen.add(c)
+      todo += callees.get(c, ())
+  return seen
+
+
+def ops_in_loops(hlo: str, ops: tuple[str, ...], shape: str) -> list[str]:
+  """Instructions `ops` (e.g. copy, convert) producing arrays of `shape` inside loops."""
+  computations = _computations(hlo)
+  pattern = re.compile(r"\[" + re.escape(shape) + r"\]\S* (" + "|".join(map(re.escape, ops)) + r")\(")
+  return [l.strip()[:160] for name in _loop_computations(computations)
+          for l in computations.get(name, ()) if pattern.search(l)]
+
+
+def copies_in_loops(hlo: str, shape: str) -> list[str]:
+  """`copy` instructions of arrays of `shape` inside loops."""
+  return ops_in_loops(hlo, ("copy", "copy-start"), shape)
+
+
+def _compiled(batch, gamma, send, params, mesh=None, dtype=jnp.float32, activations=jnp.float32,
+              computed=True, tree=None):
+  """The optimized HLO of the Kangaroo loop, with the state as `kangaroo_decode` passes it
+  (computed=False: as stored, without `precision.as_computed`)."""
+  model = M.Llama(CFG, dtype, activations=activations)
+  adapter = init_adapter(CFG, 1, dtype=dtype)
   if mesh is not None:
     sharding.shard_module(model, mesh)
     sharding.shard_module(adapter, mesh)
   graphdef, state = nnx.split(model)
   agraphdef, astate = nnx.split(adapter)
+  if computed:
+    state, astate = as_computed(state), as_computed(astate)
   tokens = jnp.zeros((batch, PROMPT), jnp.int32)
   lens = jnp.full((batch,), 5, jnp.int32)
   if mesh is not None:
@@ -109,7 +157,7 @@ def test_no_cache_copy_or_gather_on_a_mesh(gamma, send, tree):
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 (fake) devices")
   mesh = sharding.make_mesh(2, 4)
-  hlo = _compiled(2, gamma, send, SamplingParams(), mesh, tree)
+  hlo = _compiled(2, gamma, send, SamplingParams(), mesh, tree=tree)
   s = cache_size(PROMPT, NEW, gamma + 2)
   # Per device: batch 1 of 2; the KV heads may or may not be split over 'model'.
   shapes = [f"1,{s},{h},{CFG.head_dim}" for h in (CFG.num_kv_heads, 1)]
@@ -119,3 +167,39 @@ def test_no_cache_copy_or_gather_on_a_mesh(gamma, send, tree):
     assert copies_in_loops(hlo, sh) == []
     gathers = [l for l in hlo.splitlines() if "all-gather" in l and f"[{sh}]" in l]
     assert gathers == []
+
+
+# Every weight's shape in CFG and its adapter: embedding, qkv, o, gate_up, down, adapter qkv.
+WEIGHT_SHAPES = ("96,48", "48,80", "48,48", "48,128", "64,48", "48,144")
+
+
+@pytest.mark.parametrize("activations", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("gamma, send", [(2, False), (6, True)])
+def test_bfloat16_loop_copies_no_cache_and_converts_no_weight(activations, gamma, send):
+  hlo = _compiled(1, gamma, send, SamplingParams(), dtype=jnp.bfloat16, activations=activations)
+  for name, shape in _cache_shapes(1, gamma).items():
+    assert f"[{shape}]" in hlo, f"the {name} cache shape {shape} is not in the HLO"
+    assert copies_in_loops(hlo, shape) == [], f"{name} cache copied in a loop"
+  for shape in WEIGHT_SHAPES:
+    assert ops_in_loops(hlo, ("convert",), shape) == [], f"weight [{shape}] converted per round"
+
+
+def test_the_check_sees_weight_converts_in_the_verify_branches():
+  """Not blind: with the weights passed as stored, XLA's CPU backend converts the deep
+  layers' bfloat16 weights inside the verification branches, every round."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("only XLA's CPU backend converts bfloat16 weights")
+  hlo = _compiled(1, 6, True, SamplingParams(), dtype=jnp.bfloat16, computed=False)
+  assert ops_in_loops(hlo, ("convert",), "64,48") != []
+
+
+def test_bfloat16_weights_compile_to_the_float32_loop_on_a_cpu():
+  """bfloat16 weights with float32 activations: the CPU runs exactly the float32 loop, so
+  Kangaroo's speed relative to plain decoding is float32's (README, Precision)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("accelerators multiply bfloat16 weights as stored")
+  # The instructions must match; names carry counters (".123") and metadata source lines.
+  strip = lambda hlo: [re.sub(r"\.\d+|, metadata=\{[^}]*\}", "", l)
+                       for l in hlo.splitlines() if " = " in l]
+  assert (strip(_compiled(1, 6, True, SamplingParams(), dtype=jnp.bfloat16))
+          == strip(_compiled(1, 6, True, SamplingParams())))

@@ -94,3 +94,18 @@ def test_kangaroo_greedy_identical_on_spec_bench(smol):
   assert not mismatched, f"prompts {mismatched} differ from plain decoding"
   assert sum(t[-1] in eos and len(t) < 40 for t in plain) >= 1  # stopped by EOS
   assert sum(len(t) == 40 for t in plain) >= 1  # stopped by the token limit
+
+
+def test_kangaroo_greedy_identical_with_bfloat16_weights():
+  """bfloat16 weights, float32 activations (the lossless mode): three Spec-Bench prompts,
+  48 tokens, each decoded alone as `decode.py --compare` does."""
+  model, tok = load_model(dtype="bfloat16")
+  eos = eos_ids(model, tok)
+  adapter, draft_ids = load_adapter_for(model)
+  by_cat = _spec_bench_prompts()
+  for cat in ("writing", "math_reasoning", "coding"):
+    ids = encode_prompt(tok, by_cat[cat][0])
+    plain = plain_decode(model, [ids], max_new_tokens=48, eos_ids=eos).tokens
+    spec = kangaroo_decode(model, adapter, [ids], max_new_tokens=48, eos_ids=eos,
+                           kparams=KangarooParams(0.6, 6), draft_ids=draft_ids).tokens
+    assert spec == plain, f"{cat}: differs from plain decoding"

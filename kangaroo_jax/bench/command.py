@@ -39,7 +39,7 @@ def run(args) -> dict:
   eta, gamma, draft_vocab, send, tree_nodes, tree_topk = (tuned[k] for k in (
       "eta", "gamma", "draft_vocab", "send_unconfident", "tree_nodes", "tree_topk"))
   start = time.perf_counter()
-  model, tokenizer = api.load_model(args.model)
+  model, tokenizer = api.load_model(args.model, args.dtype, activations=args.activations)
   eos = api.eos_ids(model, tokenizer)
   need_adapter = args.sweep or "kangaroo" in methods or "hf_early_exit" in methods
   adapter, stored = api.load_adapter_for(model, args.adapter) if need_adapter else (None, None)
@@ -85,8 +85,9 @@ def run(args) -> dict:
       command="python -m kangaroo_jax.bench " + " ".join(shlex.quote(a) for a in args.argv),
       date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine_info(),
       model=args.model or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
-      adapter=_adapter_name(args.adapter, api, adapter),
-      max_new_tokens=args.max_new_tokens, questions=_short(args.questions),
+      adapter=_adapter_name(args.adapter, api, adapter), dtype=args.dtype,
+      activations=args.activations, max_new_tokens=args.max_new_tokens,
+      questions=_short(args.questions),
       questions_used=len({r.question_id for r in records}), prompts=sum(
           1 for r in records if r.method == "plain"),
       kangaroo=dict(eta=eta, gamma=gamma, draft_vocab=draft_vocab, send_unconfident=send,

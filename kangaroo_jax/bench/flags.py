@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"comma-separated, from {', '.join(METHODS)} (plain is always run)")
   add("--skip", default="", metavar="A,B", help="methods to leave out")
   add("--model", metavar="PATH", help="HF folder or .gguf (default: embedded SmolLM2-135M)")
+  add("--dtype", choices=("float32", "bfloat16"), default="float32",
+      help="this project's weights dtype (default float32)")
+  add("--activations", choices=("float32", "bfloat16"), default="float32",
+      help="this project's hidden-state and KV cache dtype (default float32: lossless)")
   add("--hf-model", metavar="PATH", help="what the transformers peers load (default: --model)")
   add("--adapter", metavar="PATH", help="adapter file (default: the shipped one, else a fresh one)")
   add("--eta", type=float, metavar="ETA", help="default: the tuned setting, else 0.6")

@@ -1,0 +1,59 @@
+"""Which dtype each part of a decoding step computes in.
+
+The weights are stored in the model's dtype (`Llama.dtype`): they are most of the bytes
+a decoding step reads. The hidden states, the KV cache and every product's output use
+the activation dtype (`Llama.activations`); products accumulate in float32 and their
+inputs meet in the wider dtype (`model.weight_product`).
+
+float32 activations (the default) round nothing but the weights: a bfloat16 weight times
+a float32 activation is exact in float32. Kangaroo's verification, which runs the deep
+layers over a block of T positions where plain decoding runs one, then differs from
+plain decoding only in the float32 order of its sums, as with float32 weights.
+bfloat16 activations round every layer's output and every cached key and value: cheaper,
+but a sum reduced in another order can round to a neighbouring bfloat16 value and flip a
+near-tie argmax, so greedy Kangaroo may then differ from plain decoding.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def activation_dtype(name: str):
+  """The activation dtype named `name` ('float32' or 'bfloat16')."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+  return ACTIVATIONS[name]
+
+
+def _cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def as_computed(state):
+  """Model or adapter state (`nnx.split`) as this backend's matrix products consume it.
+
+  XLA's CPU backend has no bfloat16 matrix product: it converts both operands to float32
+  at every product. Out of a loop it hoists a weight's conversion (once per call), but not
+  out of a conditional's branches, so Kangaroo's verification (a `lax.switch`) converted
+  every deep-layer weight again each round. Converting once, before the call, is exact
+  (every bfloat16 is a float32) and is what plain decoding already paid inside XLA; it
+  changes no result (see `model.weight_product`). Other backends multiply bfloat16
+  natively and get the state unchanged.
+  """
+  if not _cpu():
+    return state
+  return jax.tree.map(lambda w: w.astype(jnp.float32) if w.dtype == jnp.bfloat16 else w, state)
+
+
+def cache_dtype(activations):
+  """The KV cache's dtype for `activations`: the same, but float32 for bfloat16 on a CPU.
+
+  XLA's CPU backend widens a bfloat16 cache write to float32 and back over the whole
+  cache, which it cannot do in place: every write then copies the cache. A float32 cache
+  holding the bfloat16 keys and values (exactly) is written in place and attends to the
+  same numbers.
+  """
+  return jnp.float32 if _cpu() and activations == jnp.bfloat16 else activations
