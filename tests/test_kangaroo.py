@@ -162,7 +162,7 @@ def test_reference_check_catches_a_broken_adapter_cache(monkeypatch):
   draft = kangaroo._draft
 
   def broken(model, adapter, draft_head, draft_ids, st, eta, **kw):
-    return draft(model, adapter, draft_head, draft_ids, dict(st, h_prev=0 * st["h_prev"]), eta, **kw)
+    return draft(model, adapter, draft_head, draft_ids, st.replace(h_prev=0 * st.h_prev), eta, **kw)
 
   kangaroo._kangaroo_loop.clear_cache()
   monkeypatch.setattr(kangaroo, "_draft", broken)

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fixtures import tiny_model
 from hf_tiny import VARIANTS
-from kangaroo_jax import api, loading, memory, sharding, weights
+from kangaroo_jax import api, cli, loading, memory, sharding, weights
 from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import init_adapter, save_adapter
 from kangaroo_jax.config import ModelConfig
@@ -152,7 +152,7 @@ def test_decode_cli_on_a_1x8_mesh(folder, capsys):
   assert decode.main(["--model", folder, "--prompt", "Hi", "--dtype", "bfloat16",
                       "--mesh", "1x8", "--mode", "plain", "--max-new-tokens", "4"]) == 0
   assert "per device (mesh 1x8): weights" in capsys.readouterr().err
-  assert decode.main(["--model", folder, "--prompt", "Hi", "--mesh", "2by4"]) == decode.EXIT_ERROR
+  assert decode.main(["--model", folder, "--prompt", "Hi", "--mesh", "2by4"]) == cli.EXIT_ERROR
   assert "--mesh must be DATAxMODEL" in capsys.readouterr().err
 
 
