@@ -155,10 +155,6 @@ def validate(args: argparse.Namespace) -> None:
        f"--threshold must be in (0, 1], got {args.threshold}"),
       (args.max_draft is None or args.max_draft >= 1,
        f"--max-draft must be >= 1, got {args.max_draft}"),
-      (args.tree_nodes is None or args.tree_nodes >= 0,
-       f"--tree-nodes must be >= 0, got {args.tree_nodes}"),
-      (args.tree_topk is None or args.tree_topk >= 1,
-       f"--tree-topk must be >= 1, got {args.tree_topk}"),
       (not (args.tree_nodes and args.temperature > 0),
        "tree drafting is greedy only: use --temperature 0 or --tree-nodes 0"),
       (args.exit_layer is None or args.exit_layer >= 1,
@@ -172,7 +168,7 @@ def validate(args: argparse.Namespace) -> None:
        "--compare or --json"),
       (args.adapter is None or os.path.isfile(args.adapter),
        f"no such adapter file: {args.adapter}"),
-  ]
+  ] + cli.tree_flag_checks(args)
   for ok, message in checks:
     if not ok:
       raise CliError(message)

@@ -30,6 +30,14 @@ def set_offline_quiet_environment() -> None:
     os.environ.setdefault(key, value)
 
 
+def tree_flag_checks(args) -> list[tuple[bool, str]]:
+  """(ok, message) checks of --tree-nodes / --tree-topk, for a command's `validate`."""
+  return [(args.tree_nodes is None or args.tree_nodes >= 0,
+           f"--tree-nodes must be >= 0, got {args.tree_nodes}"),
+          (args.tree_topk is None or args.tree_topk >= 1,
+           f"--tree-topk must be >= 1, got {args.tree_topk}")]
+
+
 class OneLineParser(argparse.ArgumentParser):
   """An ArgumentParser that raises `error_type(message)` instead of printing its usage block."""
 

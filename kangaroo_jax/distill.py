@@ -153,11 +153,7 @@ def add_hidden(model: Llama, examples, exit_layer: int, seq_len: int, batch_size
 
   @jax.jit
   def shallow(state, tokens):
-    m = nnx.merge(graphdef, state)
-    b, t = tokens.shape
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B, T]
-    return m.run_layers(m.embed(tokens), pos, kv.init_model_cache(m.cfg, b, t, m.dtype), 0,
-                        exit_layer)[0]  # [B, T, D]
+    return nnx.merge(graphdef, state).run_fresh(tokens, exit_layer)  # [B, T, D]
 
   for i in range(0, len(examples), batch_size):
     chunk = examples[i:i + batch_size]

@@ -256,6 +256,14 @@ class Llama(nnx.Module):
       x, ks[i], vs[i] = self.layers[i](x, positions, ks[i], vs[i], inv_freq)
     return x, {"k": ks, "v": vs}
 
+  def run_fresh(self, tokens: jax.Array, end: Optional[int] = None) -> jax.Array:
+    """Hidden states [B, T, D] after layers [0, end) of tokens [B, T] at positions 0..T-1,
+    with a fresh cache (whole sequences at once: teacher passes, cached training states)."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B, T]
+    fresh = kv.init_model_cache(self.cfg, b, t, self.activations)
+    return self.run_layers(self.embed(tokens), positions, fresh, 0, end)[0]
+
   def run_layers_block(self, x: jax.Array, positions: jax.Array, cache: kv.KVCache,
                        start: int = 0, end: Optional[int] = None, *,
                        tree: Optional[dict] = None):

@@ -193,18 +193,14 @@ def cache_tokens(folder: str) -> dict:
 def _forced_fn(model, top_k: int):
   """jit(state, tokens [B, T]) -> top-k (probs, ids) [B, T, k] of the next-token distribution."""
   import jax
-  import jax.numpy as jnp
   from flax import nnx
 
-  from kangaroo_jax import cache as kv
   graphdef, _ = nnx.split(model)
 
   @jax.jit
   def run(state, tokens):
     m = nnx.merge(graphdef, state)
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B, T]
-    h, _ = m.run_layers(m.embed(tokens), positions, kv.init_model_cache(m.cfg, b, t, m.dtype))
+    h = m.run_fresh(tokens)  # [B, T, D]
     return jax.lax.top_k(jax.nn.softmax(m.logits(h), axis=-1), top_k)  # [B, T, k] each
 
   return run

@@ -7,7 +7,7 @@ import os
 from kangaroo_jax.bench.errors import BenchError
 from kangaroo_jax.bench.methods import METHODS
 from kangaroo_jax.bench.questions import DEFAULT_QUESTIONS
-from kangaroo_jax.cli import OneLineParser
+from kangaroo_jax.cli import OneLineParser, tree_flag_checks
 
 DESCRIPTION = "Spec-Bench harness: Kangaroo against plain decoding and transformers' peers, same run."
 
@@ -102,15 +102,11 @@ def validate(args) -> None:
             (args.gamma is None or args.gamma >= 1, f"--gamma must be >= 1, got {args.gamma}"),
             (args.draft_vocab is None or args.draft_vocab >= 0,
              f"--draft-vocab must be >= 0, got {args.draft_vocab}"),
-            (args.tree_nodes is None or args.tree_nodes >= 0,
-             f"--tree-nodes must be >= 0, got {args.tree_nodes}"),
-            (args.tree_topk is None or args.tree_topk >= 1,
-             f"--tree-topk must be >= 1, got {args.tree_topk}"),
             (args.hf_threads >= 1, f"--hf-threads must be >= 1, got {args.hf_threads}"),
             (args.adapter is None or os.path.isfile(args.adapter),
              f"no such adapter file: {args.adapter}"),
             (args.from_json is None or os.path.isfile(args.from_json),
-             f"no such results file: {args.from_json}")]
+             f"no such results file: {args.from_json}")] + tree_flag_checks(args)
   for ok, message in checks:
     if not ok:
       raise BenchError(message)
