@@ -17,12 +17,14 @@ import transformers  # noqa: E402
 
 from kangaroo_jax import cache as kv  # noqa: E402
 from kangaroo_jax.api import encode_prompt, eos_ids, load_adapter_for, load_model  # noqa: E402
+from kangaroo_jax.bench.questions import DEFAULT_QUESTIONS  # noqa: E402
 from kangaroo_jax.decoding import bucket, plain_decode  # noqa: E402
 from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode  # noqa: E402
 from kangaroo_jax.weights import default_model_path  # noqa: E402
 
-QUESTIONS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                         "spec_bench_question.jsonl")
+# The first two questions of each Spec-Bench category, shipped with the package: a clean
+# clone needs nothing beside the repository.
+QUESTIONS = DEFAULT_QUESTIONS
 
 
 @pytest.fixture(scope="module")
