@@ -33,8 +33,8 @@ report of `python -m kangaroo_jax.bench --costs`).
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
+import dataclasses
 import json
 import math
 import sys
@@ -166,7 +166,8 @@ def _slope(fn: Callable, args: tuple, iters: int, reps: int) -> float:
 def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
                   draft_ids: Optional[np.ndarray] = None, *, max_block: int = 8,
                   context: int = 256, iters: int = 20, reps: int = 3,
-                  exit_layer: int = 2, tree_topk: int = 0) -> dict:
+                  exit_layer: int = 2, tree_topk: int = 0,
+                  blocks: Optional[Sequence[int]] = None) -> dict:
   """Times one plain step, a draft step and verification of 1..max_block positions.
 
   Args:
@@ -180,6 +181,8 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
     exit_layer: for a fresh adapter only.
     tree_topk: also time one depth of tree drafting over this many frontier nodes
       (`tree_draft`; 0 = not).
+    blocks: the verification block sizes to time (default 1..max_block); costs between
+      them are interpolated (`verify_cost`), which keeps a large model's run short.
   Returns:
     {"seconds": {...}, "relative": {...}} where each has plain, shallow, draft,
     draft_full_vocab and verify {T: ...}; relative = seconds / plain seconds. Also the
@@ -187,7 +190,7 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
   """
   adapter = adapter or init_adapter(model.cfg, exit_layer, dtype=model.dtype)
   cfg, dtype = model.cfg, model.dtype
-  slots = cache_size(context, 0, max_block + 2)
+  slots = cache_size(context, 0, max(max_block, *(blocks or [1])) + 2)
   # The weights as the decoding loops pass them (see `precision.as_computed`).
   state = as_computed(nnx.split(model)[1])
   astate = as_computed(nnx.split(adapter)[1])
@@ -208,7 +211,8 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
   if tree_topk:
     jobs["tree_draft"] = (_tree_draft_step, (head, ids, (jnp.ones((1, tree_topk), jnp.int32),
                                                          cache, acache)))
-  for t in range(1, max_block + 1):
+  blocks = sorted(set(blocks)) if blocks else list(range(1, max_block + 1))
+  for t in blocks:
     x = jnp.zeros((1, t, cfg.hidden_size), model.activations)
     jobs[f"verify{t}"] = (_verify_step, (None, None, (x, cache)))
 
@@ -224,7 +228,7 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
   seconds = {name: _slope(fn, args, iters, reps) for name, fn, args in compiled}
   if draft_ids is None:
     seconds["draft_full_vocab"] = seconds["draft"]
-  verify = {t: seconds.pop(f"verify{t}") for t in range(1, max_block + 1)}
+  verify = {t: seconds.pop(f"verify{t}") for t in blocks}
   seconds["verify"] = verify
   plain = seconds["plain"]
   relative = {k: (v / plain if not isinstance(v, dict) else {t: s / plain for t, s in v.items()})
@@ -238,21 +242,32 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
 
 
 def verify_cost(relative: dict, block: float) -> float:
-  """verify[T] at a fractional block size (linear between measured sizes)."""
+  """verify[T] at any block size: linear between the nearest measured sizes, clamped to
+  the smallest and largest measured."""
+  sizes = sorted(int(t) for t in relative["verify"])
   v = {int(t): c for t, c in relative["verify"].items()}
-  lo = max(1, min(int(math.floor(block)), max(v)))
-  hi = min(lo + 1, max(v))
-  frac = min(max(block - lo, 0.0), 1.0) if hi > lo else 0.0
+  block = min(max(block, sizes[0]), sizes[-1])
+  hi = next(t for t in sizes if t >= block)
+  lo = max(t for t in sizes if t <= block)
+  frac = (block - lo) / (hi - lo) if hi > lo else 0.0
   return v[lo] * (1 - frac) + v[hi] * frac
 
 
-def round_cost(relative: dict, drafts_per_round: float, block: float) -> float:
-  """Plain steps one round costs: shallow + k * draft + verify[block]."""
-  return relative["shallow"] + drafts_per_round * relative["draft"] + verify_cost(relative, block)
+def round_cost(relative: dict, drafts_per_round: float, block: float, tree: bool = False) -> float:
+  """Plain steps one round costs: shallow + k * draft + verify[block].
+
+  With `tree`, k counts the tree's depths: the root's draft step, then one `tree_draft`
+  (all frontier nodes at once) per further depth.
+  """
+  if tree:
+    drafting = relative["draft"] + max(drafts_per_round - 1, 0.0) * relative["tree_draft"]
+  else:
+    drafting = drafts_per_round * relative["draft"]
+  return relative["shallow"] + drafting + verify_cost(relative, block)
 
 
 def project_speedup(relative: dict, tokens_per_round: float, drafts_per_round: float,
-                    block: float) -> float:
+                    block: float, tree: bool = False) -> float:
   """Speedup over plain decoding = tokens per round / plain steps per round.
 
   Args:
@@ -261,8 +276,9 @@ def project_speedup(relative: dict, tokens_per_round: float, drafts_per_round: f
     drafts_per_round: mean draft steps per round.
     block: verified positions per round: gamma + 1 for a fixed block,
       drafts_per_round + 1 for an exactly sized one (`kangaroo.py` is in between).
+    tree: a tree round (drafts_per_round = depths; see `round_cost`).
   """
-  return tokens_per_round / round_cost(relative, drafts_per_round, block)
+  return tokens_per_round / round_cost(relative, drafts_per_round, block, tree)
 
 
 def projection_table(relative: dict, gamma: int, acceptance: Sequence[tuple[str, float, float]]
@@ -274,6 +290,39 @@ def projection_table(relative: dict, gamma: int, acceptance: Sequence[tuple[str,
                      fixed_block=project_speedup(relative, tau, k, gamma + 1),
                      variable_block=project_speedup(relative, tau, k, k + 1)))
   return rows
+
+
+def bench_acceptance(results: dict) -> list[dict]:
+  """Each Kangaroo method's measured acceptance in a bench results.json (`kangaroo_jax.bench`):
+  dict(method, tokens_per_round, drafts_per_round, verified_per_round, tree, speedup)."""
+  rows = []
+  for name, o in results["overall"].items():
+    if not name.startswith("kangaroo") or not o.get("mean_accepted_tokens"):
+      continue
+    tree = ",tree=" in name or (name == "kangaroo"
+                                and bool(results["config"]["kangaroo"].get("tree_nodes")))
+    rows.append(dict(method=name, tokens_per_round=o["mean_accepted_tokens"],
+                     drafts_per_round=o["drafts_per_round"], verified_per_round=_sent(o),
+                     tree=tree, speedup=o["speedup"]))
+  return rows
+
+
+def measured_projection(relative: dict, rows: list[dict]) -> list[dict]:
+  """`bench_acceptance` rows with the speedup these costs give them (T = verified + 1)."""
+  return [dict(r, projected=project_speedup(relative, r["tokens_per_round"], r["drafts_per_round"],
+                                            r["verified_per_round"] + 1, r["tree"]))
+          for r in rows]
+
+
+def format_measured_projection(rows: list[dict], source: str) -> str:
+  """A small text table of `measured_projection` rows."""
+  lines = [f"  acceptance measured in {source}; projected with the costs above (T = verified + 1):",
+           f"  {'method':<52}{'tokens':>7}{'drafts':>7}{'verified':>9}{'measured':>9}{'projected':>10}"]
+  for r in rows:
+    measured = "–" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+    lines.append(f"  {r['method']:<52}{r['tokens_per_round']:>7.2f}{r['drafts_per_round']:>7.2f}"
+                 f"{r['verified_per_round']:>9.2f}{measured:>9}{r['projected']:>9.2f}x")
+  return "\n".join(lines)
 
 
 def format_costs(result: dict) -> str:
@@ -312,7 +361,7 @@ def default_acceptance(gamma: int) -> list[tuple[str, float, float]]:
 # ---- markdown for the benchmark report: the measured pieces beside the measured speedup ----
 
 def cost_markdown(costs: dict, kangaroo_rows: dict[str, dict], gamma: int,
-                  target_speedup: float) -> str:
+                  target_speedup: float, tree: bool = False) -> str:
   """Where Kangaroo's time goes, as markdown: piece costs and the speedup they predict.
 
   Args:
@@ -322,6 +371,8 @@ def cost_markdown(costs: dict, kangaroo_rows: dict[str, dict], gamma: int,
       (optional) and the measured speedup (None when unknown).
     gamma: the most drafts per round.
     target_speedup: the speedup the levers line says what it would take to reach.
+    tree: the rows come from tree drafting (drafts_per_round counts depths; see
+      `round_cost`); predicted with the measured `tree_draft` piece.
   """
   rel, sh = costs["relative"], costs["shapes"]
   lines = [f"Where the time goes (`kangaroo_jax.costs`, {sh['device']}, {sh['cache_slots']} cache "
@@ -331,6 +382,9 @@ def cost_markdown(costs: dict, kangaroo_rows: dict[str, dict], gamma: int,
            f"{sh['draft_vocab']} tokens | {rel['draft']:.3f} |",
            f"| same with the full {sh['vocab']}-token head | {rel['draft_full_vocab']:.3f} |",
            f"| shallow layers alone (pending token, once a round) | {rel['shallow']:.3f} |"]
+  if "tree_draft" in rel:
+    lines.append(f"| one tree depth: layers 0..{sh['exit_layer'] - 1} + adapter + draft head over "
+                 f"the frontier nodes at once | {rel['tree_draft']:.3f} |")
   for t, v in rel["verify"].items():
     lines.append(f"| verify T={t} (layers {sh['exit_layer']}..{sh['layers'] - 1} + head) "
                  f"| {v:.3f} |")
@@ -347,13 +401,13 @@ def cost_markdown(costs: dict, kangaroo_rows: dict[str, dict], gamma: int,
     if not k or not k["mean_accepted_tokens"]:
       continue
     tau, d, v = k["mean_accepted_tokens"], k["drafts_per_round"], _sent(k)
-    predicted = project_speedup(rel, tau, d, v + 1)
+    predicted = project_speedup(rel, tau, d, v + 1, tree)
     # The gap is what the loop costs beyond its pieces (negative: slower than predicted).
     gap = "–" if k["speedup"] is None else f"{100 * (k['speedup'] / predicted - 1):+.0f}%"
     lines.append(f"| {cat} | {tau:.2f} | {d:.2f} | {predicted:.2f}x | "
-                 f"{project_speedup(rel, tau, d, gamma + 1):.2f}x | {_speedup(k)}x | {gap} |")
+                 f"{project_speedup(rel, tau, d, gamma + 1, tree):.2f}x | {_speedup(k)}x | {gap} |")
   k = kangaroo_rows.get("overall")
-  if k and k["mean_accepted_tokens"]:
+  if k and k["mean_accepted_tokens"] and not tree:
     lines += ["", _levers(rel, k, target_speedup)]
   return "\n".join(lines)
 
@@ -393,8 +447,16 @@ def _speedup(k: dict) -> str:
 
 
 def main(argv=None) -> int:
+  """The command line; returns the exit status (2 with one `error:` line on bad flags)."""
+  from kangaroo_jax import cli
+  return cli.exit_status(lambda: _measure_command(argv))
+
+
+def _measure_command(argv) -> None:
   """Measures a randomly initialised preset and prints costs and projected speedups."""
-  p = argparse.ArgumentParser(description="Kangaroo piece costs relative to one plain step")
+  from kangaroo_jax.cli import OneLineParser
+  p = OneLineParser(description="Kangaroo piece costs relative to one plain step",
+                    prog="python -m kangaroo_jax.costs")
   p.add_argument("--preset", choices=sorted(PRESETS), default="7b",
                  help="model shape, randomly initialised (default 7b)")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
@@ -407,31 +469,57 @@ def main(argv=None) -> int:
   p.add_argument("--context", type=int, default=256)
   p.add_argument("--tree-topk", type=int, default=0,
                  help="also time one depth of tree drafting over this many nodes")
+  p.add_argument("--blocks", metavar="A,B",
+                 help="verify block sizes to time, e.g. 1,2,5,9,17,33 (default 1..--max-block)")
+  p.add_argument("--layers", type=int, metavar="N",
+                 help="the preset's width with N layers (a 7B-wide model that fits a small host)")
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--accepted", type=float, action="append", default=[],
                  help="tokens per round to project (repeatable; with --drafts)")
   p.add_argument("--drafts", type=float, action="append", default=[],
                  help="draft steps per round, one per --accepted")
+  p.add_argument("--project-from", metavar="RESULTS_JSON",
+                 help="also project every Kangaroo method of a bench results.json (its measured "
+                 "tokens, drafts and verified drafts per round, chain or tree) with these costs")
   p.add_argument("--json", metavar="PATH", help="also write the results here")
   args = p.parse_args(argv)
+  measured = None
+  if args.project_from:
+    with open(args.project_from) as f:  # read first: a bad file fails before the slow part
+      try:
+        measured = bench_acceptance(json.load(f))
+      except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{args.project_from} is not a bench results.json (no {e})") from None
   if len(args.accepted) != len(args.drafts):
     p.error("give one --drafts per --accepted")
   cfg = PRESETS[args.preset]
+  if args.layers is not None:
+    if not args.exit_layer < args.layers <= cfg.num_layers:
+      p.error(f"--layers must be in ({args.exit_layer}, {cfg.num_layers}], got {args.layers}")
+    cfg = dataclasses.replace(cfg, num_layers=args.layers)
+  try:
+    blocks = [int(t) for t in args.blocks.split(",")] if args.blocks else None
+  except ValueError:
+    p.error(f"--blocks: expected comma-separated block sizes, got {args.blocks!r}")
+  if blocks and min(blocks) < 1:
+    p.error(f"--blocks: sizes must be >= 1, got {args.blocks}")
   model = random_model(cfg, DTYPES[args.dtype], activations=ACTIVATIONS[args.activations])
   ids = np.arange(args.draft_vocab) if 0 < args.draft_vocab < cfg.vocab_size else None
   result = measure_costs(model, None, ids, max_block=args.max_block, context=args.context,
                          iters=args.iters, exit_layer=args.exit_layer,
-                         tree_topk=args.tree_topk)
+                         tree_topk=args.tree_topk, blocks=blocks)
   gamma = args.max_block - 1
   acceptance = ([(f"given {a:.2f}/{k:.2f}", a, k) for a, k in zip(args.accepted, args.drafts)]
                 or default_acceptance(gamma))
   result["projection"] = projection_table(result["relative"], gamma, acceptance)
   print(format_costs(result))
   print(format_projection(result["projection"], gamma))
+  if measured is not None:
+    result["measured_projection"] = measured_projection(result["relative"], measured)
+    print(format_measured_projection(result["measured_projection"], args.project_from))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)
-  return 0
 
 
 if __name__ == "__main__":

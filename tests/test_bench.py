@@ -271,6 +271,48 @@ def test_end_to_end_tiny_model(tiny, qfile, tmp_path, monkeypatch):
                      "--write-markdown", str(md)]) == 0
 
 
+def test_adapters_compared_in_one_run(tiny, qfile, tmp_path):
+  """--adapters: one Kangaroo method per file (shapes differ: own compiled code), each lossless."""
+  from kangaroo_jax import api
+  from kangaroo_jax.adapter import init_adapter, save_adapter
+  model, _ = api.load_model(tiny)
+  save_adapter(str(tmp_path / "a.safetensors"), init_adapter(model.cfg, 1, seed=1))
+  (tmp_path / "run").mkdir()
+  save_adapter(str(tmp_path / "run" / "adapter.safetensors"),
+               init_adapter(model.cfg, 2, seed=2, ffn_size=32))
+  results = bench.bench(["--model", tiny, "--questions", qfile, "--categories", "qa",
+                         "--per-category", "1", "--methods", "plain,kangaroo",
+                         "--adapters", f"first={tmp_path / 'a.safetensors'},"
+                         f"{tmp_path / 'run' / 'adapter.safetensors'}",
+                         "--out", str(tmp_path / "out"), *COMMON])
+  names = ["kangaroo[adapter=first]", "kangaroo[adapter=run]"]
+  assert results["methods_run"] == ["plain", *names]
+  for n in names:
+    assert results["overall"][n]["lossless"] == 1.0
+  assert results["overall"][names[0]]["prompts"] == 1
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--adapters", "/no/such.safetensors"], "no such adapter file"),
+    (["--adapters", "x=/no/a", "--sweep"], "no such adapter file"),
+])
+def test_adapters_flag_bad_input(capsys, argv, fragment):
+  assert bench.main(argv) == bench.EXIT_ERROR
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and fragment in err[0]
+
+
+def test_adapters_flag_names_and_conflicts(tmp_path):
+  from kangaroo_jax.bench.flags import adapter_list, adapter_list_checks
+  assert adapter_list("a=x/y.safetensors,runs/e4/adapter.safetensors,v4.safetensors") == [
+      ("a", "x/y.safetensors"), ("e4", "runs/e4/adapter.safetensors"), ("v4", "v4.safetensors")]
+  f = tmp_path / "v.safetensors"
+  f.write_bytes(b"")
+  args = bench.build_parser().parse_args(["--adapters", f"{f},{f}", "--sweep"])
+  failed = [m for ok, m in adapter_list_checks(args) if not ok]
+  assert any("share a name" in m for m in failed) and any("--sweep" in m for m in failed)
+
+
 def test_peer_that_cannot_load_is_skipped(tiny, qfile, tmp_path):
   results = bench.bench(["--model", tiny, "--questions", qfile, "--categories", "qa",
                          "--per-category", "1", "--methods", "plain,hf_pld",
@@ -368,6 +410,47 @@ def test_projection_arithmetic():
   rows = costs.projection_table(rel, 3, [("x", 2.5, 2.0)])
   assert rows[0]["fixed_block"] == pytest.approx(2.5 / 1.45)
   assert rows[0]["variable_block"] == pytest.approx(2.0)
+  # Sparse measured blocks (a large model times only a few): linear between neighbours.
+  sparse = dict(rel, verify={1: 1.0, 5: 1.4, 9: 2.2}, tree_draft=0.3)
+  assert costs.verify_cost(sparse, 3) == pytest.approx(1.2)
+  assert costs.verify_cost(sparse, 7) == pytest.approx(1.8)
+  assert costs.verify_cost(sparse, 0.5) == 1.0
+  # A tree round of 3 depths: the root's draft step, then two tree depths.
+  assert costs.round_cost(sparse, 3.0, 9, tree=True) == pytest.approx(0.05 + 0.1 + 0.6 + 2.2)
+
+
+def test_costs_command_tiny(tmp_path, capsys):
+  """Sparse blocks and a layer override on the command line; bad flags are one line."""
+  out = tmp_path / "c.json"
+  assert costs.main(["--preset", "tiny", "--layers", "3", "--blocks", "1,3,5", "--iters", "2",
+                     "--tree-topk", "2", "--dtype", "float32", "--json", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["shapes"]["layers"] == 3
+  assert sorted(int(t) for t in result["relative"]["verify"]) == [1, 3, 5]
+  assert result["relative"]["tree_draft"] > 0
+  # Projection from a bench run's measured acceptance (a chain and a tree row).
+  bench_json = tmp_path / "results.json"
+  tree_name = "kangaroo[eta=0.6,gamma=6,vocab=stored,send=yes,tree=8/4]"
+  row = dict(mean_accepted_tokens=1.5, drafts_per_round=2.0, verified_drafts_per_round=4.0,
+             speedup=0.7)
+  bench_json.write_text(json.dumps(dict(config=dict(kangaroo=dict(tree_nodes=0)), overall={
+      "plain": dict(mean_accepted_tokens=1.0), "kangaroo": row, tree_name: row})))
+  assert costs.main(["--preset", "tiny", "--blocks", "1,5", "--iters", "2", "--tree-topk", "4",
+                     "--dtype", "float32", "--project-from", str(bench_json),
+                     "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["measured_projection"]
+  assert [(r["method"], r["tree"]) for r in rows] == [("kangaroo", False), (tree_name, True)]
+  rel = json.loads(out.read_text())["relative"]
+  rel["verify"] = {int(t): c for t, c in rel["verify"].items()}
+  assert rows[1]["projected"] == pytest.approx(1.5 / costs.round_cost(rel, 2.0, 5, tree=True))
+  capsys.readouterr()
+  (tmp_path / "bad.json").write_text("{}")
+  assert costs.main(["--preset", "tiny", "--project-from", str(tmp_path / "bad.json")]) == 2
+  assert "not a bench results.json" in capsys.readouterr().err
+  assert costs.main(["--preset", "tiny", "--layers", "9"]) == 2
+  assert costs.main(["--preset", "tiny", "--blocks", "1,x"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2 and "--layers" in err[0] and "--blocks" in err[1]
 
 
 # ---- the accelerator script, tiny on the CPU ----

@@ -15,7 +15,7 @@ import time
 from typing import Optional, Sequence
 
 from kangaroo_jax import cli
-from kangaroo_jax.bench.flags import build_parser, csv_items, parse_methods, validate
+from kangaroo_jax.bench.flags import adapter_list, build_parser, csv_items, parse_methods, validate
 from kangaroo_jax.bench.harness import aggregate, check_targets, machine_info, run_questions
 from kangaroo_jax.bench.methods import (DESCRIPTIONS, PeerUnavailable, hf_method, jax_kangaroo,
                                         jax_plain, kangaroo_label, load_hf_model)
@@ -58,6 +58,16 @@ def run(args) -> dict:
       labels[name] = dict(eta=e, gamma=g, draft_vocab=v, send_unconfident=s, tree_nodes=t,
                           tree_topk=k or 4)
     methods = ["plain"] + list(labels)
+  elif args.adapters:  # one Kangaroo method per adapter file, same setting
+    for label, path in adapter_list(args.adapters):
+      other, other_ids = api.load_adapter_for(model, path)
+      name = f"kangaroo[adapter={label}]"
+      runners.append(jax_kangaroo(model, other, tuning.select_draft_ids(other_ids, draft_vocab),
+                                  eos, args.max_new_tokens, eta, gamma, name=name,
+                                  draft_vocab=draft_vocab, send_unconfident=send,
+                                  tree_nodes=tree_nodes, tree_topk=tree_topk))
+      labels[name] = dict(adapter=path)
+    methods = ["plain"] + list(labels) + [m for m in methods if m.startswith("hf")]
   elif "kangaroo" in methods:
     runners.append(jax_kangaroo(model, adapter, draft_ids, eos, args.max_new_tokens, eta, gamma,
                                 draft_vocab=draft_vocab, send_unconfident=send,
@@ -85,7 +95,8 @@ def run(args) -> dict:
       command="python -m kangaroo_jax.bench " + " ".join(shlex.quote(a) for a in args.argv),
       date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine_info(),
       model=args.model or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
-      adapter=_adapter_name(args.adapter, api, adapter), dtype=args.dtype,
+      adapter=(_short(args.adapters) if args.adapters
+                                   else _adapter_name(args.adapter, api, adapter)), dtype=args.dtype,
       activations=args.activations, max_new_tokens=args.max_new_tokens,
       questions=_short(args.questions),
       questions_used=len({r.question_id for r in records}), prompts=sum(

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="this project's hidden-state and KV cache dtype (default float32: lossless)")
   add("--hf-model", metavar="PATH", help="what the transformers peers load (default: --model)")
   add("--adapter", metavar="PATH", help="adapter file (default: the shipped one, else a fresh one)")
+  add("--adapters", metavar="A,B", help="compare these adapter files at the same setting in one "
+      "run: one Kangaroo method each, named kangaroo[adapter=NAME] (NAME=PATH names one; "
+      "default: the file's folder when it is called adapter.safetensors, else its stem)")
   add("--eta", type=float, metavar="ETA", help="default: the tuned setting, else 0.6")
   add("--gamma", type=int, metavar="G", help="default: the tuned setting, else 6")
   add("--draft-vocab", type=int, metavar="N",
@@ -95,6 +98,33 @@ def parse_methods(methods: str, skip: str) -> list[str]:
   return ["plain"] + [m for m in METHODS if m in names and m not in skipped and m != "plain"]
 
 
+def adapter_list(text: str) -> list[tuple[str, str]]:
+  """`--adapters` as (name, path) pairs: NAME=PATH, or a name taken from the path."""
+  pairs = []
+  for item in csv_items(text):
+    name, sep, path = item.partition("=")
+    if not sep:
+      path = item
+      stem = os.path.splitext(os.path.basename(path))[0]
+      name = os.path.basename(os.path.dirname(os.path.abspath(path))) if stem == "adapter" else stem
+    pairs.append((name, path))
+  return pairs
+
+
+def adapter_list_checks(args) -> list[tuple[bool, str]]:
+  """(ok, message) checks of `--adapters` that need no model."""
+  if not args.adapters:
+    return []
+  pairs = adapter_list(args.adapters)
+  names = [n for n, _ in pairs]
+  return ([(os.path.isfile(p), f"--adapters: no such adapter file: {p}") for _, p in pairs]
+          + [(len(set(names)) == len(names), f"--adapters: two adapters share a name in {names}; "
+              "name them NAME=PATH"),
+             (not args.sweep, "--adapters compares adapters at one setting; it cannot be "
+              "combined with --sweep"),
+             (args.adapter is None, "give either --adapter or --adapters, not both")])
+
+
 def validate(args) -> None:
   """Checks what needs no model, so that mistakes fail before the slow load."""
   checks = [(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
@@ -105,6 +135,7 @@ def validate(args) -> None:
             (args.hf_threads >= 1, f"--hf-threads must be >= 1, got {args.hf_threads}"),
             (args.adapter is None or os.path.isfile(args.adapter),
              f"no such adapter file: {args.adapter}"),
+            *adapter_list_checks(args),
             (args.from_json is None or os.path.isfile(args.from_json),
              f"no such results file: {args.from_json}")] + tree_flag_checks(args)
   for ok, message in checks:

@@ -96,11 +96,13 @@ def jax_kangaroo(model, adapter, draft_ids, eos: Sequence[int], max_new_tokens: 
 
   # eta is a traced argument: settings that differ only in eta share compiled code.
   return Method(name, DESCRIPTIONS["kangaroo"], "plain", run,
-                lambda ids: ("kangaroo", gamma, send_unconfident, kparams.tree, vocab,
-                             bucket(len(ids))),
+                # Adapters of another shape (exit layer, FFN) compile their own code.
+                lambda ids: ("kangaroo", adapter.acfg, gamma, send_unconfident, kparams.tree,
+                             vocab, bucket(len(ids))),
                 dict(eta=eta, gamma=gamma, draft_vocab=draft_vocab, draft_vocab_size=vocab,
                      send_unconfident=send_unconfident, tree_nodes=tree_nodes,
-                     tree_topk=tree_topk, exit_layer=adapter.acfg.exit_layer))
+                     tree_topk=tree_topk, exit_layer=adapter.acfg.exit_layer,
+                     adapter_ffn=adapter.acfg.ffn_size))
 
 
 def load_hf_model(path: Optional[str], threads: int):

@@ -79,7 +79,8 @@ def markdown(results: dict, chart: Optional[str] = None) -> str:
     from kangaroo_jax import costs  # jax: only when there are costs to report
     lines += ["", costs.cost_markdown(
         results["costs"], {c: (table(c) or {}).get("kangaroo") for c in cats},
-        cfg["kangaroo"]["gamma"], TARGETS["speedup_vs_plain"])]
+        cfg["kangaroo"]["gamma"], TARGETS["speedup_vs_plain"],
+        tree=bool(cfg["kangaroo"].get("tree_nodes")))]
   if chart:
     lines += ["", f"![speedup per category]({chart})"]
   return "\n".join(lines) + "\n"
