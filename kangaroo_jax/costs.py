@@ -234,7 +234,8 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
   relative = {k: (v / plain if not isinstance(v, dict) else {t: s / plain for t, s in v.items()})
               for k, v in seconds.items()}
   return {"seconds": seconds, "relative": relative, "shapes": dict(
-      layers=cfg.num_layers, exit_layer=adapter.acfg.exit_layer, hidden=cfg.hidden_size,
+      layers=cfg.num_layers, exit_layer=adapter.acfg.exit_layer, adapter_ffn=adapter.acfg.ffn_size,
+      hidden=cfg.hidden_size,
       ffn=cfg.intermediate_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
       vocab=cfg.vocab_size, draft_vocab=cfg.vocab_size if draft_ids is None else len(draft_ids),
       dtype=jnp.dtype(dtype).name, activations=jnp.dtype(model.activations).name, context=context, cache_slots=slots, iters=iters,
@@ -328,8 +329,9 @@ def format_measured_projection(rows: list[dict], source: str) -> str:
 def format_costs(result: dict) -> str:
   """A small text table of the relative costs."""
   r, s, sh = result["relative"], result["seconds"], result["shapes"]
+  ffn = f", adapter FFN {sh['adapter_ffn']}" if sh.get("adapter_ffn") else ""
   lines = [f"costs on {sh['device']} ({sh['dtype']}, {sh['activations']} activations, {sh['layers']} layers, hidden {sh['hidden']}, "
-           f"exit layer {sh['exit_layer']}, draft vocab {sh['draft_vocab']}/{sh['vocab']}, "
+           f"exit layer {sh['exit_layer']}{ffn}, draft vocab {sh['draft_vocab']}/{sh['vocab']}, "
            f"{sh['cache_slots']} cache slots)",
            f"  {'piece':<22}{'ms':>9}{'x plain':>9}"]
   for name in ("plain", "shallow", "draft", "draft_full_vocab", "tree_draft"):
@@ -463,6 +465,8 @@ def _measure_command(argv) -> None:
   p.add_argument("--activations", choices=sorted(ACTIVATIONS), default="float32",
                  help="hidden-state dtype (default float32: lossless; see precision.py)")
   p.add_argument("--exit-layer", type=int, default=2)
+  p.add_argument("--adapter-ffn", type=int, default=0, metavar="N",
+                 help="time a drafter whose adapter has a SwiGLU FFN of width N (0 = the paper's)")
   p.add_argument("--max-block", type=int, default=8, help="verify T = 1..this (gamma + 1)")
   p.add_argument("--draft-vocab", type=int, default=0,
                  help="reduced draft vocabulary size (0 = full head only)")
@@ -505,7 +509,10 @@ def _measure_command(argv) -> None:
     p.error(f"--blocks: sizes must be >= 1, got {args.blocks}")
   model = random_model(cfg, DTYPES[args.dtype], activations=ACTIVATIONS[args.activations])
   ids = np.arange(args.draft_vocab) if 0 < args.draft_vocab < cfg.vocab_size else None
-  result = measure_costs(model, None, ids, max_block=args.max_block, context=args.context,
+  if args.adapter_ffn < 0:
+    p.error(f"--adapter-ffn must be >= 0, got {args.adapter_ffn}")
+  adapter = init_adapter(cfg, args.exit_layer, dtype=model.dtype, ffn_size=args.adapter_ffn)
+  result = measure_costs(model, adapter, ids, max_block=args.max_block, context=args.context,
                          iters=args.iters, exit_layer=args.exit_layer,
                          tree_topk=args.tree_topk, blocks=blocks)
   gamma = args.max_block - 1

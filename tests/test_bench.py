@@ -423,9 +423,10 @@ def test_costs_command_tiny(tmp_path, capsys):
   """Sparse blocks and a layer override on the command line; bad flags are one line."""
   out = tmp_path / "c.json"
   assert costs.main(["--preset", "tiny", "--layers", "3", "--blocks", "1,3,5", "--iters", "2",
-                     "--tree-topk", "2", "--dtype", "float32", "--json", str(out)]) == 0
+                     "--tree-topk", "2", "--dtype", "float32", "--adapter-ffn", "16",
+                     "--json", str(out)]) == 0
   result = json.loads(out.read_text())
-  assert result["shapes"]["layers"] == 3
+  assert result["shapes"]["layers"] == 3 and result["shapes"]["adapter_ffn"] == 16
   assert sorted(int(t) for t in result["relative"]["verify"]) == [1, 3, 5]
   assert result["relative"]["tree_draft"] > 0
   # Projection from a bench run's measured acceptance (a chain and a tree row).
