@@ -164,6 +164,27 @@ def _rec(cat, method, tokens, seconds, verified=None, steps=None, drafts=0, iden
                 tokens if steps is None else steps, drafts, identical)
 
 
+def test_records_kept_prompt_by_prompt_and_map_count_warning(qfile, tmp_path):
+  """A run that dies midway has handed over every finished prompt's records."""
+  tok = tiny_model.tokenizer()
+  from kangaroo_jax.bench.harness import map_count_warning
+  seen = []
+  plain = _fixed("plain", tok, lambda ids: "abc")
+  broken = _fixed("plain", tok, lambda ids: "abc", fail_at=3)  # call 3 (warm-up counted): prompt 2
+  questions = bench.load_questions(qfile)
+  records, _ = bench.run_questions(questions, [plain], tok, on_prompt=seen.append)
+  assert [len(batch) for batch in seen] == [1] * 4 and sum(seen, []) == records
+  seen.clear()
+  with pytest.raises(RuntimeError):
+    bench.run_questions(questions, [broken], tok, on_prompt=seen.append)
+  assert len(seen) == 1  # the prompt finished before the failure
+  limit = tmp_path / "max_map_count"
+  limit.write_text("65530\n")
+  assert "sysctl -w vm.max_map_count" in map_count_warning(8, str(limit))
+  assert map_count_warning(2, str(limit)) is None
+  assert map_count_warning(8, str(tmp_path / "absent")) is None
+
+
 def test_aggregate_per_category_and_overall():
   records = [_rec("a", "plain", 100, 10.0), _rec("a", "kangaroo", 100, 5.0, 99, 33, 66, True),
              _rec("b", "plain", 50, 2.0), _rec("b", "kangaroo", 50, 2.0, 49, 49, 49, False),

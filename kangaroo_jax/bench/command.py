@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 from kangaroo_jax import cli
 from kangaroo_jax.bench.flags import adapter_list, build_parser, csv_items, parse_methods, validate
-from kangaroo_jax.bench.harness import aggregate, check_targets, machine_info, run_questions
+from kangaroo_jax.bench.harness import (aggregate, check_targets, machine_info, map_count_warning,
+                                        run_questions)
 from kangaroo_jax.bench.methods import (DESCRIPTIONS, PeerUnavailable, hf_method, jax_kangaroo,
                                         jax_plain, kangaroo_label, load_hf_model)
 from kangaroo_jax.bench.questions import load_questions, select_questions
@@ -87,8 +88,19 @@ def run(args) -> dict:
         extra["hf_early_exit"] = {"assistant_early_exit": adapter.acfg.exit_layer}
       runners += [hf_method(m, hf_model, eos, pad, args.max_new_tokens, **extra[m])
                   for m in hf_names]
+  warning = map_count_warning(sum(1 for m in runners if not m.name.startswith("hf")))
+  if warning:
+    print(warning, file=sys.stderr, flush=True)
+  os.makedirs(args.out, exist_ok=True)
+  partial = os.path.join(args.out, "records.jsonl")
+  open(partial, "w").close()
+
+  def keep(prompt_records):  # a run killed midway keeps every prompt it finished
+    with open(partial, "a") as f:
+      f.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in prompt_records)
+
   records, failed = run_questions(questions, runners, tokenizer, log=log,
-                                  max_seconds=args.max_seconds)
+                                  max_seconds=args.max_seconds, on_prompt=keep)
   skipped.update(failed)
   ran = [m.name for m in runners if m.name not in skipped]
   results = dict(config=dict(
@@ -163,6 +175,8 @@ def bench(argv: Sequence[str]) -> dict:
   else:
     results = run(args)
     paths = write_outputs(results, args.out)
+    # results.json holds every record now; records.jsonl only mattered if the run died.
+    os.remove(os.path.join(args.out, "records.jsonl"))
     chart_path = paths["chart"]
     print(markdown(results))
     print(f"wrote {', '.join(paths.values())}", file=sys.stderr)

@@ -38,6 +38,29 @@ class Record:
   drafts_verified: Optional[int] = None
 
 
+def map_count_warning(methods: int, path: str = "/proc/sys/vm/max_map_count",
+                      per_method: int = 8000) -> Optional[str]:
+  """A warning when this many compiled JAX methods may exhaust Linux's memory-map limit.
+
+  XLA's CPU backend maps each compiled kernel's code separately: one Kangaroo loop takes
+  about 10k mappings per prompt-length bucket, so a sweep of many settings over several
+  buckets can pass the default limit of 65530, and the run then dies inside LLVM
+  ("Cannot allocate memory") however much memory is free. None when the limit is fine
+  or unknown (not Linux).
+  """
+  try:
+    with open(path) as f:
+      limit = int(f.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    return None
+  need = methods * per_method * 3  # about three prompt-length buckets in a Spec-Bench run
+  if need <= limit:
+    return None
+  return (f"warning: vm.max_map_count is {limit}; {methods} compiled methods may need about "
+          f"{need} memory maps and end the run with an LLVM 'Cannot allocate memory' error; "
+          f"raise it first: sudo sysctl -w vm.max_map_count={max(262144, 2 * need)}")
+
+
 def _mismatch(a: str, b: str) -> str:
   """Where two texts first differ, with a little context."""
   i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -46,12 +69,16 @@ def _mismatch(a: str, b: str) -> str:
 
 def run_questions(questions: Sequence[Question], methods: Sequence[Method], tokenizer, *,
                   log: Callable[[str], None] = lambda s: None,
-                  max_seconds: Optional[float] = None) -> tuple[list[Record], dict]:
+                  max_seconds: Optional[float] = None,
+                  on_prompt: Optional[Callable[[list[Record]], None]] = None
+                  ) -> tuple[list[Record], dict]:
   """Runs every turn of every question through every method (plain first).
 
   Returns (records, skipped {method: reason}). A method that raises is dropped with its
   records and reported as skipped; the others go on. With `max_seconds`, no new
-  question starts after that much time (the records say how far it got).
+  question starts after that much time (the records say how far it got). `on_prompt`
+  gets each prompt's records as soon as they exist (the command appends them to
+  records.jsonl, so that a run killed midway keeps what it measured).
   """
   from kangaroo_jax.api import encode_prompt
   from kangaroo_jax.decoding import PromptError
@@ -113,6 +140,8 @@ def run_questions(questions: Sequence[Question], methods: Sequence[Method], toke
         break
       log(f"[{done}/{total}] {q.category} q{q.question_id} turn {turn} ({len(ids)} prompt "
           f"tokens): " + ", ".join(line))
+      if on_prompt is not None:
+        on_prompt([r for r in records if r.question_id == q.question_id and r.turn == turn])
       # The next turn sees plain decoding's answer, the same for every method.
       history = messages + [{"role": "assistant", "content": texts["plain"]}]
   return records, skipped
