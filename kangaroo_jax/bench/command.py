@@ -25,6 +25,10 @@ from kangaroo_jax.bench.report import chart, default_out_dir, markdown, write_ma
 from kangaroo_jax.bench.sweep import sweep_grid, sweep_report
 
 
+# Every finished prompt's records, appended while a run goes; removed once results.json holds them.
+PARTIAL_RECORDS = "records.jsonl"
+
+
 def run(args) -> dict:
   """Loads the model(s), runs the questions, writes the outputs; returns the results."""
   log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -92,7 +96,7 @@ def run(args) -> dict:
   if warning:
     print(warning, file=sys.stderr, flush=True)
   os.makedirs(args.out, exist_ok=True)
-  partial = os.path.join(args.out, "records.jsonl")
+  partial = os.path.join(args.out, PARTIAL_RECORDS)
   open(partial, "w").close()
 
   def keep(prompt_records):  # a run killed midway keeps every prompt it finished
@@ -176,7 +180,7 @@ def bench(argv: Sequence[str]) -> dict:
     results = run(args)
     paths = write_outputs(results, args.out)
     # results.json holds every record now; records.jsonl only mattered if the run died.
-    os.remove(os.path.join(args.out, "records.jsonl"))
+    os.remove(os.path.join(args.out, PARTIAL_RECORDS))
     chart_path = paths["chart"]
     print(markdown(results))
     print(f"wrote {', '.join(paths.values())}", file=sys.stderr)
