@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
       "setting, else 0)")
   add("--tree-topk", type=int, metavar="K", help="tree drafting: children per node and nodes "
       "expanded per depth (default: the tuned setting, else 4)")
+  add("--lookup", type=int, metavar="N", help="prompt-lookup drafting: when the last 3 tokens "
+      "occurred earlier in the text, verify up to N tokens that followed there instead of "
+      "adapter drafts; 0 = off (default: the tuned setting, else 0)")
   add("--draft-vocab", type=int, metavar="N", help="draft over the N most frequent ids of the "
       "adapter's stored draft vocabulary; 0 = full vocabulary (default: all it stores, if any)")
   add("--compare", action="store_true", help="also decode plainly; report the speedup and "
@@ -185,7 +188,7 @@ def decode_kwargs(args, adapter, draft_ids, mode: str) -> dict:
               gamma=args.max_draft, chat=not args.no_chat,
               send_unconfident=(None if args.send_unconfident is None
                                 else args.send_unconfident == "yes"),
-              tree_nodes=args.tree_nodes, tree_topk=args.tree_topk)
+              tree_nodes=args.tree_nodes, tree_topk=args.tree_topk, lookup=args.lookup)
 
 
 def run_stream(api, model, tokenizer, prompt, kwargs, show: bool):

@@ -89,15 +89,17 @@ class Adapter(nnx.Module):
                          dtype or self.dtype)
 
   def __call__(self, h: jax.Array, positions: jax.Array, cache: kv.KVCache,
-               view: Optional[BlockView] = None):
+               view: Optional[BlockView] = None, write: bool = True):
     """Layer-l states h [B, T, D] at positions [B, T] -> (normed states [B, T, D], cache).
 
     With a `view` (tree drafting) the cache is only read and the view's node buffer,
     updated with these positions' keys/values, comes back in place of the cache.
+    write=False (consecutive positions, no view) only reads the cache too and returns
+    the positions' own keys/values {"k", "v": [[B, T, K, H]]} for the caller to write.
     """
     inv_freq = jnp.asarray(rope_inv_freq(self.rope_cfg))
     out, k, v = self.attn(self.input_norm(h), positions, cache["k"][0], cache["v"][0], inv_freq,
-                          write=view is None, view=view)
+                          write=write and view is None, view=view)
     x = h + out
     if self.ffn_down is not None:
       gate, up = jnp.split(dense(self.ffn_norm(x), self.ffn_gate_up[...]), 2,

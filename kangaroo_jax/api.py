@@ -221,7 +221,7 @@ def eos_ids(model: Llama, tokenizer) -> list[int]:
 
 def _decoder(model, tokenizer, prompts, *, mode, adapter, draft_ids, draft_vocab, max_new_tokens,
              temperature, top_k, top_p, repetition_penalty, seed, eta, gamma, chat,
-             send_unconfident=None, tree_nodes=None, tree_topk=None):
+             send_unconfident=None, tree_nodes=None, tree_topk=None, lookup=None):
   """Encodes the prompts and picks the decoder: returns (prompt ids, run).
 
   `run(stream=False)` decodes to a DecodeResult; `run(stream=True)` returns a generator
@@ -239,12 +239,18 @@ def _decoder(model, tokenizer, prompts, *, mode, adapter, draft_ids, draft_vocab
   if mode != "kangaroo":
     raise ValueError(f"mode must be 'kangaroo' or 'plain', got {mode!r}")
   tuned = tuning.resolve(eta=eta, gamma=gamma, send_unconfident=send_unconfident,
-                         tree_nodes=tree_nodes, tree_topk=tree_topk)
+                         tree_nodes=tree_nodes, tree_topk=tree_topk, lookup=lookup)
   if not common["params"].greedy and tree_nodes is None:
     tuned["tree_nodes"] = 0  # a tuned tree is greedy only; sampling drafts a chain
+  # Prompt lookup goes with the chain: an explicit choice of one turns the tuned other off.
+  if tree_nodes and lookup is None:
+    tuned["lookup"] = 0
+  if lookup and tree_nodes is None:
+    tuned["tree_nodes"] = 0
   adapter, draft_ids = resolve_drafter(model, adapter, draft_ids, draft_vocab)
   common.update(kparams=KangarooParams(tuned["eta"], tuned["gamma"], tuned["send_unconfident"],
-                                       tuned["tree_nodes"], tuned["tree_topk"]),
+                                       tuned["tree_nodes"], tuned["tree_topk"],
+                                       tuned["lookup"]),
                 draft_ids=draft_ids)
   return ids, lambda stream=False: (kangaroo_stream if stream else kangaroo_decode)(
       model, adapter, ids, **common)
@@ -257,7 +263,8 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
              top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
              eta: Optional[float] = None, gamma: Optional[int] = None,
              send_unconfident: Optional[bool] = None, tree_nodes: Optional[int] = None,
-             tree_topk: Optional[int] = None, chat: bool = True) -> Generation:
+             tree_topk: Optional[int] = None, lookup: Optional[int] = None,
+             chat: bool = True) -> Generation:
   """Generates text for one prompt or a batch.
 
   Args:
@@ -280,6 +287,9 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
     tree_nodes, tree_topk: tree drafting (greedy only): verify the best `tree_nodes` nodes
       of a draft tree whose nodes propose `tree_topk` children each; 0 nodes = a chain.
       None takes the tuned setting, else the chain (a tuned tree is not used when sampling).
+    lookup: prompt-lookup drafting (beyond the paper): a round whose last 3 tokens occurred
+      earlier in the sequence verifies up to `lookup` tokens that followed there instead
+      of adapter drafts (chain only); 0 = off; None takes the tuned setting, else 0.
     chat: apply the tokenizer's chat template to string prompts.
   Returns:
     A `Generation`: `.text` for one prompt; iterate it for one result per prompt of a
@@ -289,7 +299,8 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
       mode=mode, adapter=adapter, draft_ids=draft_ids, draft_vocab=draft_vocab,
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
       repetition_penalty=repetition_penalty, seed=seed, eta=eta, gamma=gamma, chat=chat,
-      send_unconfident=send_unconfident, tree_nodes=tree_nodes, tree_topk=tree_topk)))
+      send_unconfident=send_unconfident, tree_nodes=tree_nodes, tree_topk=tree_topk,
+      lookup=lookup)))
   result = run()
   texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
   return Generation(texts, result.tokens, ids, result.stats)
@@ -326,7 +337,8 @@ def _defaults(kwargs: dict) -> dict:
   """`generate`'s keyword defaults with `kwargs` in place; unknown names raise TypeError."""
   out = dict(mode="kangaroo", adapter=None, draft_ids=None, draft_vocab=None, max_new_tokens=256,
              temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0, eta=None,
-             gamma=None, send_unconfident=None, tree_nodes=None, tree_topk=None, chat=True)
+             gamma=None, send_unconfident=None, tree_nodes=None, tree_topk=None, lookup=None,
+             chat=True)
   unknown = set(kwargs) - set(out)
   if unknown:
     raise TypeError(f"unknown arguments: {', '.join(sorted(unknown))}")

@@ -31,11 +31,15 @@ def set_offline_quiet_environment() -> None:
 
 
 def tree_flag_checks(args) -> list[tuple[bool, str]]:
-  """(ok, message) checks of --tree-nodes / --tree-topk, for a command's `validate`."""
+  """(ok, message) checks of --tree-nodes / --tree-topk / --lookup, for a command's
+  `validate`."""
   return [(args.tree_nodes is None or args.tree_nodes >= 0,
            f"--tree-nodes must be >= 0, got {args.tree_nodes}"),
           (args.tree_topk is None or args.tree_topk >= 1,
-           f"--tree-topk must be >= 1, got {args.tree_topk}")]
+           f"--tree-topk must be >= 1, got {args.tree_topk}"),
+          (args.lookup is None or args.lookup >= 0, f"--lookup must be >= 0, got {args.lookup}"),
+          (not (args.lookup and args.tree_nodes), "prompt lookup (--lookup) works with chain "
+           "drafting only: use --tree-nodes 0 or --lookup 0")]
 
 
 class OneLineParser(argparse.ArgumentParser):

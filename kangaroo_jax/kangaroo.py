@@ -35,6 +35,8 @@ from kangaroo_jax.adapter import Adapter, check_draft_ids
 from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptError, cache_size,
                                    drain, is_eos, last_hidden, new_tokens, on_mesh, pad_prompts,
                                    place_batch, prefill)
+from kangaroo_jax.lookup import (cached_states, init_history, proposal_states, propose, record,
+                                 widths)
 from kangaroo_jax.model import Llama
 from kangaroo_jax.precision import as_computed, cache_dtype
 from kangaroo_jax.round_state import RoundState, Verdict
@@ -57,17 +59,34 @@ class KangarooParams:
   tree_nodes: draft a token tree and verify its best `tree_nodes` nodes (greedy only;
     0 = the chain). gamma is then the tree's depth.
   tree_topk: children per expanded node and nodes expanded per depth (tree mode).
+  lookup: prompt-lookup drafting (beyond the paper, see `kangaroo_jax.lookup`): a round
+    in which every live sequence's last `lookup_ngram` tokens occurred earlier in it
+    verifies up to `lookup` tokens that followed there instead of drafting with the
+    adapter (0 = off; chain drafting only).
+  lookup_ngram: tokens that must match for a lookup proposal.
   """
   eta: float = 0.6
   gamma: int = 6
   send_unconfident: bool = True
   tree_nodes: int = 0
   tree_topk: int = 4
+  lookup: int = 0
+  lookup_ngram: int = 3
 
   @property
   def tree(self) -> Optional[tuple[int, int]]:
     """(nodes, top-k) in tree mode, None for the chain: static under jit."""
     return (self.tree_nodes, self.tree_topk) if self.tree_nodes else None
+
+  @property
+  def lookup_setting(self) -> Optional[tuple[int, int]]:
+    """(tokens, n-gram) with prompt lookup, None without: static under jit."""
+    return (self.lookup, self.lookup_ngram) if self.lookup else None
+
+  @property
+  def block(self) -> int:
+    """Most drafts one round can verify (adapter drafts or a lookup proposal)."""
+    return max(self.gamma, self.lookup)
 
   def __post_init__(self):
     if not 0 < self.eta <= 1:
@@ -76,6 +95,13 @@ class KangarooParams:
       raise ValueError(f"gamma (--max-draft) must be >= 1, got {self.gamma}")
     if self.tree_nodes < 0:
       raise ValueError(f"tree nodes (--tree-nodes) must be >= 0, got {self.tree_nodes}")
+    if self.lookup < 0:
+      raise ValueError(f"prompt lookup (--lookup) must be >= 0 tokens, got {self.lookup}")
+    if self.lookup_ngram < 1:
+      raise ValueError(f"prompt lookup n-gram (--lookup-ngram) must be >= 1, got {self.lookup_ngram}")
+    if self.lookup and self.tree_nodes:
+      raise ValueError("prompt lookup (--lookup) works with chain drafting only: "
+                       "use --tree-nodes 0 or --lookup 0")
 
 
 def _draft_distribution(model, adapter_out, draft_head, draft_ids, seen, params):
@@ -119,8 +145,12 @@ class DraftChain:
 
 
 def _draft(model: Llama, adapter: Adapter, draft_head, draft_ids, st: RoundState, eta, *,
-           gamma: int, params: SamplingParams, send_unconfident: bool = True) -> DraftChain:
-  """Drafts up to gamma tokens for every sequence (the first and second early exit)."""
+           gamma: int, params: SamplingParams, send_unconfident: bool = True,
+           skip=False) -> DraftChain:
+  """Drafts up to gamma tokens for every sequence (the first and second early exit).
+
+  y0 always runs the shallow layers; `skip` (a lookup round) leaves the rest undone.
+  """
   l = adapter.acfg.exit_layer
   b = st.y0.shape[0]
   n = st.n
@@ -128,7 +158,7 @@ def _draft(model: Llama, adapter: Adapter, draft_head, draft_ids, st: RoundState
   h0, cache = model.run_layers(model.embed(st.y0[:, None]), n[:, None], st.cache, 0, l)
   zeros = jnp.zeros((b,), jnp.int32)
   init = DraftChain(
-      step=jnp.int32(0), active=~st.done, sent=zeros, steps=zeros,
+      step=jnp.int32(0), active=~st.done & ~skip, sent=zeros, steps=zeros,
       tokens=jnp.zeros((b, gamma + 1), jnp.int32).at[:, 0].set(st.y0),
       hidden=jnp.zeros((b, gamma + 1, h0.shape[-1]), h0.dtype).at[:, 0].set(h0[:, 0]),
       q=jnp.zeros((b, gamma, vocab if not params.greedy else 1), jnp.float32),
@@ -266,11 +296,13 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: Sa
 
 
 def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eos_ids, *,
-                    params: SamplingParams, max_new_tokens: int, gamma: int) -> RoundState:
+                    params: SamplingParams, max_new_tokens: int, gamma: int,
+                    lookup: Optional[tuple[int, int]] = None) -> RoundState:
   """Prefill (shallow layers, adapter, deep layers) and the first token: the round state."""
   l = adapter.acfg.exit_layer
   b = tokens.shape[0]
-  size = cache_size(tokens.shape[1], max_new_tokens, gamma + 2)
+  block = max(gamma, lookup[0] if lookup else 0)  # most drafts a round verifies
+  size = cache_size(tokens.shape[1], max_new_tokens, block + 2)
   cache = kv.init_model_cache(model.cfg, b, size, cache_dtype(model.activations))
   h_l, cache = prefill(model, tokens, prompt_lens, cache, l)  # [B, P, D]
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -282,26 +314,75 @@ def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eo
   logits = model.logits(last_hidden(h, prompt_lens))[:, 0]  # [B, V]
   y0 = sample(penalize(logits, seen, params), params, sub)  # [B]
   seen = mark_seen(seen, y0[:, None], jnp.ones((b, 1), bool), params)
-  out = jnp.zeros((b, max_new_tokens + gamma + 1), jnp.int32).at[:, 0].set(y0)
+  out = jnp.zeros((b, max_new_tokens + block + 1), jnp.int32).at[:, 0].set(y0)
+  history = record(init_history(tokens, size), prompt_lens, y0[:, None], jnp.ones((b,), jnp.int32))
   zeros = jnp.zeros((b,), jnp.int32)
   return RoundState(n=prompt_lens, y0=y0, h_prev=last_hidden(h_l, prompt_lens)[:, 0],
                     cache=cache, acache=acache, rng=rng, out=out, count=jnp.ones((b,), jnp.int32),
                     done=is_eos(y0, eos_ids) | (max_new_tokens <= 1), rounds=zeros,
-                    drafts=zeros, drafts_verified=zeros, total_rounds=jnp.int32(0), seen=seen)
+                    drafts=zeros, drafts_verified=zeros, total_rounds=jnp.int32(0), seen=seen,
+                    history=history, lookup_rounds=zeros)
 
 
 def _chain_round(model: Llama, adapter: Adapter, draft_head, draft_ids, st: RoundState, eta, *,
-                 gamma: int, params: SamplingParams, send_unconfident: bool):
-  """Drafts a chain and verifies it: (Verdict, cache, adapter cache, rng)."""
+                 gamma: int, params: SamplingParams, send_unconfident: bool,
+                 lookup: Optional[tuple[int, int]] = None):
+  """Drafts a chain, or takes a prompt-lookup proposal, and verifies it:
+  (Verdict, cache, adapter cache, rng)."""
+  live = ~st.done
+  use = jnp.bool_(False)
+  if lookup is not None:
+    width, ngram = lookup
+    proposal, count = propose(st.history, st.n, ngram, width)  # [B, W], [B]
+    use = jnp.any(live) & jnp.all(~live | (count > 0))  # a lookup round: every live sequence
   d = _draft(model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, params=params,
-             send_unconfident=send_unconfident)
-  a, z, cache, rng = _verify_switch(model, d.tokens, d.hidden, d.q, d.sent, ~st.done, st.n,
-                                    d.cache, d.rng, st.seen, l=adapter.acfg.exit_layer,
-                                    params=params, send_unconfident=send_unconfident)
+             send_unconfident=send_unconfident, skip=use)
+  tokens, hidden, q, sent, cache, acache = d.tokens, d.hidden, d.q, d.sent, d.cache, d.acache
+  if lookup is not None:
+    tokens, hidden, q, sent, cache, acache = _with_proposal(
+        model, adapter, st, d, proposal, count, use, params=params)
+  a, z, cache, rng = _verify_switch(model, tokens, hidden, q, sent, live, st.n, cache, d.rng,
+                                    st.seen, l=adapter.acfg.exit_layer, params=params,
+                                    send_unconfident=send_unconfident)
   # The block's first a + 1 tokens are y0 and the accepted drafts.
-  verdict = Verdict(tokens=d.tokens, hidden=d.hidden, accepted=a, next_token=z, verified=d.sent,
-                    steps=d.steps)
-  return verdict, cache, d.acache, rng
+  verdict = Verdict(tokens=tokens, hidden=hidden, accepted=a, next_token=z, verified=sent,
+                    steps=d.steps, looked_up=live & use)
+  return verdict, cache, acache, rng
+
+
+def _with_proposal(model: Llama, adapter: Adapter, st: RoundState, d: DraftChain, proposal,
+                   count, use, *, params: SamplingParams):
+  """The block to verify: the lookup proposal when `use`, else the adapter's drafts,
+  padded to one width K = max(gamma, W) + 1.
+
+  Returns (tokens [B, K], hidden [B, K, D], q [B, K - 1, V or 1], drafts sent [B], cache,
+  adapter cache). The proposal's shallow and adapter keys/values are computed in a
+  conditional that only reads the caches, and written after it: a conditional that
+  updated a cache would make XLA copy it every round. In an adapter round the slots get
+  back what they hold.
+  """
+  l, w = adapter.acfg.exit_layer, proposal.shape[1]
+  k = max(d.tokens.shape[1], w + 1)
+  h0 = d.hidden[:, 0]  # [B, D]: y0's layer-l state; the draft loop wrote its shallow slots
+  sizes = widths(w)
+  need = jnp.max(jnp.where(~st.done, count, 0))  # the longest live proposal
+  branch = jnp.where(use, jnp.searchsorted(jnp.asarray(sizes), need) + 1, 0)
+  hidden, shallow, adapter_kv = jax.lax.switch(branch, [
+      lambda: cached_states(d.cache, d.acache, st.n, l, w, h0.shape[-1], h0.dtype)] + [
+      functools.partial(proposal_states, model, adapter, proposal, h0, st.h_prev, st.n, d.cache,
+                        d.acache, t) for t in sizes])
+  cache = kv.write_layers(d.cache, shallow, 0, st.n[:, None] + 1 + jnp.arange(w)[None])
+  acache = kv.write_layers(d.acache, adapter_kv, 0, st.n[:, None] - 1 + jnp.arange(w + 2)[None])
+  widen = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  tokens = jnp.where(use, widen(jnp.concatenate([st.y0[:, None], proposal], 1), k),
+                     widen(d.tokens, k))  # [B, K]
+  hidden = jnp.where(use, widen(jnp.concatenate([h0[:, None], hidden], 1), k),
+                     widen(d.hidden, k))  # [B, K, D]
+  # A proposal is a draft whose distribution is one-hot (sampling only; greedy keeps [.., 1]).
+  q_prop = (jax.nn.one_hot(proposal, d.q.shape[-1], dtype=d.q.dtype) if not params.greedy
+            else jnp.zeros(proposal.shape + (1,), d.q.dtype))  # [B, W, V or 1]
+  q = jnp.where(use, widen(q_prop, k - 1), widen(d.q, k - 1))  # [B, K - 1, V or 1]
+  return tokens, hidden, q, jnp.where(use, count, d.sent), cache, acache
 
 
 def _commit(st: RoundState, v: Verdict, cache, acache, rng, eos_ids, *, params: SamplingParams,
@@ -331,14 +412,17 @@ def _commit(st: RoundState, v: Verdict, cache, acache, rng, eos_ids, *, params: 
       rounds=st.rounds + live, drafts=st.drafts + jnp.where(live, v.steps, 0),
       drafts_verified=st.drafts_verified + jnp.where(live, v.verified, 0),
       total_rounds=st.total_rounds + 1,
-      seen=mark_seen(st.seen, new, j < n_new[:, None], params))
+      seen=mark_seen(st.seen, new, j < n_new[:, None], params),
+      history=record(st.history, st.n + 1, new, n_new),
+      lookup_rounds=st.lookup_rounds + (live & v.looked_up))
 
 
 def _kangaroo_rounds(model: Llama, adapter: Adapter, draft_ids, st: RoundState, eos_ids, eta,
                      until, *, params: SamplingParams, max_new_tokens: int, gamma: int,
-                     send_unconfident: bool, tree: Optional[tuple[int, int]] = None) -> RoundState:
-  """Runs rounds (draft -> verify -> commit; a chain, or a tree of (nodes, top-k)) until
-  round `until` or every sequence is done."""
+                     send_unconfident: bool, tree: Optional[tuple[int, int]] = None,
+                     lookup: Optional[tuple[int, int]] = None) -> RoundState:
+  """Runs rounds (draft -> verify -> commit; a chain, or a tree of (nodes, top-k); prompt
+  lookup of (tokens, n-gram) with the chain) until round `until` or every sequence is done."""
   # A reduced draft vocabulary scores only its rows of the head.
   draft_head = None if draft_ids is None else model.head_weight()[draft_ids]  # [N, D]
 
@@ -346,7 +430,7 @@ def _kangaroo_rounds(model: Llama, adapter: Adapter, draft_ids, st: RoundState, 
     if tree is None:
       verdict, cache, acache, rng = _chain_round(
           model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, params=params,
-          send_unconfident=send_unconfident)
+          send_unconfident=send_unconfident, lookup=lookup)
     else:
       nodes, topk = tree
       verdict, cache, acache = tree_round(
@@ -361,42 +445,46 @@ def _kangaroo_rounds(model: Llama, adapter: Adapter, draft_ids, st: RoundState, 
 
 
 _STATIC = ("graphdef", "agraphdef", "params", "max_new_tokens", "gamma", "send_unconfident",
-           "tree")
+           "tree", "lookup")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt_lens, rng,
                    eos_ids, eta, *, params: SamplingParams, max_new_tokens: int, gamma: int,
-                   send_unconfident: bool, tree: Optional[tuple[int, int]] = None):
-  """The whole decode in one call: (out, counts, rounds, drafts, drafts verified, rounds run)."""
+                   send_unconfident: bool, tree: Optional[tuple[int, int]] = None,
+                   lookup: Optional[tuple[int, int]] = None):
+  """The whole decode in one call: the final state's statistics (`_STATS`), as a dict."""
   model = nnx.merge(graphdef, state)
   adapter = nnx.merge(agraphdef, astate)
   st = _kangaroo_start(model, adapter, tokens, prompt_lens, rng, eos_ids, params=params,
-                       max_new_tokens=max_new_tokens, gamma=gamma)
+                       max_new_tokens=max_new_tokens, gamma=gamma, lookup=lookup)
   st = _kangaroo_rounds(model, adapter, draft_ids, st, eos_ids, eta, jnp.iinfo(jnp.int32).max,
                         params=params, max_new_tokens=max_new_tokens, gamma=gamma,
-                        send_unconfident=send_unconfident, tree=tree)
-  return st.out, st.count, st.rounds, st.drafts, st.drafts_verified, st.total_rounds
+                        send_unconfident=send_unconfident, tree=tree, lookup=lookup)
+  return {name: getattr(st, name) for name in _STATS}
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, prompt_lens, rng,
                            eos_ids, *, params: SamplingParams, max_new_tokens: int, gamma: int,
-                           send_unconfident: bool, tree: Optional[tuple[int, int]] = None) -> RoundState:
+                           send_unconfident: bool, tree: Optional[tuple[int, int]] = None,
+                           lookup: Optional[tuple[int, int]] = None) -> RoundState:
   del send_unconfident, tree  # static for a uniform call; the prefill does not depend on them
   return _kangaroo_start(nnx.merge(graphdef, state), nnx.merge(agraphdef, astate), tokens,
                          prompt_lens, rng, eos_ids, params=params,
-                         max_new_tokens=max_new_tokens, gamma=gamma)
+                         max_new_tokens=max_new_tokens, gamma=gamma, lookup=lookup)
 
 
 # The state is donated: its caches are updated in place, not copied per call.
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("st",))
 def _kangaroo_stream_rounds(graphdef, state, agraphdef, astate, draft_ids, st, eos_ids, eta,
                             until, *, params: SamplingParams, max_new_tokens: int, gamma: int,
-                            send_unconfident: bool, tree: Optional[tuple[int, int]] = None) -> RoundState:
+                            send_unconfident: bool, tree: Optional[tuple[int, int]] = None,
+                            lookup: Optional[tuple[int, int]] = None) -> RoundState:
   return _kangaroo_rounds(nnx.merge(graphdef, state), nnx.merge(agraphdef, astate), draft_ids,
                           st, eos_ids, eta, until, params=params, max_new_tokens=max_new_tokens,
-                          gamma=gamma, send_unconfident=send_unconfident, tree=tree)
+                          gamma=gamma, send_unconfident=send_unconfident, tree=tree,
+                          lookup=lookup)
 
 
 def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[int]], *,
@@ -434,11 +522,9 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
   graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta = args
   start = time.perf_counter()
   with on_mesh(mesh):
-    out, counts, rounds, drafts, sent, total_rounds = jax.block_until_ready(_kangaroo_loop(
+    final = jax.block_until_ready(_kangaroo_loop(
         graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, **static))
-  return _result(jax.device_get(dict(out=out, count=counts, rounds=rounds, drafts=drafts,
-                                     drafts_verified=sent, total_rounds=total_rounds)),
-                 len(prompts), time.perf_counter() - start)
+  return _result(jax.device_get(final), len(prompts), time.perf_counter() - start)
 
 
 def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[int]], *,
@@ -460,8 +546,7 @@ def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
                                 **static)
   shown = np.zeros((len(prompts),), np.int32)
   while True:
-    host = jax.device_get({k: getattr(st, k) for k in (
-        "out", "count", "done", "rounds", "drafts", "drafts_verified", "total_rounds")})
+    host = jax.device_get({k: getattr(st, k) for k in _STATS + ("done",)})
     yield new_tokens(host["out"], host["count"], shown)
     shown = host["count"]
     if host["done"].all():
@@ -478,7 +563,7 @@ def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos
   if max_new_tokens < 1:
     raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings,
-                             max_new_tokens + kparams.gamma + 1)
+                             max_new_tokens + kparams.block + 1)
   if draft_ids is not None:
     draft_ids = jnp.asarray(check_draft_ids(draft_ids, model.cfg.vocab_size))
   graphdef, state = nnx.split(model)
@@ -489,15 +574,21 @@ def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos
   if kparams.tree:
     check_tree(kparams.tree_nodes, kparams.tree_topk, kparams.gamma, params)
   static = dict(params=params, max_new_tokens=max_new_tokens, gamma=kparams.gamma,
-                send_unconfident=kparams.send_unconfident, tree=kparams.tree)
+                send_unconfident=kparams.send_unconfident, tree=kparams.tree,
+                lookup=kparams.lookup_setting)
   return ((graphdef, state, agraphdef, astate, draft_ids, tokens, lens, jax.random.key(seed), eos,
            jnp.float32(kparams.eta)), static)
+
+
+# What a finished (or streamed) loop state hands back to the host.
+_STATS = ("out", "count", "rounds", "drafts", "drafts_verified", "lookup_rounds", "total_rounds")
 
 
 def _result(host: dict, n: int, seconds: float) -> DecodeResult:
   """The DecodeResult of a finished loop state read back to the host."""
   out, counts = host["out"], host["count"]
-  rounds, drafts, sent = (int(host[k].sum()) for k in ("rounds", "drafts", "drafts_verified"))
+  rounds, drafts, sent, looked_up = (int(host[k].sum()) for k in (
+      "rounds", "drafts", "drafts_verified", "lookup_rounds"))
   seqs = [out[i, :counts[i]].tolist() for i in range(n)]
   new = int(counts.sum())
   # The first token comes from the prefill, not from a verification step.
@@ -505,7 +596,7 @@ def _result(host: dict, n: int, seconds: float) -> DecodeResult:
   return DecodeResult(seqs, seconds, {
       "new_tokens": new, "seconds": seconds, "tokens_per_second": new / seconds,
       "rounds": rounds, "steps": int(host["total_rounds"]), "draft_steps": drafts,
-      "drafts_verified": sent,
+      "drafts_verified": sent, "lookup_rounds": looked_up,
       "mean_accepted_tokens": verified / max(1, rounds),
       "drafts_per_round": drafts / max(1, rounds),
       "verified_drafts_per_round": sent / max(1, rounds)})

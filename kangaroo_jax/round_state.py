@@ -25,6 +25,9 @@ class RoundState:
   total_rounds []: loop iterations run (the streaming loop stops at a given count).
   seen [B, V] (or a [B, 1] placeholder without a repetition penalty): tokens the sequence
     holds, y0 included.
+  history [B, S]: the sequence's tokens by position up to y0 (prompt lookup, see
+    `kangaroo_jax.lookup`; later slots are stale); lookup_rounds [B]: rounds that
+    verified a lookup proposal (statistics).
   """
   n: jax.Array
   y0: jax.Array
@@ -40,6 +43,8 @@ class RoundState:
   drafts_verified: jax.Array
   total_rounds: jax.Array
   seen: jax.Array
+  history: jax.Array
+  lookup_rounds: jax.Array
 
 
 @struct.dataclass
@@ -49,7 +54,7 @@ class Verdict:
   tokens [B, K]: y0 then the accepted drafts (entries past `accepted` are unused),
   K = gamma + 1; hidden [B, K, D]: their layer-l states; accepted [B]: drafts accepted;
   next_token [B]: the target's own token after them; verified [B]: drafts verified;
-  steps [B]: draft steps run.
+  steps [B]: draft steps run; looked_up [B]: the drafts came from prompt lookup.
   """
   tokens: jax.Array
   hidden: jax.Array
@@ -57,3 +62,4 @@ class Verdict:
   next_token: jax.Array
   verified: jax.Array
   steps: jax.Array
+  looked_up: jax.Array

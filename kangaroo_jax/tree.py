@@ -306,4 +306,4 @@ def tree_round(model: Llama, adapter: Adapter, draft_head, draft_ids, st: RoundS
   H = block["hidden"][rows, path]
   verified = jnp.sum(block["valid"][:, 1:], axis=1)
   return Verdict(tokens=Y, hidden=H, accepted=a, next_token=z, verified=verified,
-                 steps=steps), cache, acache
+                 steps=steps, looked_up=jnp.zeros_like(steps, bool)), cache, acache

@@ -14,6 +14,8 @@ vocabulary, N = the first N stored ids (stored most frequent first).
 rule; see `kangaroo.KangarooParams`). Files without it mean true.
 `tree_nodes`, `tree_topk`: 0 nodes = chain drafting; N > 0 = a draft tree verified N nodes
 at a time, top-k children per node (`kangaroo_jax/tree.py`). Files without them mean chain.
+`lookup`: N > 0 = prompt-lookup rounds proposing up to N tokens (`kangaroo_jax/lookup.py`);
+0 (or absent) = off.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import numpy as np
 
 TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
 DEFAULTS = {"eta": 0.6, "gamma": 6, "draft_vocab": None, "send_unconfident": True,
-            "tree_nodes": 0, "tree_topk": 4}
+            "tree_nodes": 0, "tree_topk": 4, "lookup": 0}
 
 
 class TuningError(ValueError):
@@ -61,7 +63,7 @@ def check_settings(s: dict) -> dict:
   send = s.get("send_unconfident", True)
   if not isinstance(send, bool):
     raise TuningError(f"send_unconfident must be true or false, got {send!r}")
-  tree = {name: s.get(name, DEFAULTS[name]) for name in ("tree_nodes", "tree_topk")}
+  tree = {name: s.get(name, DEFAULTS[name]) for name in ("tree_nodes", "tree_topk", "lookup")}
   for name, value in tree.items():
     if not isinstance(value, int) or isinstance(value, bool) or value < (name == "tree_topk"):
       raise TuningError(f"{name} must be an integer >= {int(name == 'tree_topk')}, got {value!r}")
@@ -69,15 +71,15 @@ def check_settings(s: dict) -> dict:
 
 
 def tuned_settings(backend: Optional[str] = None, path: Optional[str] = None) -> dict:
-  """The tuned {eta, gamma, draft_vocab, send_unconfident, tree_nodes, tree_topk} of a
-  backend, else DEFAULTS.
+  """The tuned {eta, gamma, draft_vocab, send_unconfident, tree_nodes, tree_topk, lookup}
+  of a backend, else DEFAULTS.
 
   Args:
     backend: 'cpu', 'gpu', 'tpu'; None = jax's default backend.
     path: read this file instead of `tuned/<backend>.json`.
   Returns:
     A new dict: eta (float), gamma (int), draft_vocab (None or int), send_unconfident
-    (bool), tree_nodes and tree_topk (int). A damaged
+    (bool), tree_nodes, tree_topk and lookup (int). A damaged
     file warns and yields the defaults: a bad tuning file must not stop decoding.
   """
   path = path or tuned_path(backend)

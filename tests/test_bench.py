@@ -363,8 +363,8 @@ def test_sweep_grid_covers_send_unconfident():
   args = bench.build_parser().parse_args(["--sweep", "--sweep-eta", "0.5", "--sweep-gamma", "2,4",
                                           "--sweep-draft-vocab", "stored"])
   grid = bench.sweep_grid(args, stored=[5, 6, 7])
-  assert grid == [(0.5, 2, None, True, 0, 0), (0.5, 4, None, True, 0, 0),
-                  (0.5, 2, None, False, 0, 0), (0.5, 4, None, False, 0, 0)]
+  assert grid == [(0.5, 2, None, True, 0, 0, 0), (0.5, 4, None, True, 0, 0, 0),
+                  (0.5, 2, None, False, 0, 0, 0), (0.5, 4, None, False, 0, 0, 0)]
   assert len({bench.kangaroo_label(*g) for g in grid}) == 4
   args.sweep_send_unconfident = "yes,perhaps"
   with pytest.raises(BenchError, match="--sweep-send-unconfident"):
@@ -377,9 +377,22 @@ def test_sweep_grid_puts_trees_beside_the_chain():
       "--sweep", "--sweep-eta", "0.5", "--sweep-gamma", "2", "--sweep-draft-vocab", "stored",
       "--sweep-tree-nodes", "0,4,16", "--sweep-tree-topk", "2,4"])
   grid = bench.sweep_grid(args, stored=None)
-  assert grid == [(0.5, 2, 0, True, 0, 0), (0.5, 2, 0, False, 0, 0), (0.5, 2, 0, True, 4, 2),
-                  (0.5, 2, 0, True, 4, 4)]
+  assert grid == [(0.5, 2, 0, True, 0, 0, 0), (0.5, 2, 0, False, 0, 0, 0),
+                  (0.5, 2, 0, True, 4, 2, 0), (0.5, 2, 0, True, 4, 4, 0)]
   assert len({bench.kangaroo_label(*g) for g in grid}) == 4
+
+
+def test_sweep_grid_puts_prompt_lookup_on_chains_only():
+  args = bench.build_parser().parse_args([
+      "--sweep", "--sweep-eta", "0.5", "--sweep-gamma", "2", "--sweep-draft-vocab", "stored",
+      "--sweep-send-unconfident", "no", "--sweep-tree-nodes", "0,4", "--sweep-tree-topk", "2",
+      "--sweep-lookup", "0,8"])
+  grid = bench.sweep_grid(args, stored=None)
+  assert grid == [(0.5, 2, 0, False, 0, 0, 0), (0.5, 2, 0, False, 0, 0, 8)]
+  assert bench.kangaroo_label(*grid[1]).endswith(",lookup=8]")
+  args.sweep_lookup = "-1"
+  with pytest.raises(BenchError, match="lookup >= 0"):
+    bench.sweep_grid(args, stored=None)
 
 
 # ---- tuned settings ----
@@ -396,7 +409,8 @@ def test_tuned_settings_defaults_and_damage(tmp_path):
   good = tuning.write_tuned(dict(eta=0.5, gamma=4, draft_vocab=2048), str(tmp_path / "g.json"))
   # Files written before send_unconfident and tree drafting existed mean the paper's chain.
   assert tuning.tuned_settings(path=good) == dict(eta=0.5, gamma=4, draft_vocab=2048,
-                                                 send_unconfident=True, tree_nodes=0, tree_topk=4)
+                                                 send_unconfident=True, tree_nodes=0, tree_topk=4,
+                                                 lookup=0)
   bad.write_text('{"eta": 0.5, "gamma": 3, "tree_nodes": -2}')
   with pytest.warns(UserWarning, match="tree_nodes must be an integer >= 0"):
     assert tuning.tuned_settings(path=str(bad)) == tuning.DEFAULTS

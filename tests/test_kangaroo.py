@@ -78,11 +78,13 @@ def test_greedy_identical_to_plain_with_bfloat16_weights(eta, gamma, send):
   assert out.tokens == plain
 
 
-def _reference_kangaroo(model, adapter, prompt, max_new, eta, gamma, eos, send=True):
+def _reference_kangaroo(model, adapter, prompt, max_new, eta, gamma, eos, send=True,
+                        drafts=None):
   """Host-side Kangaroo with no caches at all: every step recomputes from scratch.
 
   Sequences are right-padded to a fixed width (causal attention ignores the padding) so
-  the three jitted pieces compile once.
+  the three jitted pieces compile once. `drafts(ctx, draft_probs) -> (drafts, steps)`
+  replaces the drafting rule (prompt lookup's tests).
   """
   l, width = adapter.acfg.exit_layer, 64
   pos = jnp.arange(width)[None]
@@ -104,13 +106,8 @@ def _reference_kangaroo(model, adapter, prompt, max_new, eta, gamma, eos, send=T
   def draft_probs(seq):
     return np.asarray(run(padded(seq))[1])[len(seq) - 1]
 
-  seq = list(prompt)
-  gen = [int(target(seq)[-1])]
-  rounds = drafts = 0
-  while len(gen) < max_new and gen[-1] not in eos:
-    ctx = seq + gen
-    d = []
-    steps = 0
+  def chain(ctx, draft_probs):
+    d, steps = [], 0
     for _ in range(gamma):
       q = draft_probs(ctx + d)
       steps += 1
@@ -118,6 +115,14 @@ def _reference_kangaroo(model, adapter, prompt, max_new, eta, gamma, eos, send=T
         d += [int(np.argmax(q))] if send else []
         break
       d.append(int(np.argmax(q)))
+    return d, steps
+
+  seq = list(prompt)
+  gen = [int(target(seq)[-1])]
+  rounds = draft_steps = 0
+  while len(gen) < max_new and gen[-1] not in eos:
+    ctx = seq + gen
+    d, steps = (drafts or chain)(ctx, draft_probs)
     t = target(ctx + d)[len(ctx) - 1:]
     acc = 0
     while acc < len(d) and d[acc] == t[acc]:
@@ -127,8 +132,8 @@ def _reference_kangaroo(model, adapter, prompt, max_new, eta, gamma, eos, send=T
       if len(gen) < max_new and gen[-1] not in eos:
         gen.append(tok)
     rounds += 1
-    drafts += steps
-  return gen, rounds, drafts
+    draft_steps += steps
+  return gen, rounds, draft_steps
 
 
 def _check_against_reference(gamma, seeds=(0, 1), eta=0.2, send=True, sharpen=1.0,

@@ -4,7 +4,7 @@ Read from the optimized HLO: a `copy` of an array shaped like a KV cache (shallo
 adapter) inside a computation a loop or a conditional calls runs once per iteration.
 Checked at the shipped CPU settings (gamma 2, unsure draft dropped: block sizes 1, 2, 3),
 at the paper's gamma 6 (block sizes 2, 4, 7), with one block size (gamma 1), greedy and
-sampling, batch 1 and 2, tree drafting (greedy), with bfloat16 weights (float32 or
+sampling, batch 1 and 2, tree drafting (greedy), prompt lookup, with bfloat16 weights (float32 or
 bfloat16 activations), and sharded over 8 fake devices. With bfloat16 weights no weight
 is converted per round either (see `precision.as_computed` and `precision.cache_dtype`).
 """
@@ -84,7 +84,7 @@ def copies_in_loops(hlo: str, shape: str) -> list[str]:
 
 
 def _compiled(batch, gamma, send, params, mesh=None, dtype=jnp.float32, activations=jnp.float32,
-              computed=True, tree=None):
+              computed=True, tree=None, lookup=None):
   """The optimized HLO of the Kangaroo loop, with the state as `kangaroo_decode` passes it
   (computed=False: as stored, without `precision.as_computed`)."""
   model = M.Llama(CFG, dtype, activations=activations)
@@ -104,7 +104,7 @@ def _compiled(batch, gamma, send, params, mesh=None, dtype=jnp.float32, activati
   lowered = _kangaroo_loop.lower(graphdef, state, agraphdef, astate, None, tokens, lens,
                                  jax.random.key(0), jnp.asarray([1]), jnp.float32(0.6),
                                  params=params, max_new_tokens=NEW, gamma=gamma,
-                                 send_unconfident=send, tree=tree)
+                                 send_unconfident=send, tree=tree, lookup=lookup)
   return lowered.compile().as_text()
 
 
@@ -133,6 +133,17 @@ def test_no_cache_copy_in_the_tree_loop(batch, gamma, tree):
   for name, shape in _cache_shapes(batch, gamma).items():
     assert f"[{shape}]" in hlo, f"the {name} cache shape {shape} is not in the HLO"
     assert copies_in_loops(hlo, shape) == [], f"{name} cache copied in the tree loop"
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_no_cache_copy_with_prompt_lookup(batch, temperature):
+  """Lookup rounds compute the proposal's shallow and adapter keys/values in a conditional
+  that only reads the caches and write them after it: no copies either."""
+  hlo = _compiled(batch, 2, False, SamplingParams(temperature=temperature), lookup=(6, 3))
+  for name, shape in _cache_shapes(batch, 6).items():  # the cache holds the 6-token block
+    assert f"[{shape}]" in hlo, f"the {name} cache shape {shape} is not in the HLO"
+    assert copies_in_loops(hlo, shape) == [], f"{name} cache copied with prompt lookup"
 
 
 def test_the_check_sees_a_copy():

@@ -40,9 +40,13 @@ def run(args) -> dict:
   tuned = tuning.resolve(eta=args.eta, gamma=args.gamma, draft_vocab=args.draft_vocab,
                          send_unconfident=None if args.send_unconfident is None
                          else args.send_unconfident == "yes", tree_nodes=args.tree_nodes,
-                         tree_topk=args.tree_topk)
-  eta, gamma, draft_vocab, send, tree_nodes, tree_topk = (tuned[k] for k in (
-      "eta", "gamma", "draft_vocab", "send_unconfident", "tree_nodes", "tree_topk"))
+                         tree_topk=args.tree_topk, lookup=args.lookup)
+  if args.tree_nodes and args.lookup is None:
+    tuned["lookup"] = 0  # prompt lookup goes with the chain
+  if args.lookup and args.tree_nodes is None:
+    tuned["tree_nodes"] = 0
+  eta, gamma, draft_vocab, send, tree_nodes, tree_topk, lookup = (tuned[k] for k in (
+      "eta", "gamma", "draft_vocab", "send_unconfident", "tree_nodes", "tree_topk", "lookup"))
   start = time.perf_counter()
   model, tokenizer = api.load_model(args.model, args.dtype, activations=args.activations)
   eos = api.eos_ids(model, tokenizer)
@@ -55,13 +59,13 @@ def run(args) -> dict:
   runners = [jax_plain(model, eos, args.max_new_tokens)]
   labels: dict[str, dict] = {}
   if args.sweep:
-    for e, g, v, s, t, k in sweep_grid(args, stored):
-      name = kangaroo_label(e, g, v, s, t, k)
+    for e, g, v, s, t, k, lk in sweep_grid(args, stored):
+      name = kangaroo_label(e, g, v, s, t, k, lk)
       runners.append(jax_kangaroo(model, adapter, tuning.select_draft_ids(stored, v), eos,
                                   args.max_new_tokens, e, g, name=name, draft_vocab=v,
-                                  send_unconfident=s, tree_nodes=t, tree_topk=k or 4))
+                                  send_unconfident=s, tree_nodes=t, tree_topk=k or 4, lookup=lk))
       labels[name] = dict(eta=e, gamma=g, draft_vocab=v, send_unconfident=s, tree_nodes=t,
-                          tree_topk=k or 4)
+                          tree_topk=k or 4, lookup=lk)
     methods = ["plain"] + list(labels)
   elif args.adapters:  # one Kangaroo method per adapter file, same setting
     for label, path in adapter_list(args.adapters):
@@ -70,13 +74,13 @@ def run(args) -> dict:
       runners.append(jax_kangaroo(model, other, tuning.select_draft_ids(other_ids, draft_vocab),
                                   eos, args.max_new_tokens, eta, gamma, name=name,
                                   draft_vocab=draft_vocab, send_unconfident=send,
-                                  tree_nodes=tree_nodes, tree_topk=tree_topk))
+                                  tree_nodes=tree_nodes, tree_topk=tree_topk, lookup=lookup))
       labels[name] = dict(adapter=path)
     methods = ["plain"] + list(labels) + [m for m in methods if m.startswith("hf")]
   elif "kangaroo" in methods:
     runners.append(jax_kangaroo(model, adapter, draft_ids, eos, args.max_new_tokens, eta, gamma,
                                 draft_vocab=draft_vocab, send_unconfident=send,
-                                tree_nodes=tree_nodes, tree_topk=tree_topk))
+                                tree_nodes=tree_nodes, tree_topk=tree_topk, lookup=lookup))
   skipped = {}
   hf_names = [m for m in methods if m.startswith("hf")]
   if hf_names:
@@ -118,7 +122,7 @@ def run(args) -> dict:
       questions_used=len({r.question_id for r in records}), prompts=sum(
           1 for r in records if r.method == "plain"),
       kangaroo=dict(eta=eta, gamma=gamma, draft_vocab=draft_vocab, send_unconfident=send,
-                    tree_nodes=tree_nodes, tree_topk=tree_topk,
+                    tree_nodes=tree_nodes, tree_topk=tree_topk, lookup=lookup,
                     draft_vocab_size=None if draft_ids is None else len(draft_ids),
                     exit_layer=adapter.acfg.exit_layer if adapter else None),
       sweep=args.sweep), methods_run=ran, descriptions={m: DESCRIPTIONS.get(m.split("[")[0], m)
@@ -131,7 +135,7 @@ def run(args) -> dict:
     log("measuring piece costs...")
     context = int(sorted(r.prompt_tokens for r in records)[len(records) // 2]) if records else 256
     results["costs"] = C.measure_costs(model, adapter, draft_ids,
-                                       max_block=max(gamma, tree_nodes) + 1,
+                                       max_block=max(gamma, tree_nodes, lookup) + 1,
                                        context=context + args.max_new_tokens // 2,
                                        tree_topk=tree_topk if tree_nodes else 0)
     log(C.format_costs(results["costs"]))

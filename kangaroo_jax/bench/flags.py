@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="tree drafting (greedy): verify the N best nodes; 0 = chain (default: tuned, else 0)")
   add("--tree-topk", type=int, metavar="K", help="tree drafting: children per node "
       "(default: tuned, else 4)")
+  add("--lookup", type=int, metavar="N", help="prompt-lookup rounds verify up to N copied "
+      "tokens; 0 = off (default: tuned, else 0)")
   add("--hf-threads", type=int, default=os.cpu_count() or 1, metavar="N",
       help="torch threads for the transformers peers (default: all CPUs)")
   add("--out", metavar="DIR", help="results.json, results.md, speedup.png (default: a new "
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
   add("--sweep-tree-nodes", default="0", metavar="A,B",
       help="0 = chain, N = a tree verifying N nodes (e.g. 0,4,8,16,32: chain against trees)")
   add("--sweep-tree-topk", default="4", metavar="A,B", help="children per node of the trees")
+  add("--sweep-lookup", default="0", metavar="A,B",
+      help="prompt lookup tokens for chain settings: 0 = off (e.g. 0,8)")
   add("--write-tuned", action="store_true",
       help="with --sweep: also update kangaroo_jax/tuned/<backend>.json, which decoding reads")
   add("--tuned-file", metavar="PATH",

@@ -68,23 +68,26 @@ def jax_plain(model, eos: Sequence[int], max_new_tokens: int) -> Method:
 
 
 def kangaroo_label(eta: float, gamma: int, draft_vocab: Optional[int],
-                   send_unconfident: bool = True, tree_nodes: int = 0, tree_topk: int = 0) -> str:
+                   send_unconfident: bool = True, tree_nodes: int = 0, tree_topk: int = 0,
+                   lookup: int = 0) -> str:
   """The method name of one sweep setting, e.g. kangaroo[eta=0.6,gamma=4,vocab=stored,send=yes]
-  (a tree adds ",tree=NODES/TOPK")."""
+  (a tree adds ",tree=NODES/TOPK", prompt lookup ",lookup=N")."""
   vocab = "stored" if draft_vocab is None else ("full" if draft_vocab == 0 else draft_vocab)
   send = "yes" if send_unconfident else "no"
   tree = f",tree={tree_nodes}/{tree_topk}" if tree_nodes else ""
-  return f"kangaroo[eta={eta:g},gamma={gamma},vocab={vocab},send={send}{tree}]"
+  lookup_part = f",lookup={lookup}" if lookup else ""
+  return f"kangaroo[eta={eta:g},gamma={gamma},vocab={vocab},send={send}{tree}{lookup_part}]"
 
 
 def jax_kangaroo(model, adapter, draft_ids, eos: Sequence[int], max_new_tokens: int, eta: float,
                  gamma: int, name: str = "kangaroo", draft_vocab: Optional[int] = None,
                  send_unconfident: bool = True, tree_nodes: int = 0,
-                 tree_topk: int = 4) -> Method:
-  """Kangaroo decoding with one (eta, gamma, draft vocabulary, send_unconfident, tree) setting."""
+                 tree_topk: int = 4, lookup: int = 0) -> Method:
+  """Kangaroo decoding with one (eta, gamma, draft vocabulary, send_unconfident, tree, lookup)
+  setting."""
   from kangaroo_jax.decoding import bucket
   from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode
-  kparams = KangarooParams(eta, gamma, send_unconfident, tree_nodes, tree_topk)
+  kparams = KangarooParams(eta, gamma, send_unconfident, tree_nodes, tree_topk, lookup)
   vocab = None if draft_ids is None else len(draft_ids)
 
   def run(ids):
@@ -98,10 +101,10 @@ def jax_kangaroo(model, adapter, draft_ids, eos: Sequence[int], max_new_tokens: 
   return Method(name, DESCRIPTIONS["kangaroo"], "plain", run,
                 # Adapters of another shape (exit layer, FFN) compile their own code.
                 lambda ids: ("kangaroo", adapter.acfg, gamma, send_unconfident, kparams.tree,
-                             vocab, bucket(len(ids))),
+                             lookup, vocab, bucket(len(ids))),
                 dict(eta=eta, gamma=gamma, draft_vocab=draft_vocab, draft_vocab_size=vocab,
                      send_unconfident=send_unconfident, tree_nodes=tree_nodes,
-                     tree_topk=tree_topk, exit_layer=adapter.acfg.exit_layer,
+                     tree_topk=tree_topk, lookup=lookup, exit_layer=adapter.acfg.exit_layer,
                      adapter_ffn=adapter.acfg.ffn_size))
 
 

@@ -8,10 +8,11 @@ from kangaroo_jax.bench.errors import BenchError
 from kangaroo_jax.bench.flags import csv_items, numbers
 
 
-def sweep_grid(args, stored) -> list[tuple[float, int, Optional[int], bool, int, int]]:
-  """(eta, gamma, draft_vocab, send_unconfident, tree_nodes, tree_topk) settings; vocab
-  sizes the adapter cannot give and trees larger than top-k x gamma nodes are dropped.
-  A tree verifies every node it drafts, so it is swept with send_unconfident yes only."""
+def sweep_grid(args, stored) -> list[tuple[float, int, Optional[int], bool, int, int, int]]:
+  """(eta, gamma, draft_vocab, send_unconfident, tree_nodes, tree_topk, lookup) settings;
+  vocab sizes the adapter cannot give and trees larger than top-k x gamma nodes are dropped.
+  A tree verifies every node it drafts, so it is swept with send_unconfident yes only;
+  prompt lookup goes with the chain only."""
   sends = []
   for v in csv_items(args.sweep_send_unconfident):
     if v not in ("yes", "no"):
@@ -21,6 +22,7 @@ def sweep_grid(args, stored) -> list[tuple[float, int, Optional[int], bool, int,
   gammas = numbers(args.sweep_gamma, int, "--sweep-gamma")
   trees = numbers(args.sweep_tree_nodes, int, "--sweep-tree-nodes")
   topks = numbers(args.sweep_tree_topk, int, "--sweep-tree-topk")
+  lookups = list(dict.fromkeys(numbers(args.sweep_lookup, int, "--sweep-lookup")))
   vocabs = []
   for v in csv_items(args.sweep_draft_vocab):
     if v == "stored":
@@ -29,18 +31,19 @@ def sweep_grid(args, stored) -> list[tuple[float, int, Optional[int], bool, int,
       vocabs += numbers(v, int, "--sweep-draft-vocab")
   if any(not 0 < e <= 1 for e in etas) or any(g < 1 for g in gammas) or any(
       v is not None and v < 0 for v in vocabs) or any(t < 0 for t in trees) or any(
-      k < 1 for k in topks):
+      k < 1 for k in topks) or any(lk < 0 for lk in lookups):
     raise BenchError("sweep values: eta in (0, 1], gamma >= 1, draft vocab >= 0 or 'stored', "
-                     "tree nodes >= 0, tree top-k >= 1")
+                     "tree nodes >= 0, tree top-k >= 1, lookup >= 0")
   n = 0 if stored is None else len(stored)
   # Without stored ids, 'stored' is the full vocabulary: keep one of the two.
   vocabs = list(dict.fromkeys(0 if v is None and stored is None else v for v in vocabs
                               if v is None or v == 0 or v <= n))
   shapes = [(0, 0)] if 0 in trees else []
   shapes += [(t, k) for t in dict.fromkeys(trees) if t for k in dict.fromkeys(topks)]
-  grid = [(e, g, v, s, t, k) for t, k in shapes for s in dict.fromkeys(sends) for v in vocabs
-          for g in gammas for e in etas if not t or (s and t <= k * g)]
-  if not (etas and gammas and vocabs and sends) or not grid:
+  grid = [(e, g, v, s, t, k, lk) for t, k in shapes for lk in (lookups if not t else [0])
+          for s in dict.fromkeys(sends) for v in vocabs for g in gammas for e in etas
+          if not t or (s and t <= k * g)]
+  if not (etas and gammas and vocabs and sends and lookups) or not grid:
     raise BenchError("the sweep grid is empty")
   return grid
 
@@ -69,7 +72,8 @@ def sweep_report(results: dict, labels: dict, args, log) -> dict:
       f"{'accepted':>9} {'drafts':>7} {'lossless':>9}")
   for r in rows:
     v = "stored" if r["draft_vocab"] is None else r["draft_vocab"]
-    tree = f"{r['tree_nodes']}/{r['tree_topk']}" if r["tree_nodes"] else "chain"
+    tree = (f"{r['tree_nodes']}/{r['tree_topk']}" if r["tree_nodes"]
+            else f"look{r['lookup']}" if r.get("lookup") else "chain")
     log(f"{r['eta']:>5g} {r['gamma']:>5} {v!s:>7} {'yes' if r['send_unconfident'] else 'no':>5} "
         f"{tree:>6} {r['speedup']:>7.2f}x {r['mean_accepted_tokens']:>9.2f} {r['drafts_per_round']:>7.2f} "
         f"{r['lossless']:>9.0%}")
