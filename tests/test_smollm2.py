@@ -98,6 +98,25 @@ def test_kangaroo_greedy_identical_on_spec_bench(smol):
   assert sum(len(t) == 40 for t in plain) >= 1  # stopped by the token limit
 
 
+def test_prompt_lookup_rounds_identical_on_spec_bench(smol):
+  """The tuned CPU setting with prompt lookup, one prompt at a time, on the categories
+  whose answers copy from the question: lookup rounds run and the text is plain's."""
+  model, tok = smol
+  by_cat = _spec_bench_prompts()
+  eos = eos_ids(model, tok)
+  adapter, draft_ids = load_adapter_for(model)
+  kp = KangarooParams(0.6, 2, send_unconfident=False, lookup=4)
+  looked_up = 0
+  for cat in ("translation", "extraction", "math", "rag"):
+    ids = encode_prompt(tok, by_cat[cat][0])
+    want = plain_decode(model, [ids], max_new_tokens=48, eos_ids=eos).tokens[0]
+    out = kangaroo_decode(model, adapter, [ids], max_new_tokens=48, eos_ids=eos, kparams=kp,
+                          draft_ids=draft_ids)
+    assert out.tokens[0] == want, f"{cat}: differs from plain decoding"
+    looked_up += out.stats["lookup_rounds"]
+  assert looked_up > 0
+
+
 def test_kangaroo_greedy_identical_with_bfloat16_weights():
   """bfloat16 weights, float32 activations (the lossless mode): three Spec-Bench prompts,
   48 tokens, each decoded alone as `decode.py --compare` does."""

@@ -91,8 +91,11 @@ def _kangaroo_line(k: dict) -> str:
            else f"a {k['draft_vocab_size']}-token draft vocabulary")
   send = ("the draft that fell below eta is verified too (the paper's rule)"
           if k.get("send_unconfident", True) else "the draft that fell below eta is dropped")
+  lookup = (f" Prompt-lookup rounds verify up to {k['lookup']} copied tokens when the last 3 "
+            "tokens occurred earlier (the cost table prices every round as an adapter round)."
+            if k.get("lookup") else "")
   return (f"Kangaroo settings: eta {k['eta']:g}, gamma {k['gamma']}, exit layer "
-          f"{k['exit_layer']}, drafting over {vocab}; {send}.")
+          f"{k['exit_layer']}, drafting over {vocab}; {send}.{lookup}")
 
 
 def chart(results: dict, path: str) -> str:
