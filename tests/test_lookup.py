@@ -57,8 +57,7 @@ def _repetitive_prompts(seed=0):
   return [phrase * 3, rs.randint(2, 97, 4).tolist() + phrase * 2, phrase + [5, 9] + phrase]
 
 
-@pytest.mark.parametrize("eta, gamma, send, width", [(0.6, 2, False, 8), (1e-6, 4, True, 3),
-                                                     (0.3, 6, True, 6)])
+@pytest.mark.parametrize("eta, gamma, send, width", [(0.6, 2, False, 8), (0.3, 6, True, 3)])
 def test_greedy_identical_to_plain_with_lookup(eta, gamma, send, width):
   _, cfg, sd = make_hf_model("gqa_untied", num_layers=4)
   model = M.from_hf_state_dict(cfg, sd)

@@ -135,8 +135,7 @@ def test_no_cache_copy_in_the_tree_loop(batch, gamma, tree):
     assert copies_in_loops(hlo, shape) == [], f"{name} cache copied in the tree loop"
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("batch, temperature", [(1, 0.0), (2, 0.8)])
 def test_no_cache_copy_with_prompt_lookup(batch, temperature):
   """Lookup rounds compute the proposal's shallow and adapter keys/values in a conditional
   that only reads the caches and write them after it: no copies either."""
