@@ -242,11 +242,6 @@ def _decoder(model, tokenizer, prompts, *, mode, adapter, draft_ids, draft_vocab
                          tree_nodes=tree_nodes, tree_topk=tree_topk, lookup=lookup)
   if not common["params"].greedy and tree_nodes is None:
     tuned["tree_nodes"] = 0  # a tuned tree is greedy only; sampling drafts a chain
-  # Prompt lookup goes with the chain: an explicit choice of one turns the tuned other off.
-  if tree_nodes and lookup is None:
-    tuned["lookup"] = 0
-  if lookup and tree_nodes is None:
-    tuned["tree_nodes"] = 0
   adapter, draft_ids = resolve_drafter(model, adapter, draft_ids, draft_vocab)
   common.update(kparams=KangarooParams(tuned["eta"], tuned["gamma"], tuned["send_unconfident"],
                                        tuned["tree_nodes"], tuned["tree_topk"],

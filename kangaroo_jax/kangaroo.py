@@ -35,8 +35,7 @@ from kangaroo_jax.adapter import Adapter, check_draft_ids
 from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptError, cache_size,
                                    drain, is_eos, last_hidden, new_tokens, on_mesh, pad_prompts,
                                    place_batch, prefill)
-from kangaroo_jax.lookup import (cached_states, init_history, proposal_states, propose, record,
-                                 widths)
+from kangaroo_jax.lookup import cached_states, init_history, proposal_states, propose, record
 from kangaroo_jax.model import Llama
 from kangaroo_jax.precision import as_computed, cache_dtype
 from kangaroo_jax.round_state import RoundState, Verdict
@@ -364,7 +363,9 @@ def _with_proposal(model: Llama, adapter: Adapter, st: RoundState, d: DraftChain
   l, w = adapter.acfg.exit_layer, proposal.shape[1]
   k = max(d.tokens.shape[1], w + 1)
   h0 = d.hidden[:, 0]  # [B, D]: y0's layer-l state; the draft loop wrote its shallow slots
-  sizes = widths(w)
+  # The shallow layers and the adapter run over the smallest static width that holds every
+  # live proposal: 1, powers of two, w (the verification's block sizes, one position less).
+  sizes = verify_block_sizes(w - 1, send_unconfident=False)
   need = jnp.max(jnp.where(~st.done, count, 0))  # the longest live proposal
   branch = jnp.where(use, jnp.searchsorted(jnp.asarray(sizes), need) + 1, 0)
   hidden, shallow, adapter_kv = jax.lax.switch(branch, [

@@ -58,12 +58,6 @@ def propose(history: jax.Array, n: jax.Array, ngram: int, width: int):
   return jnp.take_along_axis(history, pos, axis=1), count
 
 
-def widths(width: int) -> tuple[int, ...]:
-  """Static proposal widths a round computes: powers of two below `width`, and `width`
-  (the shallow layers and the adapter run over the smallest that holds every proposal)."""
-  return tuple(sorted({width} | {1 << i for i in range(width.bit_length()) if 1 << i < width}))
-
-
 def proposal_states(model, adapter, proposal: jax.Array, h0: jax.Array, h_prev: jax.Array,
                     n: jax.Array, cache: dict, acache: dict, t: int):
   """Layer-l states of a proposal's first t tokens and the keys/values its round must

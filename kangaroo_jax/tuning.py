@@ -94,8 +94,16 @@ def tuned_settings(backend: Optional[str] = None, path: Optional[str] = None) ->
 
 
 def resolve(**given) -> dict:
-  """The tuned settings of this backend with every given value that is not None in place."""
-  return tuned_settings() | {k: v for k, v in given.items() if v is not None}
+  """The tuned settings of this backend with every given value that is not None in place.
+
+  Prompt lookup goes with the chain: an explicit tree (or lookup) turns the tuned other off.
+  """
+  out = tuned_settings() | {k: v for k, v in given.items() if v is not None}
+  if given.get("tree_nodes") and given.get("lookup") is None:
+    out["lookup"] = 0
+  if given.get("lookup") and given.get("tree_nodes") is None:
+    out["tree_nodes"] = 0
+  return out
 
 
 def write_tuned(settings: dict, path: str, measured: Optional[dict] = None) -> str:

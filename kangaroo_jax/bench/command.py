@@ -41,10 +41,6 @@ def run(args) -> dict:
                          send_unconfident=None if args.send_unconfident is None
                          else args.send_unconfident == "yes", tree_nodes=args.tree_nodes,
                          tree_topk=args.tree_topk, lookup=args.lookup)
-  if args.tree_nodes and args.lookup is None:
-    tuned["lookup"] = 0  # prompt lookup goes with the chain
-  if args.lookup and args.tree_nodes is None:
-    tuned["tree_nodes"] = 0
   eta, gamma, draft_vocab, send, tree_nodes, tree_topk, lookup = (tuned[k] for k in (
       "eta", "gamma", "draft_vocab", "send_unconfident", "tree_nodes", "tree_topk", "lookup"))
   start = time.perf_counter()
