@@ -58,33 +58,6 @@ def weight_product(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
 
 
-# Row counts for which `head_product` uses a multiply-reduce on a CPU (measured on a 2-core
-# EPYC, SmolLM2's [49152, 576] head: 2 rows 10.2 -> 5.5 ms, 4 rows 13.4 -> 7.9, 16 rows
-# 16.7 -> 14.7; 1 row 4.6 -> 29.7, so one row keeps the dot).
-_REDUCE_HEAD_ROWS = range(2, 17)
-
-
-def head_product(x: jax.Array, head: jax.Array) -> jax.Array:
-  """x [B, T, D] against a [V, D] head -> float32 logits [B, T, V].
-
-  XLA's CPU dot for 2-16 rows against a wide [V, D] matrix runs a general matrix kernel
-  that is about twice as slow per row as its one-row kernel, which is what made verifying
-  a Kangaroo block dear. Written as a multiply fused into a reduction over D it streams the
-  head once for all rows, and gives the same float32 sums as the dot for those rows
-  (`tests/test_model.py::test_head_product_equals_the_dot`). Other backends, row counts
-  and bfloat16 activations (whose dot sums in another order) use the dot.
-  """
-  b, t, _ = x.shape
-  if (jax.default_backend() != "cpu" or x.dtype != jnp.float32
-      or b * t not in _REDUCE_HEAD_ROWS):
-    return weight_product("btd,vd->btv", x, head)  # [B, T, V]
-  # Rows flattened first: jax 0.10.2's CPU fusion of this pattern returns wrong sums for
-  # a [1, T, 1, D] operand (every column equal to the first), right ones for [B * T, 1, D].
-  xs = x.astype(jnp.float32).reshape(b * t, 1, -1)  # [B * T, 1, D]
-  logits = jnp.sum(xs * head.astype(jnp.float32)[None], axis=-1)  # [B * T, V]
-  return logits.reshape(b, t, -1)  # [B, T, V]
-
-
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [B, T, D_in] @ w [D_in, D_out] -> [B, T, D_out] in x's (the activation) dtype."""
   return weight_product("btd,df->btf", x, w).astype(x.dtype)  # [B, T, D_out]
@@ -329,9 +302,9 @@ class Llama(nnx.Module):
     `head` [V', D] replaces the full head (a reduced draft vocabulary).
     """
     if head is not None:
-      return head_product(x, head)  # [B, T, V']
+      return weight_product("btd,vd->btv", x, head)  # [B, T, V']
     if self.lm_head is None:
-      return head_product(x, self.embedding[...])  # [B, T, V]
+      return weight_product("btd,vd->btv", x, self.embedding[...])  # [B, T, V]
     return weight_product("btd,dv->btv", x, self.lm_head[...])  # [B, T, V]
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache):
