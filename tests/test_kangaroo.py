@@ -183,10 +183,12 @@ def test_eos_and_token_limit_inside_a_round():
   prompt = _prompts([6], seed=3)[0]
   free = plain_decode(model, [prompt], max_new_tokens=30).tokens[0]
   kp = KangarooParams(1e-6, 6)
-  for limit in range(2, 12):  # rounds of up to 7 tokens end at every offset
+  # Token 1 comes from the prompt's pass; the first round drafts 6 and verifies 7 (tokens
+  # 2..8), so these limits and EOS positions end it at every offset.
+  for limit in range(2, 9):
     assert kangaroo_decode(model, adapter, [prompt], max_new_tokens=limit, kparams=kp).tokens[0] \
         == free[:limit]
-  for eos in set(free[2:12]):
+  for eos in set(free[2:9]):
     want = free[:free.index(eos) + 1]
     got = kangaroo_decode(model, adapter, [prompt], max_new_tokens=30, eos_ids=[eos], kparams=kp)
     assert got.tokens[0] == want
