@@ -329,9 +329,31 @@ def test_adapters_flag_names_and_conflicts(tmp_path):
       ("a", "x/y.safetensors"), ("e4", "runs/e4/adapter.safetensors"), ("v4", "v4.safetensors")]
   f = tmp_path / "v.safetensors"
   f.write_bytes(b"")
-  args = bench.build_parser().parse_args(["--adapters", f"{f},{f}", "--sweep"])
+  args = bench.build_parser().parse_args(["--adapters", f"{f},{f}", "--sweep", "--write-tuned"])
   failed = [m for ok, m in adapter_list_checks(args) if not ok]
-  assert any("share a name" in m for m in failed) and any("--sweep" in m for m in failed)
+  assert any("share a name" in m for m in failed) and any("--write-tuned" in m for m in failed)
+  args = bench.build_parser().parse_args(["--adapters", f"a={f},b={f}", "--sweep"])
+  assert all(ok for ok, _ in adapter_list_checks(args))  # a sweep per adapter is fine
+
+
+def test_sweep_over_several_adapters_keeps_a_best_per_adapter(tiny, qfile, tmp_path):
+  """--sweep --adapters: the grid for each file beside one plain baseline, one best each."""
+  from kangaroo_jax import api
+  from kangaroo_jax.adapter import init_adapter, save_adapter
+  model, _ = api.load_model(tiny)
+  for name, seed in (("a", 1), ("b", 2)):
+    save_adapter(str(tmp_path / f"{name}.safetensors"), init_adapter(model.cfg, 1, seed=seed))
+  results = bench.bench(["--sweep", "--model", tiny, "--questions", qfile, "--categories", "qa",
+                         "--sweep-eta", "0.3,0.9", "--sweep-gamma", "2",
+                         "--sweep-draft-vocab", "stored", "--sweep-send-unconfident", "no",
+                         "--adapters", f"{tmp_path / 'a.safetensors'},{tmp_path / 'b.safetensors'}",
+                         "--out", str(tmp_path / "out"), *COMMON])
+  rows = results["sweep"]["rows"]
+  assert [(r["adapter"], r["eta"]) for r in rows] == [("a", 0.3), ("a", 0.9), ("b", 0.3), ("b", 0.9)]
+  assert results["methods_run"][0] == "plain" and len(results["methods_run"]) == 5
+  best = results["sweep"]["best_per_adapter"]
+  assert set(best) == {"a", "b"} and all(b["adapter"] == a for a, b in best.items())
+  assert results["sweep"]["tuned_file"] is None and not (tmp_path / "out" / "tuned.json").exists()
 
 
 def test_peer_that_cannot_load_is_skipped(tiny, qfile, tmp_path):

@@ -54,14 +54,19 @@ def run(args) -> dict:
 
   runners = [jax_plain(model, eos, args.max_new_tokens)]
   labels: dict[str, dict] = {}
-  if args.sweep:
-    for e, g, v, s, t, k, lk in sweep_grid(args, stored):
-      name = kangaroo_label(e, g, v, s, t, k, lk)
-      runners.append(jax_kangaroo(model, adapter, tuning.select_draft_ids(stored, v), eos,
-                                  args.max_new_tokens, e, g, name=name, draft_vocab=v,
-                                  send_unconfident=s, tree_nodes=t, tree_topk=k or 4, lookup=lk))
-      labels[name] = dict(eta=e, gamma=g, draft_vocab=v, send_unconfident=s, tree_nodes=t,
-                          tree_topk=k or 4, lookup=lk)
+  if args.sweep:  # the grid for one adapter, or for each of --adapters (one plain baseline)
+    swept = ([(label, *api.load_adapter_for(model, path))
+              for label, path in adapter_list(args.adapters)] if args.adapters
+             else [(None, adapter, stored)])
+    for label, one, ids in swept:
+      for e, g, v, s, t, k, lk in sweep_grid(args, ids):
+        name = kangaroo_label(e, g, v, s, t, k, lk, adapter=label)
+        runners.append(jax_kangaroo(model, one, tuning.select_draft_ids(ids, v), eos,
+                                    args.max_new_tokens, e, g, name=name, draft_vocab=v,
+                                    send_unconfident=s, tree_nodes=t, tree_topk=k or 4,
+                                    lookup=lk))
+        labels[name] = dict(eta=e, gamma=g, draft_vocab=v, send_unconfident=s, tree_nodes=t,
+                            tree_topk=k or 4, lookup=lk, **({"adapter": label} if label else {}))
     methods = ["plain"] + list(labels)
   elif args.adapters:  # one Kangaroo method per adapter file, same setting
     for label, path in adapter_list(args.adapters):

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
   add("--adapter", metavar="PATH", help="adapter file (default: the shipped one, else a fresh one)")
   add("--adapters", metavar="A,B", help="compare these adapter files at the same setting in one "
       "run: one Kangaroo method each, named kangaroo[adapter=NAME] (NAME=PATH names one; "
-      "default: the file's folder when it is called adapter.safetensors, else its stem)")
+      "default: the file's folder when it is called adapter.safetensors, else its stem); "
+      "with --sweep, the grid for each file, the best setting per adapter")
   add("--eta", type=float, metavar="ETA", help="default: the tuned setting, else 0.6")
   add("--gamma", type=int, metavar="G", help="default: the tuned setting, else 6")
   add("--draft-vocab", type=int, metavar="N",
@@ -124,8 +125,9 @@ def adapter_list_checks(args) -> list[tuple[bool, str]]:
   return ([(os.path.isfile(p), f"--adapters: no such adapter file: {p}") for _, p in pairs]
           + [(len(set(names)) == len(names), f"--adapters: two adapters share a name in {names}; "
               "name them NAME=PATH"),
-             (not args.sweep, "--adapters compares adapters at one setting; it cannot be "
-              "combined with --sweep"),
+             (not (args.sweep and (args.write_tuned or args.tuned_file)),
+              "--write-tuned/--tuned-file keep one adapter's best setting: sweep it with "
+              "--adapter, not --adapters"),
              (args.adapter is None, "give either --adapter or --adapters, not both")])
 
 

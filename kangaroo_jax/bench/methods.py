@@ -69,14 +69,17 @@ def jax_plain(model, eos: Sequence[int], max_new_tokens: int) -> Method:
 
 def kangaroo_label(eta: float, gamma: int, draft_vocab: Optional[int],
                    send_unconfident: bool = True, tree_nodes: int = 0, tree_topk: int = 0,
-                   lookup: int = 0) -> str:
+                   lookup: int = 0, adapter: Optional[str] = None) -> str:
   """The method name of one sweep setting, e.g. kangaroo[eta=0.6,gamma=4,vocab=stored,send=yes]
-  (a tree adds ",tree=NODES/TOPK", prompt lookup ",lookup=N")."""
+  (a tree adds ",tree=NODES/TOPK", prompt lookup ",lookup=N"; a sweep over several adapters
+  starts with "adapter=NAME,")."""
   vocab = "stored" if draft_vocab is None else ("full" if draft_vocab == 0 else draft_vocab)
   send = "yes" if send_unconfident else "no"
   tree = f",tree={tree_nodes}/{tree_topk}" if tree_nodes else ""
   lookup_part = f",lookup={lookup}" if lookup else ""
-  return f"kangaroo[eta={eta:g},gamma={gamma},vocab={vocab},send={send}{tree}{lookup_part}]"
+  which = f"adapter={adapter}," if adapter else ""
+  return (f"kangaroo[{which}eta={eta:g},gamma={gamma},vocab={vocab},send={send}{tree}"
+          f"{lookup_part}]")
 
 
 def jax_kangaroo(model, adapter, draft_ids, eos: Sequence[int], max_new_tokens: int, eta: float,

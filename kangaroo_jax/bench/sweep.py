@@ -58,6 +58,14 @@ def best_setting(results: dict, labels: dict) -> Optional[tuple[str, dict]]:
   return name, labels[name]
 
 
+def best_per_adapter(results: dict, labels: dict) -> dict:
+  """{adapter name (None for a one-adapter sweep): (method name, setting) or None}."""
+  groups: dict = {}
+  for name, setting in labels.items():
+    groups.setdefault(setting.get("adapter"), {})[name] = setting
+  return {a: best_setting(results, group) for a, group in groups.items()}
+
+
 def sweep_report(results: dict, labels: dict, args, log) -> dict:
   """Prints the sweep table and writes the best lossless setting to the tuned file."""
   from kangaroo_jax import tuning
@@ -68,17 +76,26 @@ def sweep_report(results: dict, labels: dict, args, log) -> dict:
       rows.append(dict(s, speedup=o["speedup"], tokens_per_second=o["tokens_per_second"],
                        mean_accepted_tokens=o["mean_accepted_tokens"],
                        drafts_per_round=o["drafts_per_round"], lossless=o["lossless"]))
-  log(f"{'eta':>5} {'gamma':>5} {'vocab':>7} {'send':>5} {'tree':>6} {'speedup':>8} "
-      f"{'accepted':>9} {'drafts':>7} {'lossless':>9}")
+  width = max([len(r.get("adapter") or "") for r in rows] + [0])
+  adapter_column = (lambda a: f"{a or '':<{width}} ") if width else (lambda a: "")
+  log(f"{adapter_column('adapter')}{'eta':>5} {'gamma':>5} {'vocab':>7} {'send':>5} {'tree':>6} "
+      f"{'speedup':>8} {'accepted':>9} {'drafts':>7} {'lossless':>9}")
   for r in rows:
     v = "stored" if r["draft_vocab"] is None else r["draft_vocab"]
     tree = (f"{r['tree_nodes']}/{r['tree_topk']}" if r["tree_nodes"]
             else f"look{r['lookup']}" if r.get("lookup") else "chain")
-    log(f"{r['eta']:>5g} {r['gamma']:>5} {v!s:>7} {'yes' if r['send_unconfident'] else 'no':>5} "
-        f"{tree:>6} {r['speedup']:>7.2f}x {r['mean_accepted_tokens']:>9.2f} {r['drafts_per_round']:>7.2f} "
-        f"{r['lossless']:>9.0%}")
-  best = best_setting(results, labels)
+    log(f"{adapter_column(r.get('adapter'))}{r['eta']:>5g} {r['gamma']:>5} {v!s:>7} "
+        f"{'yes' if r['send_unconfident'] else 'no':>5} {tree:>6} {r['speedup']:>7.2f}x "
+        f"{r['mean_accepted_tokens']:>9.2f} {r['drafts_per_round']:>7.2f} {r['lossless']:>9.0%}")
+  bests = best_per_adapter(results, labels)
   out = dict(rows=rows, best=None, tuned_file=None)
+  if None not in bests:  # several adapters: each one's best, no tuned file (flags refuse it)
+    out["best_per_adapter"] = {a: b and b[1] for a, b in bests.items()}
+    for a, b in bests.items():
+      log(f"best for {a}: " + (f"{b[0]}, {results['overall'][b[0]]['speedup']:.2f}x" if b
+                               else "no setting was lossless on every prompt"))
+    return out
+  best = bests[None]
   if best is None:
     log("no setting was lossless on every prompt: nothing written")
     return out
