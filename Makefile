@@ -25,7 +25,7 @@ demo: .venv/.installed
 # TEST_WORKERS=0 runs the tests in this process (no xdist), e.g. to debug one.
 TEST_WORKERS ?= 2
 test: .venv/.installed-dev
-	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25 $(PYTEST_ARGS)
 
 # The Spec-Bench comparison, written to a new folder runs/bench/<date-time>. BENCHMARKS.md
 # changes only with BENCH_ARGS=--write-markdown=BENCHMARKS.md (see BENCHMARKS.md).

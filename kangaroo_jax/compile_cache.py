@@ -2,7 +2,7 @@
 
 KANGAROO_JAX_CACHE (default ~/.cache/kangaroo_jax) holds the tokenizers converted from
 GGUF files (`tokenizers/`) and compiled XLA programs (`xla/`). With the compilation cache a
-second process that decodes the same shapes (model, prompt bucket, token budget, sampling
+second process that decodes the same shapes (model, prompt bucket, cache size, sampling
 and Kangaroo settings) loads the compiled loop instead of compiling it again (about 10 s
 on a small CPU). KANGAROO_JAX_NO_COMPILE_CACHE=1 (or decode.py --no-compile-cache) turns
 it off.

@@ -1,7 +1,9 @@
 """Plain autoregressive decoding: prefill, then one jitted `lax.while_loop` over tokens.
 
 Prompts are right-padded into a length bucket and the cache size is derived from the
-bucket and the token budget, so a new prompt in the same bucket reuses the compiled loop.
+bucket and the token budget (rounded up to 128 slots); the budget itself is a traced value,
+so a new prompt in the same bucket, or a new max_new_tokens that fits the same cache,
+reuses the compiled loop.
 Each sequence keeps its own length: the batch may mix prompt lengths.
 """
 from __future__ import annotations
@@ -38,6 +40,15 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
 def cache_size(prompt_bucket: int, max_new_tokens: int, extra: int = 0) -> int:
   """Slots per sequence: the prompt bucket, the new tokens and `extra`, rounded up to 128."""
   return -(-(prompt_bucket + max_new_tokens + extra) // 128) * 128
+
+
+def token_capacity(prompt_bucket: int, max_new_tokens: int, extra: int = 0) -> int:
+  """The most new tokens the cache of `cache_size(prompt_bucket, max_new_tokens, extra)` holds.
+
+  The decode loops are compiled for this capacity and take the budget itself as a traced
+  value, so every budget that rounds to the same cache size runs the same compiled loop
+  (changing max_new_tokens from 100 to 120 compiles nothing new)."""
+  return cache_size(prompt_bucket, max_new_tokens, extra) - prompt_bucket - extra
 
 
 def on_mesh(mesh):
@@ -135,15 +146,16 @@ def _own_top_k(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return ids_k, probs_k
 
 
-def _plain_start(model: Llama, tokens, prompt_lens, rng, eos_ids, params: SamplingParams,
-                 max_new_tokens: int, top_k: int = 0) -> dict:
+def _plain_start(model: Llama, tokens, prompt_lens, rng, eos_ids, limit, params: SamplingParams,
+                 capacity: int, top_k: int = 0) -> dict:
   """Prefill and the first token: the loop state (see `_plain_run`).
 
-  With `top_k` > 0 the state also records, per new token, the model's own top-k
-  (`top_ids`, `top_probs`: [B, N, top_k]) for self-distillation.
+  `capacity` (static) sizes the output and the cache; `limit` ([] int32, <= capacity) is
+  the token budget. With `top_k` > 0 the state also records, per new token, the model's
+  own top-k (`top_ids`, `top_probs`: [B, capacity, top_k]) for self-distillation.
   """
   b = tokens.shape[0]
-  cache = kv.init_model_cache(model.cfg, b, cache_size(tokens.shape[1], max_new_tokens),
+  cache = kv.init_model_cache(model.cfg, b, cache_size(tokens.shape[1], capacity),
                               cache_dtype(model.activations))
   hidden, cache = prefill(model, tokens, prompt_lens, cache)
   rng, sub = jax.random.split(rng)
@@ -152,26 +164,25 @@ def _plain_start(model: Llama, tokens, prompt_lens, rng, eos_ids, params: Sampli
   logits = model.logits(last_hidden(hidden, prompt_lens))[:, 0]  # [B, V]
   first = sample(penalize(logits, seen, params), params, sub)  # [B]
   seen = mark_seen(seen, first[:, None], jnp.ones((b, 1), bool), params)
-  out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
-  done = is_eos(first, eos_ids) | (max_new_tokens <= 1)
+  out = jnp.zeros((b, capacity), jnp.int32).at[:, 0].set(first)
+  done = is_eos(first, eos_ids) | (limit <= 1)
   st = dict(step=jnp.int32(1), tok=first, lens=prompt_lens, out=out, done=done, cache=cache,
-            rng=rng, seen=seen, count=jnp.ones((b,), jnp.int32))
+            rng=rng, seen=seen, count=jnp.ones((b,), jnp.int32), limit=jnp.asarray(limit, jnp.int32))
   if top_k:
     ids_k, probs_k = _own_top_k(logits, top_k)
-    st["top_ids"] = jnp.zeros((b, max_new_tokens, top_k), jnp.int32).at[:, 0].set(ids_k)
-    st["top_probs"] = jnp.zeros((b, max_new_tokens, top_k), jnp.float32).at[:, 0].set(probs_k)
+    st["top_ids"] = jnp.zeros((b, capacity, top_k), jnp.int32).at[:, 0].set(ids_k)
+    st["top_probs"] = jnp.zeros((b, capacity, top_k), jnp.float32).at[:, 0].set(probs_k)
   return st
 
 
-def _plain_run(model: Llama, st: dict, eos_ids, until, params: SamplingParams,
-               max_new_tokens: int) -> dict:
+def _plain_run(model: Llama, st: dict, eos_ids, until, params: SamplingParams) -> dict:
   """Decodes one token per step until step `until`, the token limit or every EOS.
 
   Records the model's own top-k per token when `_plain_start` was given a `top_k`.
   """
 
   def cond(s):
-    return (s["step"] < jnp.minimum(until, max_new_tokens)) & ~jnp.all(s["done"])
+    return (s["step"] < jnp.minimum(until, s["limit"])) & ~jnp.all(s["done"])
 
   def body(s):
     done = s["done"]
@@ -182,9 +193,9 @@ def _plain_run(model: Llama, st: dict, eos_ids, until, params: SamplingParams,
     live = (~done).astype(jnp.int32)
     new = dict(step=s["step"] + 1, tok=nxt, lens=s["lens"] + live,
                out=s["out"].at[:, s["step"]].set(nxt),
-               done=done | is_eos(nxt, eos_ids) | (s["step"] + 1 >= max_new_tokens),
+               done=done | is_eos(nxt, eos_ids) | (s["step"] + 1 >= s["limit"]),
                cache=cache, rng=rng, seen=mark_seen(s["seen"], nxt[:, None], ~done[:, None], params),
-               count=s["count"] + live)
+               count=s["count"] + live, limit=s["limit"])
     if "top_ids" in s:
       ids_k, probs_k = _own_top_k(logits[:, 0], s["top_ids"].shape[-1])
       new["top_ids"] = s["top_ids"].at[:, s["step"]].set(ids_k)
@@ -194,47 +205,49 @@ def _plain_run(model: Llama, st: dict, eos_ids, until, params: SamplingParams,
   return jax.lax.while_loop(cond, body, st)
 
 
-_STATIC = ("graphdef", "params", "max_new_tokens")
+# The budget (`limit`) is traced, the capacity static: see `token_capacity`.
+_STATIC = ("graphdef", "params", "capacity")
+_NO_ROUND_LIMIT = jnp.iinfo(jnp.int32).max
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _plain_loop(graphdef, state, tokens, prompt_lens, rng, eos_ids, *,
-                params: SamplingParams, max_new_tokens: int):
-  """The whole decode in one call: (out [B, N], new token counts [B], steps)."""
+def _plain_loop(graphdef, state, tokens, prompt_lens, rng, eos_ids, limit, *,
+                params: SamplingParams, capacity: int):
+  """The whole decode in one call: (out [B, capacity], new token counts [B], steps)."""
   model = nnx.merge(graphdef, state)
-  st = _plain_start(model, tokens, prompt_lens, rng, eos_ids, params, max_new_tokens)
-  st = _plain_run(model, st, eos_ids, max_new_tokens, params, max_new_tokens)
+  st = _plain_start(model, tokens, prompt_lens, rng, eos_ids, limit, params, capacity)
+  st = _plain_run(model, st, eos_ids, _NO_ROUND_LIMIT, params)
   return st["out"], st["count"], st["step"]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("top_k",))
-def plain_loop_with_top_k(graphdef, state, tokens, prompt_lens, rng, eos_ids, *,
-                          params: SamplingParams, max_new_tokens: int, top_k: int):
+def plain_loop_with_top_k(graphdef, state, tokens, prompt_lens, rng, eos_ids, limit, *,
+                          params: SamplingParams, capacity: int, top_k: int):
   """Plain decoding that also records the model's own top-k for every new token.
 
-  Args as `_plain_loop` (device arrays; see `plain_decode` for the host side), plus
-  `top_k`. Returns (out [B, N], top ids [B, N, top_k], top probabilities [B, N, top_k],
-  new token counts [B]); row j of a sequence is the distribution its token j was drawn
+  Args as `_plain_loop` (device arrays; see `plain_decode` for the host side, and
+  `token_capacity` for a `capacity` >= the budget `limit`), plus `top_k`. Returns
+  (out [B, C], top ids [B, C, top_k], top probabilities [B, C, top_k], new token counts
+  [B]) with C = capacity; row j of a sequence is the distribution its token j was drawn
   from, before the sampling's temperature / top-p.
   """
   model = nnx.merge(graphdef, state)
-  st = _plain_start(model, tokens, prompt_lens, rng, eos_ids, params, max_new_tokens, top_k)
-  st = _plain_run(model, st, eos_ids, max_new_tokens, params, max_new_tokens)
+  st = _plain_start(model, tokens, prompt_lens, rng, eos_ids, limit, params, capacity, top_k)
+  st = _plain_run(model, st, eos_ids, _NO_ROUND_LIMIT, params)
   return st["out"], st["top_ids"], st["top_probs"], st["count"]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _plain_stream_start(graphdef, state, tokens, prompt_lens, rng, eos_ids, *,
-                        params: SamplingParams, max_new_tokens: int) -> dict:
-  return _plain_start(nnx.merge(graphdef, state), tokens, prompt_lens, rng, eos_ids, params,
-                      max_new_tokens)
+def _plain_stream_start(graphdef, state, tokens, prompt_lens, rng, eos_ids, limit, *,
+                        params: SamplingParams, capacity: int) -> dict:
+  return _plain_start(nnx.merge(graphdef, state), tokens, prompt_lens, rng, eos_ids, limit,
+                      params, capacity)
 
 
 # The state is donated: its KV cache is updated in place, not copied per call.
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("st",))
-def _plain_stream_run(graphdef, state, st, eos_ids, until, *, params: SamplingParams,
-                      max_new_tokens: int) -> dict:
-  return _plain_run(nnx.merge(graphdef, state), st, eos_ids, until, params, max_new_tokens)
+@functools.partial(jax.jit, static_argnames=("graphdef", "params"), donate_argnames=("st",))
+def _plain_stream_run(graphdef, state, st, eos_ids, until, *, params: SamplingParams) -> dict:
+  return _plain_run(nnx.merge(graphdef, state), st, eos_ids, until, params)
 
 
 def _check_budget(max_new_tokens: int) -> None:
@@ -273,8 +286,8 @@ def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
   start = time.perf_counter()
   with on_mesh(mesh):
     out, counts, steps = jax.block_until_ready(_plain_loop(
-        graphdef, state, tokens, lens, jax.random.key(seed), eos, params=params,
-        max_new_tokens=max_new_tokens))
+        graphdef, state, tokens, lens, jax.random.key(seed), eos, jnp.int32(max_new_tokens),
+        params=params, capacity=token_capacity(tokens.shape[1], max_new_tokens)))
   return _plain_result(np.asarray(out), np.asarray(counts), int(steps), len(prompts),
                        time.perf_counter() - start)
 
@@ -293,10 +306,11 @@ def plain_stream(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
   state = as_computed(state)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
-  static = dict(params=params, max_new_tokens=max_new_tokens)
   start = time.perf_counter()
   with on_mesh(mesh):
-    st = _plain_stream_start(graphdef, state, tokens, lens, jax.random.key(seed), eos, **static)
+    st = _plain_stream_start(graphdef, state, tokens, lens, jax.random.key(seed), eos,
+                             jnp.int32(max_new_tokens), params=params,
+                             capacity=token_capacity(tokens.shape[1], max_new_tokens))
   shown = np.zeros((len(prompts),), np.int32)
   while True:
     out, count, done, step = jax.device_get((st["out"], st["count"], st["done"], st["step"]))
@@ -305,7 +319,8 @@ def plain_stream(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
     if done.all() or step >= max_new_tokens:
       return _plain_result(out, count, int(step), len(prompts), time.perf_counter() - start)
     with on_mesh(mesh):
-      st = _plain_stream_run(graphdef, state, st, eos, jnp.int32(step + STREAM_STEPS), **static)
+      st = _plain_stream_run(graphdef, state, st, eos, jnp.int32(step + STREAM_STEPS),
+                             params=params)
 
 
 def _plain_result(out: np.ndarray, counts: np.ndarray, steps: int, n: int,

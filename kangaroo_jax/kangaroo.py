@@ -34,7 +34,7 @@ from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import Adapter, check_draft_ids
 from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptError, cache_size,
                                    drain, is_eos, last_hidden, new_tokens, on_mesh, pad_prompts,
-                                   place_batch, prefill)
+                                   place_batch, prefill, token_capacity)
 from kangaroo_jax.lookup import cached_states, init_history, proposal_states, propose, record
 from kangaroo_jax.model import Llama
 from kangaroo_jax.precision import as_computed, cache_dtype
@@ -294,14 +294,17 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: Sa
   return a, z, block_kv, rng
 
 
-def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eos_ids, *,
-                    params: SamplingParams, max_new_tokens: int, gamma: int,
+def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eos_ids, limit, *,
+                    params: SamplingParams, capacity: int, gamma: int,
                     lookup: Optional[tuple[int, int]] = None) -> RoundState:
-  """Prefill (shallow layers, adapter, deep layers) and the first token: the round state."""
+  """Prefill (shallow layers, adapter, deep layers) and the first token: the round state.
+
+  `capacity` (static, `round_capacity`) sizes the output and the caches; `limit` ([] int32,
+  <= capacity) is the token budget."""
   l = adapter.acfg.exit_layer
   b = tokens.shape[0]
   block = max(gamma, lookup[0] if lookup else 0)  # most drafts a round verifies
-  size = cache_size(tokens.shape[1], max_new_tokens, block + 2)
+  size = cache_size(tokens.shape[1], capacity, block + 2)
   cache = kv.init_model_cache(model.cfg, b, size, cache_dtype(model.activations))
   h_l, cache = prefill(model, tokens, prompt_lens, cache, l)  # [B, P, D]
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -313,14 +316,14 @@ def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eo
   logits = model.logits(last_hidden(h, prompt_lens))[:, 0]  # [B, V]
   y0 = sample(penalize(logits, seen, params), params, sub)  # [B]
   seen = mark_seen(seen, y0[:, None], jnp.ones((b, 1), bool), params)
-  out = jnp.zeros((b, max_new_tokens + block + 1), jnp.int32).at[:, 0].set(y0)
+  out = jnp.zeros((b, capacity + block + 1), jnp.int32).at[:, 0].set(y0)
   history = record(init_history(tokens, size), prompt_lens, y0[:, None], jnp.ones((b,), jnp.int32))
   zeros = jnp.zeros((b,), jnp.int32)
   return RoundState(n=prompt_lens, y0=y0, h_prev=last_hidden(h_l, prompt_lens)[:, 0],
                     cache=cache, acache=acache, rng=rng, out=out, count=jnp.ones((b,), jnp.int32),
-                    done=is_eos(y0, eos_ids) | (max_new_tokens <= 1), rounds=zeros,
+                    done=is_eos(y0, eos_ids) | (limit <= 1), rounds=zeros,
                     drafts=zeros, drafts_verified=zeros, total_rounds=jnp.int32(0), seen=seen,
-                    history=history, lookup_rounds=zeros)
+                    history=history, lookup_rounds=zeros, limit=jnp.asarray(limit, jnp.int32))
 
 
 def _chain_round(model: Llama, adapter: Adapter, draft_head, draft_ids, st: RoundState, eta, *,
@@ -386,8 +389,8 @@ def _with_proposal(model: Llama, adapter: Adapter, st: RoundState, d: DraftChain
   return tokens, hidden, q, jnp.where(use, count, d.sent), cache, acache
 
 
-def _commit(st: RoundState, v: Verdict, cache, acache, rng, eos_ids, *, params: SamplingParams,
-            max_new_tokens: int) -> RoundState:
+def _commit(st: RoundState, v: Verdict, cache, acache, rng, eos_ids, *,
+            params: SamplingParams) -> RoundState:
   """Appends a round's accepted drafts and the target's token; the next round's state."""
   b, kb = v.tokens.shape
   live = ~st.done
@@ -398,7 +401,7 @@ def _commit(st: RoundState, v: Verdict, cache, acache, rng, eos_ids, *, params: 
   n_new = a + 1
   # Cut at the first EOS (kept) and at the token budget.
   eos_at = jnp.where(is_eos(new, eos_ids) & (j < n_new[:, None]), j, kb)
-  n_new = jnp.minimum(jnp.minimum(n_new, jnp.min(eos_at, axis=1) + 1), max_new_tokens - st.count)
+  n_new = jnp.minimum(jnp.minimum(n_new, jnp.min(eos_at, axis=1) + 1), st.limit - st.count)
   n_new = jnp.where(live, n_new, 0)
   slots = st.count[:, None] + j  # [B, K]
   out = st.out.at[jnp.arange(b)[:, None], slots].set(
@@ -409,17 +412,17 @@ def _commit(st: RoundState, v: Verdict, cache, acache, rng, eos_ids, *, params: 
       n=jnp.where(live, st.n + a + 1, st.n), y0=jnp.where(live, v.next_token, st.y0),
       h_prev=jnp.where(live[:, None], last_h, st.h_prev), cache=cache, acache=acache, rng=rng,
       out=out, count=count,
-      done=st.done | (jnp.min(eos_at, axis=1) < a + 1) | (count >= max_new_tokens),
+      done=st.done | (jnp.min(eos_at, axis=1) < a + 1) | (count >= st.limit),
       rounds=st.rounds + live, drafts=st.drafts + jnp.where(live, v.steps, 0),
       drafts_verified=st.drafts_verified + jnp.where(live, v.verified, 0),
       total_rounds=st.total_rounds + 1,
       seen=mark_seen(st.seen, new, j < n_new[:, None], params),
       history=record(st.history, st.n + 1, new, n_new),
-      lookup_rounds=st.lookup_rounds + (live & v.looked_up))
+      lookup_rounds=st.lookup_rounds + (live & v.looked_up), limit=st.limit)
 
 
 def _kangaroo_rounds(model: Llama, adapter: Adapter, draft_ids, st: RoundState, eos_ids, eta,
-                     until, *, params: SamplingParams, max_new_tokens: int, gamma: int,
+                     until, *, params: SamplingParams, gamma: int,
                      send_unconfident: bool, tree: Optional[tuple[int, int]] = None,
                      lookup: Optional[tuple[int, int]] = None) -> RoundState:
   """Runs rounds (draft -> verify -> commit; a chain, or a tree of (nodes, top-k); prompt
@@ -438,54 +441,54 @@ def _kangaroo_rounds(model: Llama, adapter: Adapter, draft_ids, st: RoundState, 
           model, adapter, draft_head, draft_ids, st, eta, gamma=gamma, topk=topk, nodes=nodes,
           sizes=verify_block_sizes(nodes), params=params)
       rng = st.rng
-    return _commit(st, verdict, cache, acache, rng, eos_ids, params=params,
-                   max_new_tokens=max_new_tokens)
+    return _commit(st, verdict, cache, acache, rng, eos_ids, params=params)
 
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.total_rounds < until),
                             round_body, st)
 
 
-_STATIC = ("graphdef", "agraphdef", "params", "max_new_tokens", "gamma", "send_unconfident",
+# The budget (`limit`) is traced, the capacity static: see `decoding.token_capacity`.
+_STATIC = ("graphdef", "agraphdef", "params", "capacity", "gamma", "send_unconfident",
            "tree", "lookup")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt_lens, rng,
-                   eos_ids, eta, *, params: SamplingParams, max_new_tokens: int, gamma: int,
+                   eos_ids, eta, limit, *, params: SamplingParams, capacity: int, gamma: int,
                    send_unconfident: bool, tree: Optional[tuple[int, int]] = None,
                    lookup: Optional[tuple[int, int]] = None):
   """The whole decode in one call: the final state's statistics (`_STATS`), as a dict."""
   model = nnx.merge(graphdef, state)
   adapter = nnx.merge(agraphdef, astate)
-  st = _kangaroo_start(model, adapter, tokens, prompt_lens, rng, eos_ids, params=params,
-                       max_new_tokens=max_new_tokens, gamma=gamma, lookup=lookup)
+  st = _kangaroo_start(model, adapter, tokens, prompt_lens, rng, eos_ids, limit, params=params,
+                       capacity=capacity, gamma=gamma, lookup=lookup)
   st = _kangaroo_rounds(model, adapter, draft_ids, st, eos_ids, eta, jnp.iinfo(jnp.int32).max,
-                        params=params, max_new_tokens=max_new_tokens, gamma=gamma,
-                        send_unconfident=send_unconfident, tree=tree, lookup=lookup)
+                        params=params, gamma=gamma, send_unconfident=send_unconfident, tree=tree,
+                        lookup=lookup)
   return {name: getattr(st, name) for name in _STATS}
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, prompt_lens, rng,
-                           eos_ids, *, params: SamplingParams, max_new_tokens: int, gamma: int,
+                           eos_ids, limit, *, params: SamplingParams, capacity: int, gamma: int,
                            send_unconfident: bool, tree: Optional[tuple[int, int]] = None,
                            lookup: Optional[tuple[int, int]] = None) -> RoundState:
   del send_unconfident, tree  # static for a uniform call; the prefill does not depend on them
   return _kangaroo_start(nnx.merge(graphdef, state), nnx.merge(agraphdef, astate), tokens,
-                         prompt_lens, rng, eos_ids, params=params,
-                         max_new_tokens=max_new_tokens, gamma=gamma, lookup=lookup)
+                         prompt_lens, rng, eos_ids, limit, params=params, capacity=capacity,
+                         gamma=gamma, lookup=lookup)
 
 
 # The state is donated: its caches are updated in place, not copied per call.
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("st",))
+@functools.partial(jax.jit, static_argnames=tuple(n for n in _STATIC if n != "capacity"),
+                   donate_argnames=("st",))
 def _kangaroo_stream_rounds(graphdef, state, agraphdef, astate, draft_ids, st, eos_ids, eta,
-                            until, *, params: SamplingParams, max_new_tokens: int, gamma: int,
+                            until, *, params: SamplingParams, gamma: int,
                             send_unconfident: bool, tree: Optional[tuple[int, int]] = None,
                             lookup: Optional[tuple[int, int]] = None) -> RoundState:
   return _kangaroo_rounds(nnx.merge(graphdef, state), nnx.merge(agraphdef, astate), draft_ids,
-                          st, eos_ids, eta, until, params=params, max_new_tokens=max_new_tokens,
-                          gamma=gamma, send_unconfident=send_unconfident, tree=tree,
-                          lookup=lookup)
+                          st, eos_ids, eta, until, params=params, gamma=gamma,
+                          send_unconfident=send_unconfident, tree=tree, lookup=lookup)
 
 
 def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[int]], *,
@@ -520,11 +523,13 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
                                  draft_ids=draft_ids, mesh=mesh), on_tokens)
   args, static = _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed,
                           eos_ids, draft_ids, mesh)
-  graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta = args
+  graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, limit = args
+  capacity = round_capacity(tokens.shape[1], max_new_tokens, kparams)
   start = time.perf_counter()
   with on_mesh(mesh):
     final = jax.block_until_ready(_kangaroo_loop(
-        graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, **static))
+        graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, limit,
+        capacity=capacity, **static))
   return _result(jax.device_get(final), len(prompts), time.perf_counter() - start)
 
 
@@ -540,11 +545,12 @@ def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
   """
   args, static = _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed,
                           eos_ids, draft_ids, mesh)
-  graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta = args
+  graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, limit = args
+  capacity = round_capacity(tokens.shape[1], max_new_tokens, kparams)
   start = time.perf_counter()
   with on_mesh(mesh):
     st = _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, lens, rng, eos,
-                                **static)
+                                limit, capacity=capacity, **static)
   shown = np.zeros((len(prompts),), np.int32)
   while True:
     host = jax.device_get({k: getattr(st, k) for k in _STATS + ("done",)})
@@ -574,11 +580,16 @@ def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos
   tokens, lens = place_batch(mesh, tokens, lens)
   if kparams.tree:
     check_tree(kparams.tree_nodes, kparams.tree_topk, kparams.gamma, params)
-  static = dict(params=params, max_new_tokens=max_new_tokens, gamma=kparams.gamma,
-                send_unconfident=kparams.send_unconfident, tree=kparams.tree,
-                lookup=kparams.lookup_setting)
+  static = dict(params=params, gamma=kparams.gamma, send_unconfident=kparams.send_unconfident,
+                tree=kparams.tree, lookup=kparams.lookup_setting)
   return ((graphdef, state, agraphdef, astate, draft_ids, tokens, lens, jax.random.key(seed), eos,
-           jnp.float32(kparams.eta)), static)
+           jnp.float32(kparams.eta), jnp.int32(max_new_tokens)), static)
+
+
+def round_capacity(prompt_bucket: int, max_new_tokens: int, kparams: KangarooParams) -> int:
+  """The loop's static token capacity for a budget: every budget with the same cache size
+  shares one compiled loop (`decoding.token_capacity`; a round's block needs 2 more slots)."""
+  return token_capacity(prompt_bucket, max_new_tokens, kparams.block + 2)
 
 
 # What a finished (or streamed) loop state hands back to the host.

@@ -17,7 +17,8 @@ class RoundState:
   h_prev [B, D]: layer-l state of the token before y0 (the adapter re-reads that slot).
   cache: the model's KV cache (shallow and deep layers); acache: the adapter's.
   rng: PRNG key (sampling and speculative acceptance).
-  out [B, C]: tokens generated so far (C = max_new_tokens + gamma + 1; PAD after count).
+  out [B, C]: tokens generated so far (C = the loop's static token capacity + gamma + 1;
+    PAD after count).
   count [B]: tokens in `out`.
   done [B]: EOS seen or the token budget reached.
   rounds [B], drafts [B], drafts_verified [B]: rounds this sequence took part in, draft
@@ -28,6 +29,8 @@ class RoundState:
   history [B, S]: the sequence's tokens by position up to y0 (prompt lookup, see
     `kangaroo_jax.lookup`; later slots are stale); lookup_rounds [B]: rounds that
     verified a lookup proposal (statistics).
+  limit []: the token budget (max_new_tokens), traced so that budgets that fit the same
+    cache share one compiled loop (`decoding.token_capacity`).
   """
   n: jax.Array
   y0: jax.Array
@@ -45,6 +48,7 @@ class RoundState:
   seen: jax.Array
   history: jax.Array
   lookup_rounds: jax.Array
+  limit: jax.Array
 
 
 @struct.dataclass

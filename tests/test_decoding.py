@@ -60,6 +60,20 @@ def test_same_bucket_does_not_recompile(tiny):
   assert bucket(5) == bucket(30) == 32 and bucket(33) == 64
 
 
+def test_budgets_that_fit_one_cache_share_one_compiled_loop(tiny):
+  """The token budget is traced: 3 and 90 new tokens after a 32-token bucket both fit a
+  128-slot cache, so they run one compiled loop; 97 needs 256 slots, a new one."""
+  from kangaroo_jax.decoding import token_capacity
+  assert token_capacity(32, 3) == token_capacity(32, 90) == 96 and token_capacity(32, 97) == 224
+  long = plain_decode(tiny, _prompts([5]), max_new_tokens=90).tokens[0]
+  before = _plain_loop._cache_size()
+  for n in (3, 17, 64):
+    assert plain_decode(tiny, _prompts([5]), max_new_tokens=n).tokens[0] == long[:n]
+  assert _plain_loop._cache_size() == before
+  plain_decode(tiny, _prompts([5]), max_new_tokens=97)
+  assert _plain_loop._cache_size() == before + 1
+
+
 def test_sampling_is_seeded_and_respects_top_k(tiny):
   prompt = _prompts([4])
   params = SamplingParams(temperature=1.0, top_k=1)
@@ -138,15 +152,15 @@ def test_no_cache_copy_per_step(tiny):
   agraphdef, astate = nnx.split(init_adapter(tiny.cfg, 1))
   tokens, lens, eos = jnp.zeros((1, 32), jnp.int32), jnp.asarray([5]), jnp.asarray([EOS])
   cfg = tiny.cfg
-  plain = _plain_loop.lower(graphdef, state, tokens, lens, jax.random.key(0), eos,
-                            params=SamplingParams(), max_new_tokens=64)
+  plain = _plain_loop.lower(graphdef, state, tokens, lens, jax.random.key(0), eos, jnp.int32(64),
+                            params=SamplingParams(), capacity=64)
   dims = f"1,{cache_size(32, 64)},{cfg.num_kv_heads},{cfg.head_dim}"
   text = plain.compile().as_text()
   assert f"[{dims}]" in text
   assert _cache_copies_in_loops(text, dims) == 0
   spec = _kangaroo_loop.lower(graphdef, state, agraphdef, astate, None, tokens, lens,
-                              jax.random.key(0), eos, jnp.float32(0.6), params=SamplingParams(),
-                              max_new_tokens=64, gamma=1, send_unconfident=True)
+                              jax.random.key(0), eos, jnp.float32(0.6), jnp.int32(64),
+                              params=SamplingParams(), capacity=64, gamma=1, send_unconfident=True)
   dims = f"1,{cache_size(32, 64, 3)},{cfg.num_kv_heads},{cfg.head_dim}"
   text = spec.compile().as_text()
   assert f"[{dims}]" in text

@@ -103,7 +103,7 @@ def _compiled(batch, gamma, send, params, mesh=None, dtype=jnp.float32, activati
     lens = jax.device_put(lens, sharding.data_sharding(mesh))
   lowered = _kangaroo_loop.lower(graphdef, state, agraphdef, astate, None, tokens, lens,
                                  jax.random.key(0), jnp.asarray([1]), jnp.float32(0.6),
-                                 params=params, max_new_tokens=NEW, gamma=gamma,
+                                 jnp.int32(NEW), params=params, capacity=NEW, gamma=gamma,
                                  send_unconfident=send, tree=tree, lookup=lookup)
   return lowered.compile().as_text()
 

@@ -73,8 +73,10 @@ def _spec_bench_prompts():
 
 
 def test_kangaroo_greedy_identical_on_spec_bench(smol):
-  """24 prompts over all 13 categories, batched by prompt-length bucket. The token limit
-  falls inside rounds, and the short answers (qa, translation) end on EOS mid-round."""
+  """24 prompts over all 13 categories: the 22 short ones (64-256 tokens) in one batch, the
+  two long ones (rag, summarization: 1024-token bucket) one at a time, so few loops
+  compile. The token limit falls inside rounds, and the short answers (qa, translation)
+  end on EOS mid-round."""
   model, tok = smol
   by_cat = _spec_bench_prompts()
   assert len(by_cat) == 13
@@ -82,16 +84,14 @@ def test_kangaroo_greedy_identical_on_spec_bench(smol):
   assert len(prompts) >= 20
   eos = eos_ids(model, tok)
   adapter, draft_ids = load_adapter_for(model)
-  groups = collections.defaultdict(list)
-  for p in prompts:
-    groups[bucket(len(p))].append(p)
-  plain, spec, accepted = [], [], []
-  for group in groups.values():
+  short = [p for p in prompts if bucket(len(p)) <= 256]
+  groups = [short] + [[p] for p in prompts if bucket(len(p)) > 256]
+  assert len(short) >= 20 and len(groups) >= 3
+  plain, spec = [], []
+  for group in groups:
     plain += plain_decode(model, group, max_new_tokens=40, eos_ids=eos).tokens
-    out = kangaroo_decode(model, adapter, group, max_new_tokens=40, eos_ids=eos,
-                          kparams=KangarooParams(0.6, 6), draft_ids=draft_ids)
-    spec += out.tokens
-    accepted.append(out.stats["mean_accepted_tokens"])
+    spec += kangaroo_decode(model, adapter, group, max_new_tokens=40, eos_ids=eos,
+                            kparams=KangarooParams(0.6, 6), draft_ids=draft_ids).tokens
   mismatched = [i for i, (a, b) in enumerate(zip(plain, spec)) if a != b]
   assert not mismatched, f"prompts {mismatched} differ from plain decoding"
   assert sum(t[-1] in eos and len(t) < 40 for t in plain) >= 1  # stopped by EOS
@@ -120,12 +120,13 @@ def test_prompt_lookup_rounds_identical_on_spec_bench(smol):
 
 def test_kangaroo_greedy_identical_with_bfloat16_weights():
   """bfloat16 weights, float32 activations (the lossless mode): three Spec-Bench prompts,
-  48 tokens, each decoded alone as `decode.py --compare` does."""
+  48 tokens, each decoded alone as `decode.py --compare` does (all three in the 64-token
+  bucket: one compiled loop each way)."""
   model, tok = load_model(dtype="bfloat16")
   eos = eos_ids(model, tok)
   adapter, draft_ids = load_adapter_for(model)
   by_cat = _spec_bench_prompts()
-  for cat in ("writing", "math_reasoning", "coding"):
+  for cat in ("writing", "roleplay", "coding"):
     ids = encode_prompt(tok, by_cat[cat][0])
     plain = plain_decode(model, [ids], max_new_tokens=48, eos_ids=eos).tokens
     spec = kangaroo_decode(model, adapter, [ids], max_new_tokens=48, eos_ids=eos,

@@ -77,18 +77,21 @@ def test_the_loops_have_no_host_callbacks(tiny):
   graphdef, state = nnx.split(tiny)
   agraphdef, astate = nnx.split(init_adapter(tiny.cfg, 2))
   tokens, lens, eos = jnp.zeros((1, 32), jnp.int32), jnp.asarray([5]), jnp.asarray([EOS])
-  static = dict(params=SamplingParams(), max_new_tokens=16)
+  limit, params = jnp.int32(16), SamplingParams()
+  static = dict(params=params, capacity=16)
   kstatic = dict(static, gamma=2, send_unconfident=True)
   st = jax.eval_shape(lambda: decoding._plain_stream_start(
-      graphdef, state, tokens, lens, jax.random.key(0), eos, **static))
+      graphdef, state, tokens, lens, jax.random.key(0), eos, limit, **static))
   kst = jax.eval_shape(lambda: kangaroo._kangaroo_stream_start(
-      graphdef, state, agraphdef, astate, tokens, lens, jax.random.key(0), eos, **kstatic))
+      graphdef, state, agraphdef, astate, tokens, lens, jax.random.key(0), eos, limit, **kstatic))
   lowered = [
-      decoding._plain_loop.lower(graphdef, state, tokens, lens, jax.random.key(0), eos, **static),
-      decoding._plain_stream_run.lower(graphdef, state, st, eos, jnp.int32(2), **static),
+      decoding._plain_loop.lower(graphdef, state, tokens, lens, jax.random.key(0), eos, limit,
+                                 **static),
+      decoding._plain_stream_run.lower(graphdef, state, st, eos, jnp.int32(2), params=params),
       kangaroo._kangaroo_loop.lower(graphdef, state, agraphdef, astate, None, tokens, lens,
-                                    jax.random.key(0), eos, jnp.float32(0.6), **kstatic),
+                                    jax.random.key(0), eos, jnp.float32(0.6), limit, **kstatic),
       kangaroo._kangaroo_stream_rounds.lower(graphdef, state, agraphdef, astate, None, kst, eos,
-                                             jnp.float32(0.6), jnp.int32(2), **kstatic)]
+                                             jnp.float32(0.6), jnp.int32(2), params=params,
+                                             gamma=2, send_unconfident=True)]
   for low in lowered:
     assert "callback" not in low.as_text()

@@ -72,8 +72,8 @@ def test_tree_states_equal_a_from_scratch_recomputation(easy):
   tokens = jnp.asarray([prompt + [0] * (32 - len(prompt))])
   lens = jnp.asarray([len(prompt)])
   params = SamplingParams()
-  st = _kangaroo_start(model, adapter, tokens, lens, jax.random.key(0), jnp.asarray([EOS]),
-                       params=params, max_new_tokens=20, gamma=gamma)
+  st = _kangaroo_start(model, adapter, tokens, lens, jax.random.key(0), jnp.asarray([EOS]), 20,
+                       params=params, capacity=20, gamma=gamma)
   tree, _, _, _, _ = T.draft_tree(model, adapter, None, None, st, jnp.float32(0.01),
                                   gamma=gamma, topk=topk, params=params)
   root = int(st.y0[0])
