@@ -17,3 +17,10 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: uses the 135M model or takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+  # The slow tests (the 135M model, subprocesses) first: with `make test`'s two workers both
+  # then start on them and end on short ones, instead of one worker running a long test
+  # alone at the end. The sort is stable, so each module's tests stay together.
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
