@@ -97,7 +97,7 @@ class KangarooParams:
     if self.lookup < 0:
       raise ValueError(f"prompt lookup (--lookup) must be >= 0 tokens, got {self.lookup}")
     if self.lookup_ngram < 1:
-      raise ValueError(f"prompt lookup n-gram (--lookup-ngram) must be >= 1, got {self.lookup_ngram}")
+      raise ValueError(f"prompt lookup n-gram (lookup_ngram) must be >= 1, got {self.lookup_ngram}")
     if self.lookup and self.tree_nodes:
       raise ValueError("prompt lookup (--lookup) works with chain drafting only: "
                        "use --tree-nodes 0 or --lookup 0")

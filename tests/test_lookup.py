@@ -123,7 +123,7 @@ def test_sampling_with_lookup_keeps_the_target_law():
 
 
 @pytest.mark.parametrize("kwargs, problem", [
-    (dict(lookup=-1), "--lookup"), (dict(lookup=4, lookup_ngram=0), "--lookup-ngram"),
+    (dict(lookup=-1), "--lookup"), (dict(lookup=4, lookup_ngram=0), "lookup_ngram"),
     (dict(lookup=4, tree_nodes=4), "chain drafting only")])
 def test_bad_lookup_settings_are_refused(kwargs, problem):
   with pytest.raises(ValueError, match=problem):
