@@ -207,7 +207,8 @@ def _plain_run(model: Llama, st: dict, eos_ids, until, params: SamplingParams) -
 
 # The budget (`limit`) is traced, the capacity static: see `token_capacity`.
 _STATIC = ("graphdef", "params", "capacity")
-_NO_ROUND_LIMIT = jnp.iinfo(jnp.int32).max
+# `until` for a loop that runs to its end (EOS or the budget), not a streaming chunk.
+UNTIL_DONE = jnp.iinfo(jnp.int32).max
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -216,7 +217,7 @@ def _plain_loop(graphdef, state, tokens, prompt_lens, rng, eos_ids, limit, *,
   """The whole decode in one call: (out [B, capacity], new token counts [B], steps)."""
   model = nnx.merge(graphdef, state)
   st = _plain_start(model, tokens, prompt_lens, rng, eos_ids, limit, params, capacity)
-  st = _plain_run(model, st, eos_ids, _NO_ROUND_LIMIT, params)
+  st = _plain_run(model, st, eos_ids, UNTIL_DONE, params)
   return st["out"], st["count"], st["step"]
 
 
@@ -233,7 +234,7 @@ def plain_loop_with_top_k(graphdef, state, tokens, prompt_lens, rng, eos_ids, li
   """
   model = nnx.merge(graphdef, state)
   st = _plain_start(model, tokens, prompt_lens, rng, eos_ids, limit, params, capacity, top_k)
-  st = _plain_run(model, st, eos_ids, _NO_ROUND_LIMIT, params)
+  st = _plain_run(model, st, eos_ids, UNTIL_DONE, params)
   return st["out"], st["top_ids"], st["top_probs"], st["count"]
 
 

@@ -34,7 +34,7 @@ from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import Adapter, check_draft_ids
 from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptError, cache_size,
                                    drain, is_eos, last_hidden, new_tokens, on_mesh, pad_prompts,
-                                   place_batch, prefill, token_capacity)
+                                   place_batch, prefill, token_capacity, UNTIL_DONE)
 from kangaroo_jax.lookup import cached_states, init_history, proposal_states, propose, record
 from kangaroo_jax.model import Llama
 from kangaroo_jax.precision import as_computed, cache_dtype
@@ -299,7 +299,7 @@ def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eo
                     lookup: Optional[tuple[int, int]] = None) -> RoundState:
   """Prefill (shallow layers, adapter, deep layers) and the first token: the round state.
 
-  `capacity` (static, `round_capacity`) sizes the output and the caches; `limit` ([] int32,
+  `capacity` (static, `decoding.token_capacity`) sizes the output and the caches; `limit` ([] int32,
   <= capacity) is the token budget."""
   l = adapter.acfg.exit_layer
   b = tokens.shape[0]
@@ -462,7 +462,7 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
   adapter = nnx.merge(agraphdef, astate)
   st = _kangaroo_start(model, adapter, tokens, prompt_lens, rng, eos_ids, limit, params=params,
                        capacity=capacity, gamma=gamma, lookup=lookup)
-  st = _kangaroo_rounds(model, adapter, draft_ids, st, eos_ids, eta, jnp.iinfo(jnp.int32).max,
+  st = _kangaroo_rounds(model, adapter, draft_ids, st, eos_ids, eta, UNTIL_DONE,
                         params=params, gamma=gamma, send_unconfident=send_unconfident, tree=tree,
                         lookup=lookup)
   return {name: getattr(st, name) for name in _STATS}
@@ -480,12 +480,12 @@ def _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, prompt_le
 
 
 # The state is donated: its caches are updated in place, not copied per call.
-@functools.partial(jax.jit, static_argnames=tuple(n for n in _STATIC if n != "capacity"),
-                   donate_argnames=("st",))
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("st",))
 def _kangaroo_stream_rounds(graphdef, state, agraphdef, astate, draft_ids, st, eos_ids, eta,
-                            until, *, params: SamplingParams, gamma: int,
+                            until, *, params: SamplingParams, capacity: int, gamma: int,
                             send_unconfident: bool, tree: Optional[tuple[int, int]] = None,
                             lookup: Optional[tuple[int, int]] = None) -> RoundState:
+  del capacity  # static for a uniform call; the state's shapes already carry it
   return _kangaroo_rounds(nnx.merge(graphdef, state), nnx.merge(agraphdef, astate), draft_ids,
                           st, eos_ids, eta, until, params=params, gamma=gamma,
                           send_unconfident=send_unconfident, tree=tree, lookup=lookup)
@@ -524,12 +524,11 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
   args, static = _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed,
                           eos_ids, draft_ids, mesh)
   graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, limit = args
-  capacity = round_capacity(tokens.shape[1], max_new_tokens, kparams)
   start = time.perf_counter()
   with on_mesh(mesh):
     final = jax.block_until_ready(_kangaroo_loop(
         graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, limit,
-        capacity=capacity, **static))
+        **static))
   return _result(jax.device_get(final), len(prompts), time.perf_counter() - start)
 
 
@@ -546,11 +545,10 @@ def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
   args, static = _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed,
                           eos_ids, draft_ids, mesh)
   graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, limit = args
-  capacity = round_capacity(tokens.shape[1], max_new_tokens, kparams)
   start = time.perf_counter()
   with on_mesh(mesh):
     st = _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, lens, rng, eos,
-                                limit, capacity=capacity, **static)
+                                limit, **static)
   shown = np.zeros((len(prompts),), np.int32)
   while True:
     host = jax.device_get({k: getattr(st, k) for k in _STATS + ("done",)})
@@ -580,16 +578,14 @@ def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos
   tokens, lens = place_batch(mesh, tokens, lens)
   if kparams.tree:
     check_tree(kparams.tree_nodes, kparams.tree_topk, kparams.gamma, params)
-  static = dict(params=params, gamma=kparams.gamma, send_unconfident=kparams.send_unconfident,
+  # Every budget that fits the same caches (a round's block needs 2 more slots) shares the
+  # compiled loops: the capacity is static, the budget `limit` traced.
+  static = dict(params=params, capacity=token_capacity(tokens.shape[1], max_new_tokens,
+                                                       kparams.block + 2),
+                gamma=kparams.gamma, send_unconfident=kparams.send_unconfident,
                 tree=kparams.tree, lookup=kparams.lookup_setting)
   return ((graphdef, state, agraphdef, astate, draft_ids, tokens, lens, jax.random.key(seed), eos,
            jnp.float32(kparams.eta), jnp.int32(max_new_tokens)), static)
-
-
-def round_capacity(prompt_bucket: int, max_new_tokens: int, kparams: KangarooParams) -> int:
-  """The loop's static token capacity for a budget: every budget with the same cache size
-  shares one compiled loop (`decoding.token_capacity`; a round's block needs 2 more slots)."""
-  return token_capacity(prompt_bucket, max_new_tokens, kparams.block + 2)
 
 
 # What a finished (or streamed) loop state hands back to the host.

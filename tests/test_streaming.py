@@ -91,7 +91,6 @@ def test_the_loops_have_no_host_callbacks(tiny):
       kangaroo._kangaroo_loop.lower(graphdef, state, agraphdef, astate, None, tokens, lens,
                                     jax.random.key(0), eos, jnp.float32(0.6), limit, **kstatic),
       kangaroo._kangaroo_stream_rounds.lower(graphdef, state, agraphdef, astate, None, kst, eos,
-                                             jnp.float32(0.6), jnp.int32(2), params=params,
-                                             gamma=2, send_unconfident=True)]
+                                             jnp.float32(0.6), jnp.int32(2), **kstatic)]
   for low in lowered:
     assert "callback" not in low.as_text()
