@@ -93,22 +93,34 @@ def penalize(logits: jax.Array, seen: jax.Array, params: SamplingParams) -> jax.
 
 
 def process_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
-  """Temperature, top-k and top-p on float32 logits [..., V]; removed tokens get -inf."""
+  """Temperature, top-k and top-p on float32 logits [..., V]; removed tokens get -inf.
+
+  Truncation picks tokens by their rank (the indices `top_k` and the sort return), never
+  by comparing logits with a threshold value: a compiler may recompute the scaled logits
+  in another fusion with other rounding (seen on a GPU, where every token then fell
+  below its own k-th value and sampling returned token 0). By rank, top-k keeps exactly
+  k tokens (ties toward the lower id) and top-p at least the most likely one.
+  """
   logits = logits.astype(jnp.float32) / params.temperature
   # A top_k above the vocabulary keeps every token (as transformers does); the draft's
   # reduced vocabulary is often smaller than the top_k the target samples with.
   if 0 < params.top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, params.top_k)[0][..., -1:]  # [..., 1]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    ids = jax.lax.top_k(logits, params.top_k)[1]  # [..., k]
+    logits = jnp.where(_mark(logits, ids, True), logits, -jnp.inf)
   if params.top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # [..., V], descending
-    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    sorted_logits, order = jax.lax.top_k(logits, logits.shape[-1])  # [..., V] each, descending
+    mass = jax.nn.softmax(sorted_logits, axis=-1)  # [..., V]
     # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass
-    # strictly before it is < top_p. The cutoff is the last kept logit.
-    keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < params.top_p
-    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    # strictly before it is < top_p; the most likely token always stays.
+    keep = ((jnp.cumsum(mass, axis=-1) - mass) < params.top_p).at[..., 0].set(True)
+    logits = jnp.where(_mark(logits, order, keep), logits, -jnp.inf)
   return logits
+
+
+def _mark(logits: jax.Array, ids: jax.Array, values) -> jax.Array:
+  """A [..., V] bool mask with `values` at token ids [..., N] (False elsewhere)."""
+  return jnp.put_along_axis(jnp.zeros(logits.shape, bool), ids, values, axis=-1,
+                            inplace=False)
 
 
 def probs(logits: jax.Array, params: SamplingParams) -> jax.Array:

@@ -105,6 +105,28 @@ def test_top_k_above_the_vocabulary_keeps_every_token():
   np.testing.assert_allclose(p, [0.5, 0.3, 0.15, 0.05], atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_truncation_keeps_tokens_by_rank(temperature):
+  """top-k keeps exactly k tokens and top-p at least one, chosen by rank: no threshold
+  compared with recomputed logits (on a GPU that once dropped every token), even where
+  every logit ties (bfloat16-rounded logits of a large vocabulary tie often)."""
+  import jax
+  import jax.numpy as jnp
+  from kangaroo_jax.sampling import process_logits
+  ties = jnp.zeros((2, 3, 64))  # [B, K, V]: every token tied
+  rounded = jax.random.normal(jax.random.key(0), (2, 3, 4096)).astype(jnp.bfloat16)
+  for logits in (ties, rounded.astype(jnp.float32)):
+    for k in (1, 5):
+      kept = np.isfinite(np.asarray(process_logits(logits, SamplingParams(temperature, top_k=k))))
+      assert (kept.sum(-1) == k).all()
+    for top_p in (1e-6, 0.5, 0.99):
+      kept = np.isfinite(np.asarray(process_logits(logits, SamplingParams(temperature, top_p=top_p))))
+      assert (kept.sum(-1) >= 1).all()
+  # Tied tokens fill the top-p mass in rank order: 4 of 64 equal ones reach 6%.
+  kept = np.isfinite(np.asarray(process_logits(ties, SamplingParams(1.0, top_p=0.06))))
+  assert (kept.sum(-1) == 4).all()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temperature=-1.0), "temperature"),
     (dict(temperature=1.0, top_p=0.0), "top_p"),
