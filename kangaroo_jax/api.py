@@ -27,7 +27,7 @@ from kangaroo_jax.adapter import Adapter, init_adapter, load_adapter
 from kangaroo_jax.decoding import PromptError, plain_decode, plain_stream
 from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode, kangaroo_stream
 from kangaroo_jax.model import Llama
-from kangaroo_jax.precision import activation_dtype
+from kangaroo_jax.precision import activation_dtype, cache_dtype
 from kangaroo_jax.sampling import SamplingParams
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -139,7 +139,8 @@ def memory_report(model: Llama, adapter: Union[Drafter, Adapter, None] = None, b
   if isinstance(adapter, tuple):
     adapter = adapter[0]
   return memory.report(model.cfg, model.dtype, axis_sizes, batch, slots,
-                       None if adapter is None else adapter.acfg)
+                       None if adapter is None else adapter.acfg,
+                       cache_dtype=cache_dtype(model.activations))
 
 
 def load_adapter_for(model: Llama, path: Optional[str] = None, exit_layer: Optional[int] = None,

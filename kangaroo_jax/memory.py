@@ -89,14 +89,20 @@ def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype, bat
 
 
 def report(cfg: ModelConfig, dtype, axis_sizes, batch: int = 1, slots: int = 2048,
-           acfg: Optional[AdapterConfig] = None) -> MemoryReport:
-  """Per-device bytes of weights, the KV caches (model and adapter) and the adapter."""
-  kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, batch, slots,
+           acfg: Optional[AdapterConfig] = None, cache_dtype=None) -> MemoryReport:
+  """Per-device bytes of weights, the KV caches (model and adapter) and the adapter.
+
+  `dtype` is the weights'; `cache_dtype` the KV caches' (None: the same). They differ
+  whenever the activations do from the weights: the caches hold activations
+  (`precision.cache_dtype`), so bfloat16 weights with float32 activations cache float32.
+  """
+  cache_dtype = dtype if cache_dtype is None else cache_dtype
+  kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cache_dtype, batch, slots,
                       axis_sizes)
   adapter = 0
   if acfg is not None:
     adapter = adapter_bytes(acfg, cfg, dtype, axis_sizes)
-    kv += kv_cache_bytes(1, acfg.num_heads, acfg.head_dim, dtype, batch, slots, axis_sizes)
+    kv += kv_cache_bytes(1, acfg.num_heads, acfg.head_dim, cache_dtype, batch, slots, axis_sizes)
   return MemoryReport(axis_sizes["data"], axis_sizes["model"], model_bytes(cfg, dtype, axis_sizes),
                       kv, adapter, batch, slots)
 

@@ -93,13 +93,32 @@ def test_memory_report_equals_the_placed_bytes(folder, adapter_path):
   assert got.weights == on_device(model)
   assert got.adapter == on_device(drafter.adapter)
   cfg, acfg = model.cfg, drafter.adapter.acfg
-  per_layer = lambda heads, head_dim: 2 * 2 * 256 * heads * head_dim * 2  # k+v, B, S, bf16
+  # k+v, B, S, float32: the caches hold the (default float32) activations, not the weights' bf16.
+  per_layer = lambda heads, head_dim: 2 * 2 * 256 * heads * head_dim * 4
   # The model's 2 KV heads do not divide 'model' (4): only the batch splits (over 2);
   # the adapter's 4 heads split over 'model' too.
   want_kv = (cfg.num_layers * per_layer(cfg.num_kv_heads, cfg.head_dim) // 2
              + per_layer(acfg.num_heads, acfg.head_dim) // 8)
   assert got.kv_cache == want_kv
   assert "per device (mesh 2x4)" in got.summary()
+
+
+@pytest.mark.parametrize("activations", ["float32", "bfloat16"])
+def test_memory_report_sizes_the_kv_cache_kangaroo_allocates(folder, activations):
+  """bfloat16 weights: the caches hold float32 activations (also for bfloat16 activations on
+  a CPU, `precision.cache_dtype`), so the report must count 4 bytes a value, not 2."""
+  from kangaroo_jax import kangaroo
+  from kangaroo_jax.sampling import SamplingParams
+  model, _ = api.load_model(folder, "bfloat16", mesh=None, activations=activations)
+  drafter = api.load_adapter_for(model, exit_layer=1)
+  tokens, lens = jnp.zeros((1, 16), jnp.int32), jnp.array([5], jnp.int32)
+  state = nnx.eval_shape(lambda m, a: kangaroo._kangaroo_start(
+      m, a, tokens, lens, jax.random.key(0), jnp.array([1]), 8, params=SamplingParams(),
+      capacity=100, gamma=2), model, drafter.adapter)
+  caches = jax.tree.leaves((state.cache, state.acache))
+  slots = {c.shape[1] for c in caches}.pop()
+  allocated = sum(c.size * c.dtype.itemsize for c in caches)
+  assert api.memory_report(model, drafter, slots=slots).kv_cache == allocated
 
 
 def test_bf16_checkpoint_streams_without_a_float32_copy(tmp_path):
