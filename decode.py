@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
   add("--model", metavar="PATH",
       help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
   add("--dtype", choices=["float32", "bfloat16"], default="float32",
-      help="weights and KV cache dtype (default float32)")
+      help="weights dtype (default float32); the KV cache follows --activations")
   add("--activations", choices=["float32", "bfloat16"], default="float32",
       help="hidden-state dtype: float32 (default) keeps greedy Kangaroo token-identical to "
       "plain decoding with bfloat16 weights too; bfloat16 is cheaper on accelerators but "
@@ -265,12 +265,35 @@ def load(api, args):
   return model, tokenizer, adapter, draft_ids, time.perf_counter() - start
 
 
-def memory(api, model, adapter, args):
+def drafting(args) -> dict:
+  """The Kangaroo settings of this run: the tuned ones, the typed flags in their place.
+
+  Tuned values that conflict with a typed flag are adapted (`tuning.resolve_with_notes`),
+  one `note:` line on stderr each; `api.generate` resolves the same flags the same way.
+  """
+  from kangaroo_jax import tuning
+  settings, notes = tuning.resolve_with_notes(
+      greedy=args.temperature == 0, eta=args.threshold, gamma=args.max_draft,
+      send_unconfident=None if args.send_unconfident is None else args.send_unconfident == "yes",
+      tree_nodes=args.tree_nodes, tree_topk=args.tree_topk, lookup=args.lookup)
+  if args.mode == "kangaroo":
+    for note in notes:
+      print(note, file=sys.stderr)
+  return settings
+
+
+def round_block(args, settings: dict) -> int:
+  """Most tokens a Kangaroo round verifies past the pending one (0 in plain mode)."""
+  return max(settings["gamma"], settings["lookup"]) if args.mode == "kangaroo" else 0
+
+
+def memory(api, model, adapter, args, settings: dict):
   """Per-device bytes of weights, KV cache and adapter (`api.memory_report`) for this run."""
-  from kangaroo_jax import decoding, tuning
-  drafts = 0 if adapter is None else tuning.resolve(gamma=args.max_draft)["gamma"] + 1
-  # Cache slots for a prompt of up to PROMPT_SLOTS tokens, the new ones and a round's drafts.
-  slots = decoding.cache_size(PROMPT_SLOTS, args.max_new_tokens, drafts)
+  from kangaroo_jax import decoding
+  # Cache slots for a prompt of up to PROMPT_SLOTS tokens, the new ones and, with Kangaroo,
+  # a round's block plus 2, as the loop allocates them (`kangaroo._kangaroo_start`).
+  extra = round_block(args, settings) + 2 if adapter is not None else 0
+  slots = decoding.cache_size(PROMPT_SLOTS, args.max_new_tokens, extra)
   return api.memory_report(model, adapter, batch=1, slots=slots)
 
 
@@ -309,17 +332,18 @@ def fit_conversation(api, tokenizer, history: list, reserve: int, positions: int
 
 def chat(api, args) -> None:
   """The interactive loop: one user message per stdin line, answers streamed to stdout."""
-  from kangaroo_jax import tuning
+  settings = drafting(args)
   model, tokenizer, adapter, draft_ids, load_seconds = load(api, args)
   if not getattr(tokenizer, "chat_template", None):
     raise CliError("--chat needs a tokenizer with a chat template; this model's has none")
   kwargs = decode_kwargs(args, adapter, draft_ids, args.mode)
-  reserve = args.max_new_tokens + (tuning.resolve(gamma=args.max_draft)["gamma"] + 1
-                                   if args.mode == "kangaroo" else 0)
+  # A Kangaroo round needs its block and the pending token past the budget (`pad_prompts`).
+  block = round_block(args, settings)
+  reserve = args.max_new_tokens + (block + 1 if block else 0)
   interactive = sys.stdin.isatty()
   print(f"chat ({args.mode}; loaded in {load_seconds:.1f} s): one message per line; /reset "
         "clears the conversation, /exit or end of input ends\n"
-        + memory(api, model, adapter, args).summary(), file=sys.stderr)
+        + memory(api, model, adapter, args, settings).summary(), file=sys.stderr)
   history: list = []
   while True:
     if interactive:
@@ -351,9 +375,10 @@ def run(args) -> None:
   from kangaroo_jax import api  # slow (jax): only after the arguments passed validation
   if args.chat:
     return chat(api, args)
+  settings = drafting(args)
   model, tokenizer, adapter, draft_ids, load_seconds = load(api, args)
   kwargs = decode_kwargs(args, adapter, draft_ids, args.mode)
-  out = dict(prompt=args.prompt, memory=memory(api, model, adapter, args).summary())
+  out = dict(prompt=args.prompt, memory=memory(api, model, adapter, args, settings).summary())
   if args.compare:
     gen, stats, comparison = compare(api, model, tokenizer, args, kwargs)
     out.update(comparison)

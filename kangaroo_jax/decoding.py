@@ -67,21 +67,38 @@ def place_batch(mesh, *arrays):
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], max_positions: int,
-                reserve: int) -> tuple[np.ndarray, np.ndarray]:
-  """Right-pads token lists into [B, bucket] int32 plus lengths [B]; checks the sizes."""
+                max_new_tokens: int, extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists into [B, bucket] int32 plus lengths [B]; checks the sizes.
+
+  The longest prompt, `max_new_tokens` and `extra` positions (a Kangaroo round's block)
+  must fit the model's `max_positions`.
+  """
   if not prompts:
     raise PromptError("no prompts given")
   lens = [len(p) for p in prompts]
   if min(lens) == 0:
     raise PromptError("empty prompt: it must hold at least one token")
-  if max(lens) + reserve > max_positions:
-    raise PromptError(f"prompt of {max(lens)} tokens plus room for {reserve} new tokens "
-                      f"exceeds the model's {max_positions} positions")
+  if max(lens) + max_new_tokens + extra > max_positions:
+    raise PromptError(_too_long(max(lens), max_new_tokens, extra, max_positions))
   width = bucket(max(lens))
   tokens = np.full((len(prompts), width), PAD_ID, np.int32)
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p
   return tokens, np.asarray(lens, np.int32)
+
+
+def _too_long(prompt: int, max_new_tokens: int, extra: int, max_positions: int) -> str:
+  """The error for a prompt that does not fit: the numbers the caller gave, and what fits.
+
+  `extra` (slots the decoder adds itself) is named apart from the budget asked for, so
+  that the message repeats the caller's max_new_tokens rather than a sum of both.
+  """
+  kept = f" and {extra} positions a Kangaroo round needs" if extra else ""
+  room = max_positions - prompt - extra
+  fix = (f"ask for at most {room} new tokens or shorten the prompt" if room >= 1
+         else f"shorten the prompt to at most {max_positions - extra - 1} tokens")
+  return (f"prompt of {prompt} tokens plus {max_new_tokens} new tokens{kept} exceeds the "
+          f"model's {max_positions} positions: {fix}")
 
 
 @dataclasses.dataclass

@@ -567,8 +567,8 @@ def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos
   adapter.acfg.check(model.cfg)
   if max_new_tokens < 1:
     raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings,
-                             max_new_tokens + kparams.block + 1)
+  tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens,
+                             extra=kparams.block + 1)
   if draft_ids is not None:
     draft_ids = jnp.asarray(check_draft_ids(draft_ids, model.cfg.vocab_size))
   graphdef, state = nnx.split(model)

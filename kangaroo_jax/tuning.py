@@ -94,16 +94,71 @@ def tuned_settings(backend: Optional[str] = None, path: Optional[str] = None) ->
 
 
 def resolve(**given) -> dict:
-  """The tuned settings of this backend with every given value that is not None in place.
+  """The tuned settings of this backend with every given value that is not None in place,
+  and the tuned values that conflict with a given one adapted (`resolve_with_notes`)."""
+  return resolve_with_notes(**given)[0]
 
-  Prompt lookup goes with the chain: an explicit tree (or lookup) turns the tuned other off.
+
+def resolve_with_notes(gamma_flag: str = "--max-draft", greedy: bool = True,
+                       **given) -> tuple[dict, list[str]]:
+  """`resolve`, plus one `note:` line per tuned value changed to fit a given one.
+
+  A value the caller gives always wins; a tuned value that cannot go with it gives way:
+  prompt lookup goes with the chain, so a given tree turns the tuned lookup off and a
+  given lookup the tuned tree; a given tree of N nodes deepens (or widens) the tuned tree
+  until top-k x depth holds N; a given depth or top-k cuts the tuned tree's nodes to fit.
+  Given values that conflict among themselves are refused.
+
+  Raises:
+    TuningError: given tree nodes exceed the given top-k x depth.
+
+  Args:
+    gamma_flag: how the notes name gamma (decode.py: --max-draft, the benchmark: --gamma).
+    greedy: False drops a tuned tree (tree drafting is greedy only), as `api.generate` does.
+    **given: eta, gamma, draft_vocab, send_unconfident, tree_nodes, tree_topk, lookup;
+      None = not given.
   """
-  out = tuned_settings() | {k: v for k, v in given.items() if v is not None}
-  if given.get("tree_nodes") and given.get("lookup") is None:
-    out["lookup"] = 0
-  if given.get("lookup") and given.get("tree_nodes") is None:
-    out["tree_nodes"] = 0
-  return out
+  typed = {k: v for k, v in given.items() if v is not None}
+  out = tuned_settings() | typed
+  flags = {"gamma": gamma_flag, "tree_nodes": "--tree-nodes", "tree_topk": "--tree-topk",
+           "lookup": "--lookup"}
+  notes: list[str] = []
+
+  def adapt(name: str, value: int, why: str) -> None:
+    notes.append(f"note: the tuned {flags[name]} {out[name]} becomes {value}: {why}")
+    out[name] = value
+
+  if not greedy and "tree_nodes" not in typed:
+    out["tree_nodes"] = 0  # a tuned tree is for greedy decoding only: sampling drafts a chain
+  if typed.get("tree_nodes") and "lookup" not in typed and out["lookup"]:
+    adapt("lookup", 0, f"prompt lookup works with chain drafting only, and --tree-nodes "
+          f"{typed['tree_nodes']} asks for a tree")
+  if typed.get("lookup") and "tree_nodes" not in typed and out["tree_nodes"]:
+    adapt("tree_nodes", 0, f"--lookup {typed['lookup']} works with chain drafting only")
+  _fit_tree(out, typed, flags, adapt)
+  return out, notes
+
+
+def _fit_tree(out: dict, typed: dict, flags: dict, adapt) -> None:
+  """Makes a tree's nodes fit top-k x depth (gamma) by adapting the tuned one of the three.
+
+  A given node count raises the tuned depth first (a deeper tree drafts further ahead),
+  else the tuned top-k; given top-k or depth cut the tuned node count.
+  """
+  nodes, topk, gamma = out["tree_nodes"], out["tree_topk"], out["gamma"]
+  if not nodes or nodes <= topk * gamma:
+    return
+  k, g = flags["tree_topk"], flags["gamma"]
+  if "tree_nodes" not in typed:
+    adapt("tree_nodes", topk * gamma, f"at most {k} {topk} x {g} {gamma} nodes fit")
+  elif "gamma" not in typed:
+    adapt("gamma", -(-nodes // topk), f"--tree-nodes {nodes} needs {k} {topk} x {g} >= {nodes}")
+  elif "tree_topk" not in typed:
+    adapt("tree_topk", -(-nodes // gamma), f"--tree-nodes {nodes} needs {k} x {g} {gamma} >= "
+          f"{nodes}")
+  else:  # all three given: the caller's own values conflict, nothing tuned to adapt
+    raise TuningError(f"--tree-nodes {nodes} does not fit {k} {topk} x {g} {gamma} = "
+                      f"{topk * gamma} nodes: lower --tree-nodes or raise {k} or {g}")
 
 
 def write_tuned(settings: dict, path: str, measured: Optional[dict] = None) -> str:

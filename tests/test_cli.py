@@ -123,6 +123,15 @@ def test_bad_arguments(args, fragment):
   assert_error(run_cli(*args, timeout=60), fragment)
 
 
+def test_dtype_help_says_weights_only():
+  """--dtype stores the weights; the KV cache holds activations (README, api.memory_report)."""
+  spec = importlib.util.spec_from_file_location("decode_help", DECODE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  dtype = next(a.help for a in module.build_parser()._actions if a.dest == "dtype")
+  assert dtype.startswith("weights dtype") and "the KV cache follows --activations" in dtype
+
+
 # ---- rejected by the checkpoint loader (fails fast: no weights are read) ----
 def test_missing_model_path(tmp_path):
   assert_error(run_cli("--prompt", "hi", "--model", str(tmp_path / "nope")), "no such file")
@@ -206,6 +215,20 @@ def test_prompt_too_long_for_the_cache(cli, capsys, tiny, words, new):
                         str(new)), "exceeds the model's 256 positions")
 
 
+def test_too_long_prompt_names_the_budget_asked_for(cli, capsys, tiny, cpu_tuned):
+  """The error repeats --max-new-tokens as typed, the round's own slots apart (gamma 2,
+  lookup 4: a block of 4 plus the pending token), and says how many new tokens fit."""
+  from kangaroo_jax import decoding
+  with pytest.raises(decoding.PromptError) as e:
+    decoding.pad_prompts([[5] * 10], 256, 244, extra=5)
+  assert str(e.value) == ("prompt of 10 tokens plus 244 new tokens and 5 positions a Kangaroo "
+                          "round needs exceeds the model's 256 positions: ask for at most 241 "
+                          "new tokens or shorten the prompt")
+  proc = run_main(cli, capsys, "--prompt", "w5 w6 w7", "--model", tiny, "--no-chat",
+                  "--max-new-tokens", "250")
+  assert_error(proc, "plus 250 new tokens and 5 positions", "ask for at most 248 new tokens")
+
+
 # ---- decoding ----
 def test_streams_text_to_stdout_and_stats_to_stderr(tiny, tmp_path):
   # An adapter with a stored draft vocabulary (most frequent first); the CLI keeps a prefix.
@@ -266,6 +289,71 @@ def test_generate_uses_the_tuned_settings_unless_overridden(tiny, monkeypatch, t
                send_unconfident=True)
   assert seen == [KangarooParams(0.7, 2, False), KangarooParams(0.5, 2, True)]
   assert out.token_ids == plain.token_ids
+
+
+# ---- typed flags win over tuned settings ----
+@pytest.fixture
+def cpu_tuned(monkeypatch, tmp_path):
+  """The shipped CPU setting's shape (gamma 2, tree top-k 4, lookup 4) as the tuned file."""
+  from kangaroo_jax import tuning
+  path = tuning.write_tuned(dict(eta=0.6, gamma=2, draft_vocab=None, send_unconfident=False,
+                                 tree_nodes=0, tree_topk=4, lookup=4), str(tmp_path / "cpu.json"))
+  monkeypatch.setattr(tuning, "tuned_path", lambda backend=None: path)
+  return path
+
+
+@pytest.mark.parametrize("given, changed, notes", [
+    # A typed tree: the tuned lookup (chain only) goes, the tuned depth grows to hold it.
+    (dict(tree_nodes=16), dict(gamma=4, lookup=0), ["--lookup 4 becomes 0", "--max-draft 2 becomes 4"]),
+    # ... or, with the depth typed too, the tuned top-k widens.
+    (dict(tree_nodes=16, gamma=2), dict(tree_topk=8, lookup=0),
+     ["--lookup 4 becomes 0", "--tree-topk 4 becomes 8"]),
+    (dict(tree_nodes=6), dict(gamma=2, lookup=0), ["--lookup 4 becomes 0"]),  # 6 fit 4 x 2
+])
+def test_typed_tree_adapts_the_tuned_settings(cpu_tuned, given, changed, notes):
+  from kangaroo_jax import tuning
+  settings, said = tuning.resolve_with_notes(**given)
+  assert {k: settings[k] for k in changed} == changed and settings["tree_nodes"] == given["tree_nodes"]
+  assert len(said) == len(notes) and all(s.startswith("note: the tuned ") for s in said)
+  for line, fragment in zip(said, notes):
+    assert fragment in line
+  assert tuning.resolve(**given) == settings
+
+
+def test_typed_depth_or_lookup_adapts_a_tuned_tree(monkeypatch, tmp_path):
+  from kangaroo_jax import tuning
+  path = tuning.write_tuned(dict(eta=0.6, gamma=4, draft_vocab=None, tree_nodes=16, tree_topk=4),
+                            str(tmp_path / "gpu.json"))
+  monkeypatch.setattr(tuning, "tuned_path", lambda backend=None: path)
+  settings, said = tuning.resolve_with_notes(gamma=1)  # a 16-node tree cannot be 1 deep
+  assert (settings["tree_nodes"], settings["gamma"]) == (4, 1)
+  assert said == ["note: the tuned --tree-nodes 16 becomes 4: at most --tree-topk 4 x "
+                  "--max-draft 1 nodes fit"]
+  settings, said = tuning.resolve_with_notes(gamma_flag="--gamma", tree_topk=2)
+  assert settings["tree_nodes"] == 8 and "--tree-topk 2 x --gamma 4" in said[0]
+  settings, said = tuning.resolve_with_notes(lookup=8)  # lookup drafts a chain
+  assert (settings["tree_nodes"], settings["lookup"]) == (0, 8) and "--lookup 8" in said[0]
+  settings, said = tuning.resolve_with_notes(greedy=False)  # a tuned tree is greedy only
+  assert settings["tree_nodes"] == 0 and said == []
+
+
+def test_typed_tree_nodes_beat_the_tuned_depth(cli, capsys, tiny, cpu_tuned):
+  """`--tree-nodes 16` under tuned gamma 2 x top-k 4 decodes (deeper), saying so on stderr."""
+  common = ["--prompt", "w5 w6 w7", "--model", tiny, "--no-chat", "--max-new-tokens", "8",
+            "--json"]
+  plain = json.loads(run_main(cli, capsys, *common, "--mode", "plain").stdout)
+  proc = run_main(cli, capsys, *common, "--tree-nodes", "16")
+  assert proc.returncode == 0, proc.stderr
+  assert "note: the tuned --max-draft 2 becomes 4" in proc.stderr
+  assert "note: the tuned --lookup 4 becomes 0" in proc.stderr
+  assert json.loads(proc.stdout)["token_ids"] == plain["token_ids"]
+
+
+def test_conflicting_typed_flags_are_still_an_error(cli, capsys, tiny, cpu_tuned):
+  """Only values the user typed conflict: one error line, before the model loads."""
+  assert_error(run_main(cli, capsys, "--prompt", "w5", "--model", "/no/such/model",
+                        "--tree-nodes", "16", "--max-draft", "2", "--tree-topk", "4"),
+               "--tree-nodes 16 does not fit --tree-topk 4 x --max-draft 2 = 8 nodes")
 
 
 # ---- prompt sources, chat, clean exits ----

@@ -37,10 +37,13 @@ def run(args) -> dict:
                                csv_items(args.categories) if args.categories else None,
                                args.per_category, args.offset)
   from kangaroo_jax import api, tuning  # slow (jax): after the cheap checks
-  tuned = tuning.resolve(eta=args.eta, gamma=args.gamma, draft_vocab=args.draft_vocab,
-                         send_unconfident=None if args.send_unconfident is None
-                         else args.send_unconfident == "yes", tree_nodes=args.tree_nodes,
-                         tree_topk=args.tree_topk, lookup=args.lookup)
+  # Tuned values that conflict with a typed flag give way to it, a note each.
+  tuned, notes = tuning.resolve_with_notes(
+      gamma_flag="--gamma", eta=args.eta, gamma=args.gamma, draft_vocab=args.draft_vocab,
+      send_unconfident=None if args.send_unconfident is None else args.send_unconfident == "yes",
+      tree_nodes=args.tree_nodes, tree_topk=args.tree_topk, lookup=args.lookup)
+  for note in notes:
+    log(note)
   eta, gamma, draft_vocab, send, tree_nodes, tree_topk, lookup = (tuned[k] for k in (
       "eta", "gamma", "draft_vocab", "send_unconfident", "tree_nodes", "tree_topk", "lookup"))
   start = time.perf_counter()
