@@ -21,9 +21,13 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   logging.getLogger("kangaroo_jax").setLevel(logging.INFO)
-  from kangaroo_jax import training
+  from kangaroo_jax import data, training
   try:
     training.train(_CONFIG.value)
+  except (training.ConfigError, data.DataError) as e:
+    # Input the user can fix: one line, not a traceback through absl (other errors keep theirs).
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    os._exit(2)
   except KeyboardInterrupt as e:
     # One line instead of a traceback through jax and orbax; os._exit skips an interpreter
     # teardown under XLA's threads (checkpoint saves are synchronous: none is half done).

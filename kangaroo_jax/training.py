@@ -24,23 +24,51 @@ HIDDEN_CACHE_BYTES = 3 << 30
 SOURCES = ("magpie", "sharegpt", "tfds", "teacher")
 
 
+class ConfigError(ValueError):
+  """A config, or a workdir, that this run cannot use; train.py reports it in one line."""
+
+
 def check_config(c) -> None:
-  """Raises ValueError naming the first config value that cannot work."""
+  """Raises ConfigError naming the first config value that cannot work."""
   positive = ("steps", "batch_size", "lr")
   for name in positive:
     if not c[name] > 0:
-      raise ValueError(f"config.{name} must be > 0, got {c[name]}")
+      raise ConfigError(f"config.{name} must be > 0, got {c[name]}")
   if c.seq_len < 2:
-    raise ValueError(f"config.seq_len must be >= 2, got {c.seq_len}")
+    raise ConfigError(f"config.seq_len must be >= 2, got {c.seq_len}")
   if c.data.source not in SOURCES:
-    raise ValueError(f"config.data.source must be one of {', '.join(SOURCES)}, got {c.data.source!r}")
+    raise ConfigError(f"config.data.source must be one of {', '.join(SOURCES)}, got {c.data.source!r}")
   if c.data.source in ("sharegpt", "tfds", "teacher") and not c.data.path:
-    raise ValueError(f"config.data.path is required for data.source={c.data.source!r}")
+    raise ConfigError(f"config.data.path is required for data.source={c.data.source!r}")
   for name in ("warmup_steps", "log_every", "eval_every", "checkpoint_every", "draft_vocab",
                "data.eval_examples"):
     value = c.data[name[5:]] if name.startswith("data.") else c[name]
     if value < 0:
-      raise ValueError(f"config.{name} must be >= 0, got {value}")
+      raise ConfigError(f"config.{name} must be >= 0, got {value}")
+
+
+def latest_checkpoint_step(workdir: str):
+  """The step of the last complete checkpoint in workdir/checkpoints, None without one.
+
+  Read from the folder names (orbax names a complete checkpoint by its step and a
+  half-written one otherwise), so it needs no checkpoint manager and no jax.
+  """
+  folder = os.path.join(workdir, "checkpoints")
+  steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+  return max(steps, default=None)
+
+
+def check_resumable(c) -> None:
+  """Refuses a workdir whose last checkpoint is past config.steps, before the model loads.
+
+  Resuming it would train nothing and export an adapter trained longer than this config
+  asks for; a checkpoint cannot be rewound.
+  """
+  step = latest_checkpoint_step(c.workdir)
+  if step is not None and step > c.steps:
+    raise ConfigError(f"{os.path.join(c.workdir, 'checkpoints')} holds a checkpoint at step "
+                      f"{step}, past config.steps={c.steps}: set --config.steps to at least "
+                      f"{step} or use a new --config.workdir")
 
 
 def load_dataset(c, model, tokenizer, eos_ids, progress=None):
@@ -142,6 +170,7 @@ def train(c, log=print) -> dict:
   from kangaroo_jax.adapter import init_adapter
 
   check_config(c)
+  check_resumable(c)
   if c.distributed or c.num_processes > 1:
     kw = {}
     if c.coordinator_address:
@@ -208,10 +237,10 @@ def train(c, log=print) -> dict:
   if restored is not None:
     start = int(restored["step"])
     if int(restored["data_fingerprint"]) != _fingerprint(train_set):
-      raise ValueError(f"{c.workdir} holds a run on different data; use a new workdir")
+      raise ConfigError(f"{c.workdir} holds a run on different data; use a new workdir")
     if (int(restored["epoch"]), int(restored["index"])) != batches.position(start):
-      raise ValueError(f"{c.workdir}: the checkpoint's data position does not match this "
-                       "config's batch size; use the original config or a new workdir")
+      raise ConfigError(f"{c.workdir}: the checkpoint's data position does not match this "
+                        "config's batch size; use the original config or a new workdir")
     params, opt_state = restored["params"], restored["opt_state"]
     vocab_ids = np.asarray(restored["draft_ids"])
     draft_ids = None if vocab_ids[0] < 0 else vocab_ids

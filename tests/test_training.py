@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -301,6 +302,23 @@ def test_kill_9_mid_run_then_rerun_loses_nothing(tiny, tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+def test_checkpoint_past_the_configured_steps_is_refused(tiny, tmp_path):
+  """A workdir trained to step 4 and a config of 2 steps: no silent resume (which would
+  export the 4-step adapter), one error line naming the folder, before the model loads."""
+  training.train(_config(tiny, tmp_path / "w", steps=4, checkpoint_every=2), log=lambda s: None)
+  os.remove(tmp_path / "w" / "adapter.safetensors")
+  folder = str(tmp_path / "w" / "checkpoints")
+  with pytest.raises(ValueError, match=re.escape(f"{folder} holds a checkpoint at step 4, "
+                                                 "past config.steps=2")):
+    training.train(_config(tiny, tmp_path / "w", steps=2, checkpoint_every=2), log=lambda s: None)
+  r = subprocess.run(_cli(tiny, tmp_path / "w", "--config.steps=2"), env=_env(),
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      f"error: {folder} holds a checkpoint at step 4, past config.steps=2: set --config.steps "
+      "to at least 4 or use a new --config.workdir"], r.stderr
+  assert not (tmp_path / "w" / "adapter.safetensors").exists()  # nothing exported
+
+
 def test_cli_rejects_an_unknown_config_field(tiny, tmp_path):
   r = subprocess.run(_cli(tiny, tmp_path, "--config.no_such_field=1"), env=_env(),
                      capture_output=True, text=True, timeout=120)
@@ -390,6 +408,18 @@ def test_configs():
       assert field in c
     assert "source" in c.data and "path" in c.data
   assert "USER:" in llama7b.get_config().data.chat_template
+
+
+def test_training_md_names_the_model_each_config_trains():
+  """A config whose model_path is empty trains the embedded 135M model: TRAINING.md's
+  table must say so (it called configs/tiny.py "a tiny random model")."""
+  from configs import smollm2_135m
+  with open(os.path.join(ROOT, "TRAINING.md")) as f:
+    rows = {cells[1].strip(" `"): cells[2] for cells in
+            (line.split("|") for line in f if line.startswith("| `configs/"))}
+  for name, mod in (("configs/tiny.py", tiny_config), ("configs/smollm2_135m.py", smollm2_135m)):
+    assert mod.get_config().model_path == ""  # the embedded model
+    assert "SmolLM2-135M" in rows[name] and not rows[name].strip().startswith("a tiny"), name
 
 
 def test_simulate_acceptance_replays_kangaroo_rounds():
