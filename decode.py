@@ -270,21 +270,23 @@ def drafting(args) -> dict:
 
   Tuned values that conflict with a typed flag are adapted (`tuning.resolve_with_notes`),
   one `note:` line on stderr each; `api.generate` resolves the same flags the same way.
+  Empty in plain mode, which ignores the drafting flags.
   """
+  if args.mode != "kangaroo":
+    return {}
   from kangaroo_jax import tuning
   settings, notes = tuning.resolve_with_notes(
       greedy=args.temperature == 0, eta=args.threshold, gamma=args.max_draft,
       send_unconfident=None if args.send_unconfident is None else args.send_unconfident == "yes",
       tree_nodes=args.tree_nodes, tree_topk=args.tree_topk, lookup=args.lookup)
-  if args.mode == "kangaroo":
-    for note in notes:
-      print(note, file=sys.stderr)
+  for note in notes:
+    print(note, file=sys.stderr)
   return settings
 
 
-def round_block(args, settings: dict) -> int:
+def round_block(settings: dict) -> int:
   """Most tokens a Kangaroo round verifies past the pending one (0 in plain mode)."""
-  return max(settings["gamma"], settings["lookup"]) if args.mode == "kangaroo" else 0
+  return max(settings["gamma"], settings["lookup"]) if settings else 0
 
 
 def memory(api, model, adapter, args, settings: dict):
@@ -292,7 +294,7 @@ def memory(api, model, adapter, args, settings: dict):
   from kangaroo_jax import decoding
   # Cache slots for a prompt of up to PROMPT_SLOTS tokens, the new ones and, with Kangaroo,
   # a round's block plus 2, as the loop allocates them (`kangaroo._kangaroo_start`).
-  extra = round_block(args, settings) + 2 if adapter is not None else 0
+  extra = round_block(settings) + 2 if adapter is not None else 0
   slots = decoding.cache_size(PROMPT_SLOTS, args.max_new_tokens, extra)
   return api.memory_report(model, adapter, batch=1, slots=slots)
 
@@ -338,7 +340,7 @@ def chat(api, args) -> None:
     raise CliError("--chat needs a tokenizer with a chat template; this model's has none")
   kwargs = decode_kwargs(args, adapter, draft_ids, args.mode)
   # A Kangaroo round needs its block and the pending token past the budget (`pad_prompts`).
-  block = round_block(args, settings)
+  block = round_block(settings)
   reserve = args.max_new_tokens + (block + 1 if block else 0)
   interactive = sys.stdin.isatty()
   print(f"chat ({args.mode}; loaded in {load_seconds:.1f} s): one message per line; /reset "

@@ -354,6 +354,11 @@ def test_conflicting_typed_flags_are_still_an_error(cli, capsys, tiny, cpu_tuned
   assert_error(run_main(cli, capsys, "--prompt", "w5", "--model", "/no/such/model",
                         "--tree-nodes", "16", "--max-draft", "2", "--tree-topk", "4"),
                "--tree-nodes 16 does not fit --tree-topk 4 x --max-draft 2 = 8 nodes")
+  # Plain decoding ignores the drafting flags, conflicting or not.
+  proc = run_main(cli, capsys, "--prompt", "w5", "--model", tiny, "--no-chat", "--mode", "plain",
+                  "--max-new-tokens", "4", "--tree-nodes", "16", "--max-draft", "2",
+                  "--tree-topk", "4")
+  assert proc.returncode == 0 and "note: the tuned" not in proc.stderr, proc.stderr
 
 
 # ---- prompt sources, chat, clean exits ----
