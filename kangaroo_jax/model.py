@@ -18,6 +18,7 @@ from flax import nnx
 
 from kangaroo_jax import cache as kv
 from kangaroo_jax.config import ModelConfig
+from kangaroo_jax.precision import Products, products_for
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -48,19 +49,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return out.astype(x.dtype)
 
 
-def weight_product(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-  """einsum(spec, x, w) accumulated and returned in float32.
+def weight_product(spec: str, x: jax.Array, w: jax.Array,
+                   products: Optional[Products] = None) -> jax.Array:
+  """einsum(spec, x, w) accumulated and returned in float32, as `products` computes it
+  (default: the mode of x's dtype, the activation dtype).
 
   The inputs meet in the wider of their dtypes: float32 activations multiply bfloat16
   weights exactly (the weights widen; nothing is rounded), bfloat16 ones multiply them
   as bfloat16. See `kangaroo_jax.precision`.
   """
-  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+  return (products or products_for(x.dtype)).einsum(spec, x, w)
 
 
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, products: Optional[Products] = None) -> jax.Array:
   """x [B, T, D_in] @ w [D_in, D_out] -> [B, T, D_out] in x's (the activation) dtype."""
-  return weight_product("btd,df->btf", x, w).astype(x.dtype)  # [B, T, D_out]
+  return weight_product("btd,df->btf", x, w, products).astype(x.dtype)  # [B, T, D_out]
 
 
 def _param(rngs: nnx.Rngs, shape, dtype, scale: float = 0.02) -> nnx.Param:
@@ -84,8 +87,10 @@ class Attention(nnx.Module):
   """Multi-head attention with grouped KV heads (MHA/GQA/MQA) over a KV cache."""
 
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
-               bias: bool, dtype, rngs: nnx.Rngs, o_bias: bool = False):
+               bias: bool, dtype, rngs: nnx.Rngs, o_bias: bool = False,
+               products: Optional[Products] = None):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.products = products  # None: the mode of the activations' dtype
     qkv_out = (num_heads + 2 * num_kv_heads) * head_dim
     self.qkv = _param(rngs, (hidden, qkv_out), dtype)  # [D, (N + 2K) * H]
     self.qkv_bias = nnx.Param(jnp.zeros((qkv_out,), dtype)) if bias else None
@@ -106,7 +111,7 @@ class Attention(nnx.Module):
     """
     b, t, _ = x.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-    qkv = dense(x, self.qkv[...])  # [B, T, (N + 2K) * H]
+    qkv = dense(x, self.qkv[...], self.products)  # [B, T, (N + 2K) * H]
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(qkv.dtype)
     q, key, val = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
@@ -115,7 +120,7 @@ class Attention(nnx.Module):
     val = val.reshape(b, t, k, h)  # [B, T, K, H]
     if write:
       cache_k, cache_v = kv.write(cache_k, cache_v, key, val, positions)
-      out = attend(q, cache_k, cache_v, positions)  # [B, T, N * H]
+      out = attend(q, cache_k, cache_v, positions, self.products)  # [B, T, N * H]
     else:
       # The block's keys as the cache would hold them (its dtype), so the result is what
       # attending the written cache gives.
@@ -127,31 +132,31 @@ class Attention(nnx.Module):
         rows = jnp.arange(b)[:, None]  # [B, 1]
         view = view._replace(keys=view.keys.at[rows, view.slots].set(key),
                              values=view.values.at[rows, view.slots].set(val))
-      out = attend_block(q, cache_k, cache_v, view)  # [B, T, N * H]
+      out = attend_block(q, cache_k, cache_v, view, self.products)  # [B, T, N * H]
       cache_k, cache_v = view.keys, view.values
-    out = dense(out, self.o[...])
+    out = dense(out, self.o[...], self.products)
     if self.o_bias is not None:
       out = out + self.o_bias[...].astype(out.dtype)
     return out, cache_k, cache_v
 
 
-def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.Array) -> jax.Array:
+def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.Array,
+           products: Optional[Products] = None) -> jax.Array:
   """Causal attention of q [B, T, N, H] over cache slots [B, S, K, H]: slot s <= position.
 
   Probabilities and the output are in q's (the activation) dtype; sums accumulate in
-  float32.
+  float32 (`products`, default: the mode of q's dtype).
   """
   b, t, n, h = q.shape
+  einsum = (products or products_for(q.dtype)).einsum
   k = cache_k.shape[2]
   q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, cache_k,
-                      preferred_element_type=jnp.float32) / math.sqrt(h)  # [B, K, G, T, S]
+  scores = einsum("btkgh,bskh->bkgts", q, cache_k) / math.sqrt(h)  # [B, K, G, T, S]
   slots = jnp.arange(cache_k.shape[1])
   mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
   scores = jnp.where(mask[:, None, None], scores, -1e30)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, cache_v,
-                   preferred_element_type=jnp.float32)  # [B, T, K, G, H]
+  out = einsum("bkgts,bskh->btkgh", probs, cache_v)  # [B, T, K, G, H]
   return out.reshape(b, t, n * h).astype(q.dtype)  # [B, T, N * H]
 
 
@@ -170,7 +175,8 @@ class BlockView(NamedTuple):
   limit: jax.Array
 
 
-def attend_block(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, view: BlockView) -> jax.Array:
+def attend_block(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, view: BlockView,
+                 products: Optional[Products] = None) -> jax.Array:
   """Attention of a block of queries without writing its keys to the cache.
 
   q [B, T, N, H] attends cache slots [B, S, K, H] below `view.limit` (read only) and the
@@ -180,33 +186,31 @@ def attend_block(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, view: Blo
   tree's ancestor mask it is tree attention.
   """
   b, t, n, h = q.shape
+  einsum = (products or products_for(q.dtype)).einsum
   k = cache_k.shape[2]
   q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
   scale = 1.0 / math.sqrt(h)
-  old = jnp.einsum("btkgh,bskh->bkgts", q, cache_k,
-                   preferred_element_type=jnp.float32) * scale  # [B, K, G, T, S]
-  new = jnp.einsum("btkgh,bjkh->bkgtj", q, view.keys,
-                   preferred_element_type=jnp.float32) * scale  # [B, K, G, T, T']
+  old = einsum("btkgh,bskh->bkgts", q, cache_k) * scale  # [B, K, G, T, S]
+  new = einsum("btkgh,bjkh->bkgtj", q, view.keys) * scale  # [B, K, G, T, T']
   slots = jnp.arange(cache_k.shape[1])
   old_mask = slots[None, None, :] < view.limit[:, None, None]  # [B, 1, S]
   scores = jnp.concatenate([jnp.where(old_mask[:, None, None], old, -1e30),
                             jnp.where(view.mask[:, None, None], new, -1e30)], axis=-1)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S + T']
   s = cache_k.shape[1]
-  out = (jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], cache_v,
-                    preferred_element_type=jnp.float32)
-         + jnp.einsum("bkgtj,bjkh->btkgh", probs[..., s:], view.values,
-                      preferred_element_type=jnp.float32))  # [B, T, K, G, H]
+  out = (einsum("bkgts,bskh->btkgh", probs[..., :s], cache_v)
+         + einsum("bkgtj,bjkh->btkgh", probs[..., s:], view.values))  # [B, T, K, G, H]
   return out.reshape(b, t, n * h).astype(q.dtype)  # [B, T, N * H]
 
 
 class DecoderLayer(nnx.Module):
   """Pre-norm attention block then pre-norm SwiGLU MLP, both residual."""
 
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, products: Optional[Products] = None):
+    self.products = products
     self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                          cfg.qkv_bias, dtype, rngs, o_bias=cfg.o_bias)
+                          cfg.qkv_bias, dtype, rngs, o_bias=cfg.o_bias, products=products)
     self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.gate_up = _param(rngs, (cfg.hidden_size, 2 * cfg.intermediate_size), dtype)  # [D, 2F]
     self.down = _param(rngs, (cfg.intermediate_size, cfg.hidden_size), dtype)  # [F, D]
@@ -216,25 +220,29 @@ class DecoderLayer(nnx.Module):
     attn_out, cache_k, cache_v = self.attn(self.input_norm(x), positions, cache_k, cache_v,
                                            inv_freq, write, view)
     x = x + attn_out
-    gate, up = jnp.split(dense(self.post_norm(x), self.gate_up[...]), 2, axis=-1)  # [B, T, F] each
-    return x + dense(jax.nn.silu(gate) * up, self.down[...]), cache_k, cache_v
+    gate, up = jnp.split(dense(self.post_norm(x), self.gate_up[...], self.products), 2,
+                         axis=-1)  # [B, T, F] each
+    return x + dense(jax.nn.silu(gate) * up, self.down[...], self.products), cache_k, cache_v
 
 
 class Llama(nnx.Module):
   """A Llama-family causal LM whose forward pass can run over any range of layers.
 
   `dtype` stores the weights; `activations` is the dtype of the hidden states and of the
-  KV cache (see `kangaroo_jax.precision`).
+  KV cache; `products` how every matrix product computes (default: the activations'
+  mode, `precision.PRODUCTS`). See `kangaroo_jax.precision`.
   """
 
   def __init__(self, cfg: ModelConfig, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None,
-               activations=jnp.float32):
+               activations=jnp.float32, products: Optional[Products] = None):
     rngs = rngs or nnx.Rngs(0)
     self.cfg = cfg
     self.dtype = dtype
     self.activations = activations
+    self.products = products or products_for(activations)
     self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)  # [V, D]
-    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, self.products)
+                          for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     # Untied models keep their own head [D, V]; tied ones reuse the embedding.
     self.lm_head = None if cfg.tie_embeddings else _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
@@ -302,10 +310,10 @@ class Llama(nnx.Module):
     `head` [V', D] replaces the full head (a reduced draft vocabulary).
     """
     if head is not None:
-      return weight_product("btd,vd->btv", x, head)  # [B, T, V']
+      return weight_product("btd,vd->btv", x, head, self.products)  # [B, T, V']
     if self.lm_head is None:
-      return weight_product("btd,vd->btv", x, self.embedding[...])  # [B, T, V]
-    return weight_product("btd,dv->btv", x, self.lm_head[...])  # [B, T, V]
+      return weight_product("btd,vd->btv", x, self.embedding[...], self.products)  # [B, T, V]
+    return weight_product("btd,dv->btv", x, self.lm_head[...], self.products)  # [B, T, V]
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache):
     """Full forward: tokens [B, T] at positions [B, T] -> (logits [B, T, V], cache)."""

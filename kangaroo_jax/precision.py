@@ -12,8 +12,16 @@ plain decoding only in the float32 order of its sums, as with float32 weights.
 bfloat16 activations round every layer's output and every cached key and value: cheaper,
 but a sum reduced in another order can round to a neighbouring bfloat16 value and flip a
 near-tie argmax, so greedy Kangaroo may then differ from plain decoding.
+
+Every matrix product names its precision (`Products`, one per activation dtype in
+`PRODUCTS`): no backend default decides. A backend's default would: on NVIDIA GPUs JAX
+multiplies float32 operands in TF32 (10-bit mantissas), on TPUs in one bfloat16 pass, so
+"float32 activations" would not mean float32 products there.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +34,38 @@ def activation_dtype(name: str):
   if name not in ACTIVATIONS:
     raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
   return ACTIVATIONS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Products:
+  """How a mode's matrix products compute: accumulated and returned in float32.
+
+  precision: the product's precision, named (`jax.lax.Precision`): HIGHEST computes
+    float32 operands in float32 on every backend (no TF32 on a GPU, six bfloat16 passes
+    on a TPU); DEFAULT multiplies bfloat16 operands natively.
+  inputs: None: the operands meet in the wider of their dtypes (a bfloat16 weight widens
+    to a float32 activation exactly). A dtype rounds both operands to it first: bfloat16
+    here is what a TPU's default precision does to float32 operands (tests use it as the
+    control that a product algorithm other than plain decoding's is detected).
+  """
+  precision: jax.lax.Precision
+  inputs: Optional[Any] = None
+
+  def einsum(self, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum(spec, a, b) in this mode, float32 out."""
+    if self.inputs is not None:
+      a, b = a.astype(self.inputs), b.astype(self.inputs)
+    return jnp.einsum(spec, a, b, precision=self.precision, preferred_element_type=jnp.float32)
+
+
+# The one place each mode's products are chosen, by activation dtype.
+PRODUCTS = {"float32": Products(jax.lax.Precision.HIGHEST),
+            "bfloat16": Products(jax.lax.Precision.DEFAULT)}
+
+
+def products_for(activations) -> Products:
+  """The products of the mode whose activations are `activations` (a dtype)."""
+  return PRODUCTS[jnp.dtype(activations).name]
 
 
 def _cpu() -> bool:

@@ -218,7 +218,9 @@ def _block_seen(seen, block, params: SamplingParams):
   if not params.penalized:
     return seen[:, None]  # [B, 1, 1] placeholder
   onehot = jax.nn.one_hot(block["tokens"], seen.shape[1], dtype=jnp.float32)  # [B, T, V]
-  on_path = jnp.einsum("btj,bjv->btv", block["mask"].astype(jnp.float32), onehot) > 0  # [B, T, V]
+  # 0/1 sums: exact at any precision, named anyway.
+  on_path = jnp.einsum("btj,bjv->btv", block["mask"].astype(jnp.float32), onehot,
+                       precision=jax.lax.Precision.HIGHEST) > 0  # [B, T, V]
   return seen[:, None] | on_path
 
 
