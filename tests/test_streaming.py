@@ -94,3 +94,27 @@ def test_the_loops_have_no_host_callbacks(tiny):
                                              jnp.float32(0.6), jnp.int32(2), **kstatic)]
   for low in lowered:
     assert "callback" not in low.as_text()
+
+
+def test_compile_time_is_kept_out_of_the_decoding_time(tiny):
+  """The call that compiles reports its compilation apart (stats["compile_seconds"]), so
+  its decoding time and tokens/s are those of the decoding alone; the same shapes again
+  compile nothing. Sampling settings no other test uses make every loop a new program."""
+  model, adapter = tk._easy_draft_model()
+  prompts = tk._prompts([6])
+  kw = dict(max_new_tokens=40, params=SamplingParams(temperature=0.55, top_k=7), seed=1)
+  kp = KangarooParams(0.3, 3)
+  calls = {"plain_decode": lambda: plain_decode(tiny, prompts, **kw),
+           "plain_stream": lambda: _collect(plain_stream(tiny, prompts, **kw))[1],
+           "kangaroo_decode": lambda: kangaroo_decode(model, adapter, prompts, kparams=kp, **kw),
+           "kangaroo_stream": lambda: _collect(kangaroo_stream(model, adapter, prompts,
+                                                               kparams=kp, **kw))[1]}
+  for name, call in calls.items():
+    first, again = call(), call()
+    assert first.tokens == again.tokens, name
+    # Compiling a loop takes seconds; decoding 40 tokens of this model, milliseconds.
+    assert first.stats["seconds"] < first.stats["compile_seconds"], (name, first.stats)
+    assert again.stats["compile_seconds"] < 0.2 * first.stats["compile_seconds"], name
+    for r in (first, again):
+      assert r.stats["tokens_per_second"] == pytest.approx(
+          r.stats["new_tokens"] / r.stats["seconds"]), name
