@@ -265,7 +265,7 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: Sa
   to it, drafts included, so every accepted token and z are exactly what plain decoding
   would pick (greedy) or have the distribution it would sample from.
   """
-  b, kb = Y.shape
+  kb = Y.shape[1]
   positions = n[:, None] + jnp.arange(kb)[None]  # [B, K]
   h, block_kv = model.run_layers_block(H, positions, cache, l, None)
   logits = penalize(model.logits(h), _block_seen(seen, Y, params), params)  # [B, K, V]
@@ -283,7 +283,7 @@ def _verify_fixed(model: Llama, Y, Q, k, n, cache, rng, seen, *, params: Samplin
   draft's layer-l states are not reused): on an accelerator that re-reads l of L layers'
   weights. Returns (a [B], z [B], cache, rng).
   """
-  b, kb = Y.shape
+  kb = Y.shape[1]
   w = model.step_width
   rows = jnp.pad(Y, ((0, 0), (0, w - kb)))  # [B, W]: the block, then padding rows
   positions = n[:, None] + jnp.arange(w)[None]  # [B, W]

@@ -18,7 +18,7 @@ from flax import nnx
 
 from kangaroo_jax import cache as kv
 from kangaroo_jax.config import ModelConfig
-from kangaroo_jax.precision import Products, products_for
+from kangaroo_jax.precision import Products, default_step_width, products_for
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -230,16 +230,21 @@ class Llama(nnx.Module):
 
   `dtype` stores the weights; `activations` is the dtype of the hidden states and of the
   KV cache; `products` how every matrix product computes (default: the activations'
-  mode, `precision.PRODUCTS`). See `kangaroo_jax.precision`.
+  mode, `precision.PRODUCTS`); `step_width` the rows per sequence of every decoding step
+  (default: this backend's, `precision.default_step_width`). See `kangaroo_jax.precision`.
   """
 
   def __init__(self, cfg: ModelConfig, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None,
-               activations=jnp.float32, products: Optional[Products] = None):
+               activations=jnp.float32, products: Optional[Products] = None,
+               step_width: Optional[int] = None):
     rngs = rngs or nnx.Rngs(0)
     self.cfg = cfg
     self.dtype = dtype
     self.activations = activations
     self.products = products or products_for(activations)
+    self.step_width = step_width or default_step_width()
+    if self.step_width < 1:
+      raise ValueError(f"step width must be >= 1, got {self.step_width}")
     self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)  # [V, D]
     self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, self.products)
                           for _ in range(cfg.num_layers)])

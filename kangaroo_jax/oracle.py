@@ -53,11 +53,12 @@ def make_oracle(model: Llama, adapter: Adapter) -> tuple[Llama, Adapter]:
 
 def random_oracle(cfg: ModelConfig, exit_layer: int = 2, *, dtype=jnp.float32,
                   activations=jnp.float32, products: Optional[Products] = None,
-                  seed: int = 0, twins: bool = True) -> tuple[Llama, Adapter]:
+                  step_width: Optional[int] = None, seed: int = 0,
+                  twins: bool = True) -> tuple[Llama, Adapter]:
   """A randomly initialised oracle pair for `cfg`: weights in `dtype`, computing in
-  `activations` (and `products`, default the activations' mode); `twins` gives the head
-  near-tied token pairs (module docstring)."""
-  model = Llama(cfg, dtype, nnx.Rngs(seed), activations, products)
+  `activations` (with `products` and `step_width`: `model.Llama`); `twins` gives the
+  head near-tied token pairs (module docstring)."""
+  model = Llama(cfg, dtype, nnx.Rngs(seed), activations, products, step_width)
   if twins:
     _twin_head(model, seed)
   return make_oracle(model, init_adapter(cfg, exit_layer, seed=seed, dtype=dtype))

@@ -17,6 +17,18 @@ Every matrix product names its precision (`Products`, one per activation dtype i
 `PRODUCTS`): no backend default decides. A backend's default would: on NVIDIA GPUs JAX
 multiplies float32 operands in TF32 (10-bit mantissas), on TPUs in one bfloat16 pass, so
 "float32 activations" would not mean float32 products there.
+
+Fixed-width steps (`Llama.step_width` W > 1, the default off a CPU) make greedy Kangaroo
+identical to plain decoding by construction: every plain step and every verification
+runs the whole model over exactly W rows per sequence (plain decoding pads its one token),
+writing the cache in place and attending it the same way. A kernel then computes each
+row the same whatever the other rows hold, so the rows a verification accepts are the
+rows plain decoding computes. A backend picks its kernels by shape (an NVIDIA GPU runs
+one row and a block of rows through different kernels, with other sums), and on an
+accelerator a block of 8 rows costs about what 1 row costs, so one fixed shape is free
+there. A CPU computes each row the same at any row count (the oracle test checks it) and
+pays for every row, so W = 1 there: plain steps of one row, verification of the
+smallest block that holds the drafts.
 """
 from __future__ import annotations
 
@@ -45,16 +57,25 @@ class Products:
     on a TPU); DEFAULT multiplies bfloat16 operands natively.
   inputs: None: the operands meet in the wider of their dtypes (a bfloat16 weight widens
     to a float32 activation exactly). A dtype rounds both operands to it first: bfloat16
-    here is what a TPU's default precision does to float32 operands (tests use it as the
-    control that a product algorithm other than plain decoding's is detected).
+    here is what a TPU's default precision does to float32 operands; float16 keeps
+    TF32's 10-bit mantissa (tests use it as the control that a product algorithm other
+    than plain decoding's is detected).
+  block_inputs: a dtype: like `inputs`, but only for products over more than one row
+    per sequence (the `t` axis of the first operand). It emulates on a CPU a backend
+    that computes a block of rows with other kernels than one row (an NVIDIA GPU's TF32
+    blocks): tests show fixed-width steps are immune to it and single-row steps are not.
   """
   precision: jax.lax.Precision
   inputs: Optional[Any] = None
+  block_inputs: Optional[Any] = None
 
   def einsum(self, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """einsum(spec, a, b) in this mode, float32 out."""
-    if self.inputs is not None:
-      a, b = a.astype(self.inputs), b.astype(self.inputs)
+    inputs = self.inputs
+    if self.block_inputs is not None and a.shape[spec.split(",")[0].index("t")] > 1:
+      inputs = self.block_inputs
+    if inputs is not None:
+      a, b = a.astype(inputs), b.astype(inputs)
     return jnp.einsum(spec, a, b, precision=self.precision, preferred_element_type=jnp.float32)
 
 
@@ -66,6 +87,16 @@ PRODUCTS = {"float32": Products(jax.lax.Precision.HIGHEST),
 def products_for(activations) -> Products:
   """The products of the mode whose activations are `activations` (a dtype)."""
   return PRODUCTS[jnp.dtype(activations).name]
+
+
+# Rows per sequence of every decoding step off a CPU (module docstring): a round verifies
+# at most STEP_WIDTH - 1 drafts.
+STEP_WIDTH = 8
+
+
+def default_step_width() -> int:
+  """Rows per sequence each decoding step runs on this backend: 1 on a CPU, else STEP_WIDTH."""
+  return 1 if _cpu() else STEP_WIDTH
 
 
 def _cpu() -> bool:

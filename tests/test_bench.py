@@ -513,14 +513,29 @@ def test_costs_command_tiny(tmp_path, capsys):
 
 # ---- the accelerator script, tiny on the CPU ----
 
-def test_accelerator_script_tiny(tiny, qfile, tmp_path):
+@pytest.mark.slow
+def test_accelerator_check_tiny(tiny, qfile, tmp_path):
   spec = importlib.util.spec_from_file_location(
-      "accelerator_bench", os.path.join(ROOT, "scripts", "accelerator_bench.py"))
+      "accelerator_check", os.path.join(ROOT, "scripts", "accelerator_check.py"))
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   assert script.main(["--tiny", "--model", tiny, "--questions", qfile, "--gamma", "3",
-                      "--out", str(tmp_path)]) == 0
+                      "--out", str(tmp_path), "--budget-seconds", "900"]) == 0
   out = json.loads((tmp_path / "accelerator.json").read_text())
+  assert out["errors"] == {} and out["skipped_steps"] == {}
+  # The oracle table: every row ran, every draft was accepted, Kangaroo equals plain.
+  rows = out["oracle"]["rows"]
+  assert out["oracle"]["skipped"] == [] and len(rows) == len(script.oracle_rows(True))
+  chain = [r for r in rows if r["kind"] == "kangaroo" and not r["tree"]]
+  assert all(r["identical"] for r in chain)
+  assert all(r["tokens_per_step"] > r["gamma"] + 0.5 for r in chain)
+  assert {r["mode"] for r in rows} == set(script.oracle_modes())
+  # The tests ran on this device (a tiny subset here) and passed.
+  (run,) = out["tests"]["runs"]
+  assert run["returncode"] == 0 and "passed" in run["summary"] and run["failed"] == []
+  # No cache copies in the CPU's compiled loops, single-row or fixed-width.
+  assert {r["step_width"] for r in out["copies"]["rows"]} == {1, 8}
+  assert all(r["cache_in_hlo"] and r["copies"] == 0 for r in out["copies"]["rows"])
   # The 7B piece costs, on tiny shapes here.
   c = out["costs_7b"]
   rel = c["relative"]
@@ -528,13 +543,23 @@ def test_accelerator_script_tiny(tiny, qfile, tmp_path):
   assert all(v > 0 for v in [rel["shallow"], rel["draft"], rel["draft_full_vocab"],
                              *rel["verify"].values()])
   assert c["shapes"]["dtype"] == "bfloat16" and c["shapes"]["layers"] == costs.TINY.num_layers
-  assert c["shapes"]["draft_vocab"] == 64
-  # The benchmark on the tiny model, with its own piece costs and the projection.
-  # ... in the lossless bfloat16 mode: bfloat16 weights, float32 activations.
+  # The benchmark on the tiny model in the lossless bfloat16-weights mode, and the projection.
   assert out["bench"]["overall"]["kangaroo"]["lossless"] == 1.0
   assert (out["bench"]["config"]["dtype"], out["bench"]["config"]["activations"]) == (
       "bfloat16", "float32")
   assert any(r["category"] == "overall" for r in out["projection"])
   md = (tmp_path / "accelerator.md").read_text()
-  assert "Projected 7B speedup" in md
+  for heading in ("## Oracle model", "## Tests on this device", "## KV-cache copies",
+                  "## Piece costs", "Projected 7B speedup"):
+    assert heading in md
   assert "bfloat16 weights, float32 activations: " in md and "prompts identical" in md
+
+
+def test_accelerator_check_refuses_an_unknown_step(capsys):
+  spec = importlib.util.spec_from_file_location(
+      "accelerator_check", os.path.join(ROOT, "scripts", "accelerator_check.py"))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  with pytest.raises(SystemExit) as e:
+    script.parse_args(["--steps", "oracle,nope"])
+  assert e.value.code == 2 and "unknown step 'nope'" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from kangaroo_jax import sharding
 from kangaroo_jax.adapter import init_adapter
 from kangaroo_jax.config import ModelConfig
 from kangaroo_jax.decoding import cache_size
+from kangaroo_jax.hlo import copies_in_loops, ops_in_loops
 from kangaroo_jax.kangaroo import _kangaroo_loop
 from kangaroo_jax.precision import as_computed
 from kangaroo_jax.sampling import SamplingParams
@@ -31,63 +32,11 @@ CFG = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_layer
 PROMPT, NEW = 32, 64
 
 
-def _computations(hlo: str) -> dict[str, list[str]]:
-  """The HLO's computations by name ("ENTRY" for the entry one): their lines."""
-  found, name = {}, None
-  for line in hlo.splitlines():
-    if line and not line.startswith(" ") and "{" in line:
-      name = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
-      found[name] = []
-    elif name is not None:
-      found[name].append(line)
-  return found
-
-
-_CALL = re.compile(r"(calls|to_apply|body|condition|branch_computations|true_computation|"
-                   r"false_computation)=(\{[^}]*\}|%[\w.\-]+)")
-_PER_ITERATION = {"body", "condition", "branch_computations", "true_computation",
-                  "false_computation"}
-
-
-def _loop_computations(computations: dict[str, list[str]]) -> set[str]:
-  """Computations that run once per loop iteration or per taken conditional branch:
-  while bodies and conditions, branches, and everything they call."""
-  callees, todo = {}, []
-  for name, lines in computations.items():
-    callees[name] = set()
-    for line in lines:
-      for kind, target in _CALL.findall(line):
-        called = re.findall(r"%[\w.\-]+", target)
-        callees[name].update(called)
-        if kind in _PER_ITERATION:
-          todo += called
-  seen: set[str] = set()
-  while todo:
-    c = todo.pop()
-    if c not in seen:
-      seen.add(c)
-      todo += callees.get(c, ())
-  return seen
-
-
-def ops_in_loops(hlo: str, ops: tuple[str, ...], shape: str) -> list[str]:
-  """Instructions `ops` (e.g. copy, convert) producing arrays of `shape` inside loops."""
-  computations = _computations(hlo)
-  pattern = re.compile(r"\[" + re.escape(shape) + r"\]\S* (" + "|".join(map(re.escape, ops)) + r")\(")
-  return [l.strip()[:160] for name in _loop_computations(computations)
-          for l in computations.get(name, ()) if pattern.search(l)]
-
-
-def copies_in_loops(hlo: str, shape: str) -> list[str]:
-  """`copy` instructions of arrays of `shape` inside loops."""
-  return ops_in_loops(hlo, ("copy", "copy-start"), shape)
-
-
 def _compiled(batch, gamma, send, params, mesh=None, dtype=jnp.float32, activations=jnp.float32,
-              computed=True, tree=None, lookup=None):
+              computed=True, tree=None, lookup=None, step_width=1):
   """The optimized HLO of the Kangaroo loop, with the state as `kangaroo_decode` passes it
   (computed=False: as stored, without `precision.as_computed`)."""
-  model = M.Llama(CFG, dtype, activations=activations)
+  model = M.Llama(CFG, dtype, activations=activations, step_width=step_width)
   adapter = init_adapter(CFG, 1, dtype=dtype)
   if mesh is not None:
     sharding.shard_module(model, mesh)
@@ -108,9 +57,9 @@ def _compiled(batch, gamma, send, params, mesh=None, dtype=jnp.float32, activati
   return lowered.compile().as_text()
 
 
-def _cache_shapes(batch, gamma, per_device_batch=None, heads_split=1):
+def _cache_shapes(batch, gamma, per_device_batch=None, heads_split=1, step_width=1):
   b = per_device_batch or batch
-  s = cache_size(PROMPT, NEW, gamma + 2)
+  s = cache_size(PROMPT, NEW, max(gamma + 2, step_width))
   return {"model": f"{b},{s},{CFG.num_kv_heads},{CFG.head_dim}",
           "adapter": f"{b},{s},{CFG.num_heads},{CFG.hidden_size // CFG.num_heads}"}
 
@@ -143,6 +92,32 @@ def test_no_cache_copy_with_prompt_lookup(batch, temperature):
   for name, shape in _cache_shapes(batch, 6).items():  # the cache holds the 6-token block
     assert f"[{shape}]" in hlo, f"the {name} cache shape {shape} is not in the HLO"
     assert copies_in_loops(hlo, shape) == [], f"{name} cache copied with prompt lookup"
+
+
+@pytest.mark.parametrize("gamma, temperature, lookup", [(2, 0.0, None), (6, 0.8, None),
+                                                     (2, 0.0, (4, 3))])
+def test_no_cache_copy_with_fixed_width_steps(gamma, temperature, lookup):
+  """Fixed-width verification (the default off a CPU) writes every layer's cache in place,
+  outside any conditional: no copies either."""
+  hlo = _compiled(1, gamma, True, SamplingParams(temperature=temperature), lookup=lookup,
+                  step_width=8)
+  for name, shape in _cache_shapes(1, gamma, step_width=8).items():
+    assert f"[{shape}]" in hlo, f"the {name} cache shape {shape} is not in the HLO"
+    assert copies_in_loops(hlo, shape) == [], f"{name} cache copied with fixed-width steps"
+
+
+@pytest.mark.parametrize("step_width", [1, 8])
+def test_no_cache_copy_in_the_plain_loop(step_width):
+  """Plain decoding, one row or a fixed-width block per step: the cache is updated in place."""
+  from kangaroo_jax.decoding import _plain_loop
+  model = M.Llama(CFG, step_width=step_width)
+  graphdef, state = nnx.split(model)
+  hlo = _plain_loop.lower(graphdef, state, jnp.zeros((1, PROMPT), jnp.int32), jnp.asarray([5]),
+                          jax.random.key(0), jnp.asarray([1]), jnp.int32(NEW),
+                          params=SamplingParams(), capacity=NEW).compile().as_text()
+  shape = f"1,{cache_size(PROMPT, NEW, step_width - 1)},{CFG.num_kv_heads},{CFG.head_dim}"
+  assert f"[{shape}]" in hlo
+  assert copies_in_loops(hlo, shape) == []
 
 
 def test_the_check_sees_a_copy():

@@ -1,5 +1,7 @@
 """Kangaroo equals plain decoding on the oracle model in every precision mode, and the
-test notices when the products differ (the control).
+test notices when the products differ (the control). Fixed-width steps (the default off a
+CPU, `kangaroo_jax.precision`) stay identical where a backend computes blocks of rows
+with other kernels than single rows, which single-row steps do not.
 
 The oracle (`kangaroo_jax.oracle`) accepts nearly every draft, so every round verifies a
 full block; its random weights put near-ties everywhere. On an NVIDIA GPU the default
@@ -30,9 +32,9 @@ def _prompts():
   return [seg * 3] + [rs.randint(2, CFG.vocab_size, n).tolist() for n in (5, 17, 9)]
 
 
-def _oracle(weights, activations, products=None):
+def _oracle(weights, activations, products=None, step_width=1):
   return random_oracle(CFG, 2, dtype=jnp.dtype(weights), activations=jnp.dtype(activations),
-                       products=products)
+                       products=products, step_width=step_width)
 
 
 def _kangaroo(model, adapter, prompts, **kw):
@@ -59,6 +61,45 @@ def test_oracle_kangaroo_identical_to_plain_in_every_mode(weights, activations):
   assert _kangaroo(model, adapter, prompts[:1], gamma=4).tokens == one, "batch 1"
   out = _kangaroo(model, adapter, prompts[:1], gamma=2, lookup=4)
   assert out.tokens == one and out.stats["lookup_rounds"] > 0, "prompt lookup"
+  # Fixed-width steps (the accelerators' default) in this mode too.
+  model, adapter = _oracle(weights, activations, step_width=8)
+  plain = plain_decode(model, prompts, max_new_tokens=NEW).tokens
+  for gamma in (2, 7):
+    assert _kangaroo(model, adapter, prompts, gamma=gamma).tokens == plain, f"fixed width, gamma {gamma}"
+
+
+# A backend whose products over blocks of rows round their operands as TF32 does, while
+# single rows stay float32: what the GPU run showed, emulated on the CPU.
+ROW_DEPENDENT = Products(PRODUCTS["float32"].precision, block_inputs=jnp.float16)
+
+
+@pytest.mark.slow
+def test_fixed_width_steps_are_identical_where_kernels_depend_on_the_row_count():
+  model, adapter = _oracle("float32", "float32", ROW_DEPENDENT, step_width=8)
+  prompts = _prompts()
+  plain = plain_decode(model, prompts, max_new_tokens=NEW).tokens
+  for gamma in (1, 4, 7):  # batch 4
+    assert _kangaroo(model, adapter, prompts, gamma=gamma).tokens == plain, f"gamma {gamma}"
+  one = plain_decode(model, prompts[:1], max_new_tokens=NEW).tokens
+  assert _kangaroo(model, adapter, prompts[:1], gamma=3).tokens == one, "batch 1"
+  out = _kangaroo(model, adapter, prompts[:1], gamma=2, lookup=4)
+  assert out.tokens == one and out.stats["lookup_rounds"] > 0, "prompt lookup"
+
+
+@pytest.mark.slow
+def test_single_row_steps_differ_where_kernels_depend_on_the_row_count():
+  """The control of the test above: single-row plain steps and blocks of the smallest
+  size that fits (the CPU's design) are not identical on such a backend."""
+  model, adapter = _oracle("float32", "float32", ROW_DEPENDENT, step_width=1)
+  prompts = _prompts()
+  plain = plain_decode(model, prompts, max_new_tokens=NEW).tokens
+  assert _kangaroo(model, adapter, prompts, gamma=4).tokens != plain
+
+
+def test_a_round_longer_than_the_step_width_is_refused():
+  model, adapter = _oracle("float32", "float32", step_width=4)
+  with pytest.raises(ValueError, match="at most 3 drafts"):
+    _kangaroo(model, adapter, _prompts()[:1], gamma=4)
 
 
 # Known defect, found by this oracle: tree verification attends the committed cache and
