@@ -52,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="weights dtype (default float32); the KV cache follows --activations")
   add("--activations", choices=["float32", "bfloat16"], default="float32",
       help="hidden-state dtype: float32 (default) keeps greedy Kangaroo token-identical to "
-      "plain decoding with bfloat16 weights too; bfloat16 is cheaper on accelerators but "
-      "may differ from plain at a near tie")
+      "plain decoding with bfloat16 weights too; bfloat16 is cheaper on accelerators, and "
+      "identical there by fixed-width steps (on a CPU only with --step-width 8)")
+  add("--step-width", type=int, metavar="W",
+      help="rows per sequence of every decoding step: W > 1 runs plain steps and "
+      "verification over W rows, identical by construction (at most W - 1 drafts a round); "
+      "default 1 on a CPU (cheaper there), 8 on accelerators (free there)")
   add("--mesh", metavar="DATAxMODEL", type=parse_mesh,
       help="shard over a ('data', 'model') device mesh, e.g. 1x8: batch over DATA devices, "
       "weights over MODEL (default: on several accelerators, the smallest MODEL that fits the "
@@ -190,6 +194,8 @@ def validate(args: argparse.Namespace) -> None:
        f"--exit-layer must be >= 1, got {args.exit_layer}"),
       (args.draft_vocab is None or args.draft_vocab >= 0,
        f"--draft-vocab must be >= 0, got {args.draft_vocab}"),
+      (args.step_width is None or args.step_width >= 1,
+       f"--step-width must be >= 1, got {args.step_width}"),
       (args.repetition_penalty > 0,
        f"--repetition-penalty must be > 0, got {args.repetition_penalty}"),
       (not (args.compare and args.mode == "plain"), "--compare needs --mode kangaroo"),
@@ -277,7 +283,7 @@ def load(api, args):
   from kangaroo_jax import sharding, tuning
   mesh = sharding.make_mesh(*args.mesh) if args.mesh else "auto"
   model, tokenizer = api.load_model(args.model, args.dtype, mesh=mesh,
-                                    activations=args.activations)
+                                    activations=args.activations, step_width=args.step_width)
   adapter = draft_ids = None
   if args.mode == "kangaroo":
     adapter, stored = api.load_adapter_for(model, args.adapter, args.exit_layer)
@@ -303,6 +309,11 @@ def drafting(args) -> dict:
       tree_nodes=args.tree_nodes, tree_topk=args.tree_topk, lookup=args.lookup)
   for note in notes:
     print(note, file=sys.stderr)
+  width = args.step_width
+  if width is not None and width > 1 and round_block(settings) + 1 > width:
+    raise CliError(f"--step-width {width} verifies at most {width - 1} drafts a round, but "
+                   f"this run drafts up to {round_block(settings)} (--max-draft / --lookup): "
+                   f"raise --step-width or lower them")
   return settings
 
 

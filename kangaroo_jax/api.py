@@ -91,7 +91,8 @@ _DEFAULT_DRAFTERS: "weakref.WeakKeyDictionary[Llama, Drafter]" = weakref.WeakKey
 
 def load_model(path: Optional[str] = None, dtype: str = "float32",
                mesh: Union[Mesh, str, None] = "auto",
-               activations: str = "float32") -> tuple[Llama, Any]:
+               activations: str = "float32",
+               step_width: Optional[int] = None) -> tuple[Llama, Any]:
   """Loads (model, tokenizer) from a Hugging Face folder or .gguf; None = embedded default.
 
   The checkpoint streams onto the devices one tensor at a time, cast on the host to
@@ -109,6 +110,9 @@ def load_model(path: Optional[str] = None, dtype: str = "float32",
       Kangaroo's greedy output equal to plain decoding's with bfloat16 weights too;
       "bfloat16" is cheaper but may differ at a near tie (see `kangaroo_jax.precision`
       and the README).
+    step_width: rows per sequence of every decoding step (`kangaroo_jax.precision`):
+      None = this backend's (1 on a CPU, 8 on accelerators, where fixed-width steps make
+      greedy Kangaroo identical to plain decoding by construction).
 
   Also turns on JAX's persistent compilation cache in the project's cache folder (see
   `kangaroo_jax.compile_cache`; KANGAROO_JAX_NO_COMPILE_CACHE=1 opts out), so a later
@@ -118,13 +122,17 @@ def load_model(path: Optional[str] = None, dtype: str = "float32",
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
   if isinstance(mesh, str) and mesh != "auto":
     raise ValueError(f"mesh must be a jax Mesh, 'auto' or None, got {mesh!r}")
+  if step_width is not None and step_width < 1:
+    raise ValueError(f"step width must be >= 1, got {step_width}")
   hidden_dtype = activation_dtype(activations)
   compile_cache.enable_compilation_cache()
   cfg, tensors = weights.open_checkpoint(path)
   tokenizer = weights.load_tokenizer(path)
   if mesh == "auto":
     mesh = memory.auto_mesh(cfg, DTYPES[dtype])
-  return loading.load_params(cfg, tensors, DTYPES[dtype], mesh, hidden_dtype), tokenizer
+  model = loading.load_params(cfg, tensors, DTYPES[dtype], mesh, hidden_dtype)
+  model.step_width = step_width or model.step_width
+  return model, tokenizer
 
 
 def memory_report(model: Llama, adapter: Union[Drafter, Adapter, None] = None, batch: int = 1,

@@ -219,10 +219,25 @@ def gguf_tokenizer(file: str) -> Any:
   code `AutoTokenizer.from_pretrained(gguf_file=...)` runs, which imports no torch.
   """
   from transformers import PreTrainedTokenizerFast
-  from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
   arch, tokenizer_dict, config = gguf_tokenizer_metadata(file)
-  backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
-  return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+  backend, extra = _gguf_converter()(arch, tokenizer_dict)
+  # Keys both give (5.17's converter repeats the special tokens, its eos wrong for
+  # SmolLM2: <|im_start|>): the file's own metadata wins.
+  return PreTrainedTokenizerFast(tokenizer_object=backend, **{**extra, **config})
+
+
+def _gguf_converter() -> Callable:
+  """transformers' torch-free `convert_gguf_tokenizer`, wherever this version keeps it.
+
+  5.24 (the pin) has it in `integrations.gguf.gguf_tokenizer_mapping`; 5.17 (what a GPU
+  image held) in `integrations.ggml`, and there the `integrations.gguf` package imports
+  torch.
+  """
+  try:
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+  except ImportError:  # ModuleNotFoundError (torch) included
+    from transformers.integrations.ggml import convert_gguf_tokenizer
+  return convert_gguf_tokenizer
 
 
 def _load_cached_tokenizer(folder: str) -> Any:

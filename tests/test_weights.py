@@ -239,6 +239,24 @@ def test_gguf_tokenizer_cache_is_identical_to_a_fresh_conversion(tmp_path, monke
   assert AutoTokenizer.from_pretrained(cached_dir)(text)["input_ids"] == fresh(text)["input_ids"]
 
 
+@needs_default
+def test_gguf_tokenizer_keeps_the_files_special_tokens(monkeypatch):
+  """transformers 5.17's converter (where a GPU image had it: `integrations.ggml`) also
+  returns special tokens, its eos wrong for SmolLM2 (<|im_start|>): the file's own
+  metadata wins. The converter here is 5.24's, wrapped to answer as 5.17's did."""
+  real = weights._gguf_converter()
+
+  def as_in_5_17(arch, tokenizer_dict):
+    backend, _ = real(arch, tokenizer_dict)
+    return backend, {"unk_token": "<|endoftext|>", "eos_token": "<|im_start|>",
+                     "bos_token": "<|im_start|>", "legacy": False}
+
+  monkeypatch.setattr(weights, "_gguf_converter", lambda: as_in_5_17)
+  tok = weights.gguf_tokenizer(weights.default_model_path())
+  assert (tok.eos_token, tok.bos_token, tok.unk_token) == ("<|im_end|>", "<|im_start|>",
+                                                           "<|endoftext|>")
+
+
 _TOKENIZER_TEXTS = [
     "Hello, ocean!", "  leading spaces\n\ttabs and\r\nnewlines  ", "Ünïcödé 日本語 🦘 emoji",
     "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "x<|endoftext|>y<repo_name>z",
