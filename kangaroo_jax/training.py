@@ -154,12 +154,18 @@ def _fingerprint(examples) -> int:
   return h
 
 
-def train(c, log=print) -> dict:
+def train(c, log=print, on_eval=None, stop_at=None) -> dict:
   """Trains an adapter as configured by `c` (see configs/); resumes from `c.workdir`.
 
   Returns the final metrics (train and held-out). Writes checkpoints under
   workdir/checkpoints, metrics to workdir/metrics.jsonl, and the standalone adapter to
   `c.export_path` (default workdir/adapter.safetensors).
+
+  on_eval(step, metrics, write_adapter): called after every held-out evaluation (the
+  starting adapter's, the periodic ones and the final one); `write_adapter(path, extra)`
+  writes the adapter at that step. stop_at: a `time.time()` past which the run saves a
+  checkpoint and ends early (exported at that step; rerunning resumes to `c.steps`); for
+  one process only (hosts' clocks could stop them at different steps).
   """
   import json
   import time
@@ -295,12 +301,20 @@ def train(c, log=print) -> dict:
   tokens_per_step = c.batch_size * sum(int(ex.assistant[1:].sum()) for ex in train_set) / len(train_set)
   window: list = []
   last: dict = {}
+  def write_adapter(path, extra=None):
+    from kangaroo_jax.adapter import save_adapter
+    nnx.update(adapter, jax.device_get(params))
+    save_adapter(path, adapter, draft_ids, extra={k: v for k, v in (extra or {}).items()
+                                                  if isinstance(v, (int, float))})
+
   if c.eval_every and start == 0:  # the learning curve's first point: the starting adapter
     ev = evaluate(params)
     if main:
       bar.write("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
       with open(eval_file, "a") as f:
         f.write(json.dumps(ev | {"step": 0, "tokens_seen": 0}) + "\n")
+      if on_eval:
+        on_eval(0, ev | {"tokens_seen": 0}, write_adapter)
   t_train = time.time()
   for step in range(start, c.steps):
     params, opt_state, m = step_fn(params, opt_state, model_state, to_device(batches(step)), inv, dids)
@@ -321,21 +335,32 @@ def train(c, log=print) -> dict:
         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         with open(eval_file, "a") as f:  # the learning curve's points
           f.write(json.dumps(ev | {"step": done, "tokens_seen": done * tokens_per_step}) + "\n")
-    if c.checkpoint_every and (done % c.checkpoint_every == 0 or done == c.steps):
+        if on_eval:
+          on_eval(done, ev | {"tokens_seen": done * tokens_per_step}, write_adapter)
+    stopping = stop_at is not None and done < c.steps and time.time() > stop_at
+    if c.checkpoint_every and (done % c.checkpoint_every == 0 or done == c.steps or stopping):
       save(done)
     bar.update(1)
+    if stopping:
+      break
   bar.close()
+  steps_done = done if c.steps > start else start
   train_seconds = time.time() - t_train
   final = dict(last) | evaluate(params) | {
-      "steps": c.steps, "resumed_from": start, "train_seconds_this_run": round(train_seconds, 1),
+      "steps": steps_done, "resumed_from": start, "train_seconds_this_run": round(train_seconds, 1),
       "wall_seconds_this_run": round(time.time() - t_start, 1), "exit_layer": c.exit_layer,
       "draft_vocab": 0 if draft_ids is None else len(draft_ids),
       "train_conversations": len(train_set),
       "eval_conversations": sum(map(len, eval_sets.values())),
-      "tokens_seen": c.steps * tokens_per_step, "adapter_ffn": c.get("adapter_ffn", 0),
+      "tokens_seen": steps_done * tokens_per_step, "adapter_ffn": c.get("adapter_ffn", 0),
       "data_skipped": skipped}
+  if steps_done < c.steps:
+    final["stopped_early"] = True
   if main:
     export(c, adapter, params, draft_ids, final, eval_file, log)
+    if on_eval:
+      on_eval(steps_done, {k: v for k, v in final.items() if k.startswith("eval_")}
+              | {"tokens_seen": final["tokens_seen"]}, write_adapter)
   return final
 
 
@@ -394,7 +419,7 @@ def export(c, adapter: Adapter, params, draft_ids, final: dict, eval_file: str, 
     json.dump(final, f, indent=1)
   with open(eval_file, "a") as f:
     f.write(json.dumps({k: v for k, v in final.items() if k.startswith("eval_")}
-                       | {"step": c.steps, "tokens_seen": final["tokens_seen"]}) + "\n")
+                       | {"step": final["steps"], "tokens_seen": final["tokens_seen"]}) + "\n")
   plot_learning_curve(eval_file, os.path.join(c.workdir, "learning_curve.png"))
   log(f"adapter written to {path}")
   log(json.dumps(final))
