@@ -229,6 +229,9 @@ def _plain_run(model: Llama, st: dict, eos_ids, until, params: SamplingParams) -
     tokens = jnp.broadcast_to(s["tok"][:, None], (s["tok"].shape[0], w))  # [B, W]
     positions = s["lens"][:, None] + jnp.arange(w)[None]  # [B, W]
     logits, cache = model(tokens, positions, s["cache"])  # [B, W, V]
+    if w > 1:  # every row stays computed: XLA could otherwise move the slice below into
+      # the last products and run them over one row, not the W rows a verification runs.
+      logits = jax.lax.optimization_barrier(logits)
     logits = logits[:, :1]  # [B, 1, V]: the token's row
     rng, sub = jax.random.split(s["rng"])
     nxt = sample(penalize(logits[:, 0], s["seen"], params), params, sub)

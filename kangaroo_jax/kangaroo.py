@@ -288,6 +288,8 @@ def _verify_fixed(model: Llama, Y, Q, k, n, cache, rng, seen, *, params: Samplin
   rows = jnp.pad(Y, ((0, 0), (0, w - kb)))  # [B, W]: the block, then padding rows
   positions = n[:, None] + jnp.arange(w)[None]  # [B, W]
   logits, cache = model(rows, positions, cache)  # [B, W, V]
+  # As in plain decoding's step: all W rows' products stay W rows wide (no slice sinks in).
+  logits = jax.lax.optimization_barrier(logits)
   logits = penalize(logits[:, :kb], _block_seen(seen, Y, params), params)  # [B, K, V]
   a, z, rng = _judge(logits, Y, Q, k, rng, params)
   return a, z, cache, rng

@@ -120,6 +120,26 @@ def test_no_cache_copy_in_the_plain_loop(step_width):
   assert copies_in_loops(hlo, shape) == []
 
 
+def test_fixed_width_steps_keep_every_row_of_the_last_products():
+  """Fixed-width plain steps use one row's logits and a round verifies gamma + 1 < W rows:
+  the last layer's products and the LM head must still run over all W rows (an
+  optimization barrier stops XLA from slicing them down), or plain decoding and
+  verification would multiply other shapes after all. This CPU's XLA keeps the rows even
+  without the barrier; the test guards the backends where it would not (it runs on the
+  device in `scripts/accelerator_check.py`)."""
+  from kangaroo_jax.decoding import _plain_loop
+  model = M.Llama(CFG, step_width=8)
+  graphdef, state = nnx.split(model)
+  plain = _plain_loop.lower(graphdef, state, jnp.zeros((1, PROMPT), jnp.int32), jnp.asarray([5]),
+                            jax.random.key(0), jnp.asarray([1]), jnp.int32(NEW),
+                            params=SamplingParams(), capacity=NEW).compile().as_text()
+  assert ops_in_loops(plain, ("dot",), f"8,{CFG.vocab_size}") != []
+  assert ops_in_loops(plain, ("dot",), f"1,{CFG.vocab_size}") == []
+  spec = _compiled(1, 2, True, SamplingParams(), step_width=8)  # a block of 3 in 8 rows
+  assert ops_in_loops(spec, ("dot",), f"8,{CFG.vocab_size}") != []
+  assert ops_in_loops(spec, ("dot",), f"3,{CFG.vocab_size}") == []
+
+
 def test_the_check_sees_a_copy():
   """The counter is not blind: an inlined read-then-write of the cache copies it."""
   from kangaroo_jax import kangaroo
