@@ -8,9 +8,12 @@ One round, per sequence, with pending token y0 at position n:
       (the paper) or dropped (`send_unconfident=False`, cheaper where verifying one more
       position costs much). The shallow layers also run on the last draft, so the block
       [y_0 .. y_k] has all its layer-l states.
-  verify (`_verify`): deep layers [l, L) once over a fixed-size block of layer-l states
-      (the shallow layers are never recomputed), accept the longest agreeing prefix
-      (greedy) or use speculative sampling, and append the target's own next token.
+  verify (`_verify`): deep layers [l, L) once over a block of layer-l states (the
+      shallow layers are not recomputed), accept the longest agreeing prefix (greedy) or
+      use speculative sampling (`_judge`), and append the target's own next token. With
+      fixed-width steps (`Llama.step_width` > 1, the default off a CPU) `_verify_fixed`
+      instead runs every layer over exactly step_width rows, as each plain step does, so
+      the output equals plain decoding's by construction (`kangaroo_jax.precision`).
   roll back: the next round starts at n + accepted + 1. Every cache (shallow, deep,
       adapter) simply overwrites the stale slots; nothing is copied.
 
