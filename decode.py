@@ -325,9 +325,11 @@ def round_block(settings: dict) -> int:
 def memory(api, model, adapter, args, settings: dict):
   """Per-device bytes of weights, KV cache and adapter (`api.memory_report`) for this run."""
   from kangaroo_jax import decoding
-  # Cache slots for a prompt of up to PROMPT_SLOTS tokens, the new ones and, with Kangaroo,
-  # a round's block plus 2, as the loop allocates them (`kangaroo._kangaroo_start`).
-  extra = round_block(settings) + 2 if adapter is not None else 0
+  # Cache slots for a prompt of up to PROMPT_SLOTS tokens, the new ones and what a step
+  # writes past them, as the loops allocate them (`kangaroo._kangaroo_start`,
+  # `decoding._plain_start`): a Kangaroo round's block plus 2, or step_width rows.
+  extra = (max(round_block(settings) + 2, model.step_width) if adapter is not None
+           else model.step_width - 1)
   slots = decoding.cache_size(PROMPT_SLOTS, args.max_new_tokens, extra)
   return api.memory_report(model, adapter, batch=1, slots=slots)
 
