@@ -6,6 +6,7 @@ Rerunning the same command resumes from the last checkpoint in `workdir`. See TR
 """
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -37,6 +38,66 @@ def main(argv):
     os._exit(130)
 
 
+def parse_flags(argv: list) -> list:
+  """absl's flag parsing, the config file loaded; a mistake is one `error:` line, exit 2.
+
+  absl and ml_collections report a missing config file, an unknown override or a value of
+  the wrong type with a traceback (or a FATAL line and status 1); all are input the user
+  can fix.
+  """
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # a config file that failed to load raises only when first read
+    return rest
+  except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+    print(f"error: {flag_error(e, argv[1:])}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def flag_error(error: BaseException, args: list) -> str:
+  """The one-line message for a flag-parsing failure (`parse_flags`), in the user's words."""
+  text = str(error.args[0] if error.args else error)
+  config = _config_path(args)
+  if config is not None and not os.path.isfile(config.split(":", 1)[0]):
+    return f"no such config file: {config} (e.g. --config configs/smollm2_135m.py)"
+  if config is None or "must have a value other than None" in text:
+    return "--config FILE is required (e.g. --config configs/smollm2_135m.py)"
+  if isinstance(error, (AttributeError, KeyError)):  # an override naming no config field
+    # ml_collections' text: '\'stepz\'\nDid you mean "steps" instead of "stepz"?'
+    hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    name = hint.group(2) if hint else re.search(r"\w+", text).group(0)
+    flag = next((a.split("=", 1)[0] for a in args
+                 if re.match(rf"-{{1,2}}config\.(.+\.)?{name}(=|$)", a)), f"--config.{name}")
+    fix = f" (did you mean {flag[:-len(name)]}{hint.group(1)}?)" if hint else ""
+    return f"{flag}: {config} has no field {name!r}{fix}"
+  typed = re.match(r"flag (--config\.[\w.]+)=(.*?): (.*)", text, re.S)
+  if typed:  # absl: "flag --config.steps=abc: invalid literal for int() with base 10: 'abc'"
+    flag, value, why = typed.groups()
+    kind = re.search(r"for (\w+)\(\)|to (\w+):|expected (\w+)", why)
+    want = next((k for k in kind.groups() if k), None) if kind else None
+    return (f"{flag}={value}: {value!r} is not {_TYPE_WORDS.get(want, 'a valid value')}" if want
+            else f"{flag}={value}: {why.splitlines()[0]}")
+  if isinstance(error, OSError):  # the file exists but does not load
+    return f"cannot load config file {config}: {text.strip().splitlines()[-1].strip()}"
+  order = re.match(r"Found (\S+) in argv before a value for --config", text)
+  if order:
+    return f"{order.group(1)} comes before --config FILE: put --config first"
+  return text.strip().splitlines()[0]
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _config_path(args: list):
+  """The --config value in the command-line arguments (None when absent)."""
+  for i, a in enumerate(args):
+    if a in ("--config", "-config") and i + 1 < len(args):
+      return args[i + 1]
+    if re.match(r"-{1,2}config=", a):
+      return a.split("=", 1)[1]
+  return None
+
+
 def interrupted_message(error: BaseException, train_fn, c) -> str:
   """Where Ctrl-C stopped training and what rerunning does, in one line."""
   step = None
@@ -56,4 +117,4 @@ def interrupted_message(error: BaseException, train_fn, c) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
