@@ -172,7 +172,7 @@ def copy_adapter_weights(source: Adapter, target: Adapter) -> None:
   theirs = tensors(source)
   for name, var in tensors(target).items():
     if name in theirs and theirs[name].shape == var.shape:
-      var.set_value(theirs[name][...])
+      var.set_value(theirs[name][...].astype(var[...].dtype))
 
 
 def make_optimizer(lr: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.0,

@@ -7,6 +7,7 @@ The loss, the jitted train and eval steps and the acceptance simulation live in
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import jax
 from jax.experimental import multihost_utils
@@ -21,6 +22,10 @@ from kangaroo_jax.distill import (add_hidden, average, copy_adapter_weights, dra
 
 
 HIDDEN_CACHE_BYTES = 3 << 30
+# The adapter's parameters and optimizer state, whatever the model's dtype: an AdamW step
+# at a 7B learning rate (5e-5) is below half a bfloat16 unit of most weights (and of
+# every norm weight, 1.0), so bfloat16 master weights would barely move.
+MASTER_DTYPE = np.float32
 SOURCES = ("magpie", "sharegpt", "tfds", "teacher")
 
 
@@ -146,6 +151,17 @@ def split_onto_mesh(module: nnx.Module, mesh):
   return graphdef, _global(state, sharding.param_shardings(state, mesh))
 
 
+def initial_adapter(model, c, start_from: Optional[Adapter] = None) -> Adapter:
+  """The adapter training starts from, in float32 (`MASTER_DTYPE`) whatever `model.dtype`:
+  the target's logit lens at the exit layer (`warm_start`), or `start_from`'s weights."""
+  from kangaroo_jax.adapter import init_adapter
+  adapter = warm_start(init_adapter(model.cfg, c.exit_layer, c.adapter_heads or None, c.seed,
+                                    MASTER_DTYPE, c.get("adapter_ffn", 0)), model)
+  if start_from is not None:
+    copy_adapter_weights(start_from, adapter)
+  return adapter
+
+
 def _fingerprint(examples) -> int:
   """A cheap identity of the training data, so a resume on different data is caught."""
   h = len(examples)
@@ -173,7 +189,6 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
   from tqdm import tqdm
 
   from kangaroo_jax import api, checkpoint, data, sharding
-  from kangaroo_jax.adapter import init_adapter
 
   check_config(c)
   check_resumable(c)
@@ -209,7 +224,7 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
   start_from = None
   if c.get("init_from", ""):
     from kangaroo_jax.adapter import load_adapter
-    start_from = load_adapter(c.init_from, model.cfg, model.dtype)
+    start_from = load_adapter(c.init_from, model.cfg, MASTER_DTYPE)
   if c.draft_vocab and c.draft_vocab < model.cfg.vocab_size:
     counts = data.token_frequencies(train_set, model.cfg.vocab_size)
     if start_from is not None and start_from[1] is not None and len(start_from[1]) == c.draft_vocab:
@@ -221,10 +236,7 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
 
   # One process: the model is on the mesh already. Several: each process's copy goes global.
   model_graphdef, model_state = split_onto_mesh(model, mesh) if per_process else nnx.split(model)
-  adapter = warm_start(init_adapter(model.cfg, c.exit_layer, c.adapter_heads or None, c.seed,
-                                    model.dtype, c.get("adapter_ffn", 0)), model)
-  if start_from is not None:
-    copy_adapter_weights(start_from[0], adapter)
+  adapter = initial_adapter(model, c, start_from[0] if start_from is not None else None)
   adapter_graphdef, params = split_onto_mesh(adapter, mesh)
   tx = make_optimizer(c.lr, c.warmup_steps, c.steps, c.weight_decay, c.b1, c.b2, c.grad_clip,
                       c.end_lr_fraction)

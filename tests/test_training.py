@@ -201,6 +201,35 @@ def test_only_the_adapter_trains(tiny):
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(params)))
 
 
+def test_bfloat16_model_one_step_at_7b_lr_moves_every_adapter_leaf(tiny):
+  """Float32 master weights: at lr 5e-5 a bfloat16 adapter would keep most weights (and the
+  norms, 1.0, whose bfloat16 unit is 2^-7) unchanged; the float32 one moves every leaf.
+
+  Two steps: the warm start zeroes the attention's output projection, so q/k/v get no
+  gradient until it has moved once."""
+  model, tok = api.load_model(tiny[0], "bfloat16")
+  c = _config(tiny, "unused", lr=5e-5)
+  adapter = training.initial_adapter(model, c)
+  ds = data.sharegpt(tiny[3], tok, max_len=64, eos_ids=[2])
+  batch = data.make_batch(ds.examples[:4], 64)
+  mg, ms = nnx.split(model)
+  ag, params = nnx.split(adapter)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  tx = distill.make_optimizer(5e-5, 0, 100)
+  opt = tx.init(params)
+  assert {x.dtype for x in jax.tree.leaves(opt) if x.ndim} == {jnp.dtype(jnp.float32)}
+  before = jax.tree.map(np.array, params)
+  inv = jnp.asarray(distill.draft_index(None, model.cfg.vocab_size))
+  step = distill.make_train_step(mg, ag, tx)
+  after, opt, _ = step(params, opt, ms, batch, inv, None)
+  after, _, _ = step(after, opt, ms, batch, inv, None)
+  names = ["/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(before)[0]]
+  assert any("norm" in n for n in names)
+  for name, a, b in zip(names, jax.tree.leaves(before), jax.tree.leaves(after)):
+    changed = np.mean(np.asarray(a) != np.asarray(b))
+    assert changed > 0.99, (name, changed)
+
+
 def test_sharded_step_on_8_devices_matches_one_device(tiny):
   assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
   mg, ms, ag, params, tx, batch, inv = _step_setup(tiny, batch_size=8)
