@@ -71,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="transformers' repetition_penalty: logits of tokens already in the prompt or answer "
       "are divided by R (multiplied when negative); 1.0 = none (default), 1.1-1.3 curbs loops")
   add("--mode", choices=["kangaroo", "plain"], default="kangaroo")
-  add("--adapter", metavar="PATH", help="adapter file (default: the shipped one if it fits "
-      "the model, else a fresh random one: still lossless, only slower)")
+  add("--adapter", metavar="PATH", help="adapter file (ours, from train.py), or the folder the "
+      "paper's authors publish (config.json + pytorch_model.bin; needs torch) (default: the "
+      "shipped one if it fits the model)")
   add("--exit-layer", type=int, metavar="L",
-      help="exit layer of a fresh adapter; must match --adapter's")
+      help="layers before the adapter: the authors' folder does not store it (default 2); "
+      "must match an adapter file's")
   add("--threshold", type=float, metavar="ETA",
       help="stop drafting when the draft's top-1 probability < ETA (default: the tuned "
       "setting for this backend, else 0.6)")
@@ -155,15 +157,25 @@ def read_prompt(args: argparse.Namespace) -> None:
 
 
 def check_adapter_file(path: str, exit_layer) -> None:
-  """Reads only the adapter file's header, so a bad file fails before the slow model load."""
+  """Reads only the adapter file's header (or the folder's config), so a bad adapter fails
+  before the slow model load."""
   import safetensors  # light: no jax
+
+  from kangaroo_jax import authors_adapter  # light: no jax until it builds an adapter
+  if authors_adapter.is_folder(path):
+    return authors_adapter.check_folder(path)
+  if path.endswith((".bin", ".pt", ".pth")):
+    raise CliError(f"{path} is a PyTorch file, not a kangaroo-jax adapter; for the authors' "
+                   "adapter pass its folder (config.json + pytorch_model.bin)")
   try:
     with safetensors.safe_open(path, framework="numpy") as f:
       meta, names = f.metadata() or {}, set(f.keys())
   except Exception as e:  # safetensors raises several types for damaged files
     raise CliError(f"{path} is corrupt or truncated: {str(e).splitlines()[0]}") from None
   if meta.get("format") != ADAPTER_FORMAT:
-    raise CliError(f"{path} is not a kangaroo-jax adapter file")
+    model = any(n.startswith(("model.", "lm_head.")) for n in names)
+    raise CliError(f"{path} is not a kangaroo-jax adapter file"
+                   + ("; it holds a model's weights (pass its folder as --model)" if model else ""))
   try:
     trained = json.loads(meta["config"])["exit_layer"]
   except (KeyError, TypeError, ValueError):
@@ -201,7 +213,7 @@ def validate(args: argparse.Namespace) -> None:
       (not (args.compare and args.mode == "plain"), "--compare needs --mode kangaroo"),
       (not (args.chat and (args.compare or args.json)), "--chat cannot be combined with "
        "--compare or --json"),
-      (args.adapter is None or os.path.isfile(args.adapter),
+      (args.adapter is None or os.path.exists(args.adapter),
        f"no such adapter file: {args.adapter}"),
   ] + cli.tree_flag_checks(args)
   for ok, message in checks:

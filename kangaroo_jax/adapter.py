@@ -37,6 +37,9 @@ class AdapterConfig:
   head_dim: int
   rms_norm_eps: float = 1e-5
   ffn_size: int = 0  # 0 = the paper's adapter (no FFN); files without it load as 0
+  # None: RoPE as the target's (theta, scaling); a number: plain RoPE at that base, as
+  # the authors' adapters rotate (10000 whatever the target's; `authors_adapter`).
+  rope_theta: Optional[float] = None
 
   @classmethod
   def for_model(cls, cfg: ModelConfig, exit_layer: int, num_heads: Optional[int] = None,
@@ -69,8 +72,10 @@ class Adapter(nnx.Module):
     rngs = rngs or nnx.Rngs(0)
     self.acfg = acfg
     # RoPE frequencies follow the target's theta/scaling at the adapter's own head dim.
-    self.rope_cfg = dataclasses.replace(rope_cfg, head_dim=acfg.head_dim, num_heads=acfg.num_heads,
-                                        num_kv_heads=acfg.num_heads)
+    rope = dict(head_dim=acfg.head_dim, num_heads=acfg.num_heads, num_kv_heads=acfg.num_heads)
+    if acfg.rope_theta is not None:
+      rope |= dict(rope_theta=acfg.rope_theta, rope_scaling=None)
+    self.rope_cfg = dataclasses.replace(rope_cfg, **rope)
     self.dtype = dtype
     self.input_norm = RMSNorm(acfg.hidden_size, acfg.rms_norm_eps, dtype)
     self.attn = Attention(acfg.hidden_size, acfg.num_heads, acfg.num_heads, acfg.head_dim,
@@ -154,18 +159,28 @@ def tensors(adapter: Adapter) -> dict[str, nnx.Param]:
 def save_adapter(path: str, adapter: Adapter, draft_ids: Optional[np.ndarray] = None,
                  extra: Optional[dict] = None) -> None:
   """Writes the adapter (and an optional reduced draft vocabulary) to one small file."""
-  from safetensors.numpy import save_file
   arrays = {k: np.asarray(v[...], np.float32) for k, v in tensors(adapter).items()}
+  save_arrays(path, adapter.acfg, arrays, draft_ids, extra)
+
+
+def save_arrays(path: str, acfg: AdapterConfig, arrays: dict[str, np.ndarray],
+                draft_ids: Optional[np.ndarray] = None, extra: Optional[dict] = None) -> None:
+  """Writes an adapter file from its config and tensors by file name (`tensors`)."""
+  from safetensors.numpy import save_file
+  arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}
   if draft_ids is not None:
     arrays["draft_ids"] = np.asarray(draft_ids, np.int32)
-  meta = {"format": _FORMAT, "config": json.dumps(dataclasses.asdict(adapter.acfg)),
-          "extra": json.dumps(extra or {})}
+  # Unset optional fields stay out, so files that need none of them load in older versions.
+  config = {k: v for k, v in dataclasses.asdict(acfg).items() if v is not None}
+  meta = {"format": _FORMAT, "config": json.dumps(config), "extra": json.dumps(extra or {})}
   save_file(arrays, path, metadata=meta)
 
 
 def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32,
-                 mesh=None) -> tuple[Adapter, Optional[np.ndarray]]:
-  """Reads an adapter file written by `save_adapter`; checks it fits model `cfg`.
+                 mesh=None, exit_layer: Optional[int] = None) -> tuple[Adapter, Optional[np.ndarray]]:
+  """Reads an adapter file written by `save_adapter`, or the authors' adapter folder
+  (`kangaroo_jax.authors_adapter`, exiting after `exit_layer` layers, default 2); checks
+  it fits model `cfg`.
 
   Tensors are read one at a time, cast to `dtype` on the host and placed with their
   final sharding on `mesh` (a ('data', 'model') mesh; None = the default device).
@@ -175,7 +190,9 @@ def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32,
   from safetensors import safe_open
   import os
 
-  from kangaroo_jax import sharding
+  from kangaroo_jax import authors_adapter, sharding
+  if authors_adapter.is_folder(path):
+    return _load_folder(path, cfg, dtype, mesh, exit_layer), None
   if not os.path.isfile(path):
     raise AdapterError(f"no such adapter file: {path}")
   try:
@@ -215,3 +232,24 @@ def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32,
   if draft_ids is not None:
     draft_ids = check_draft_ids(draft_ids, cfg.vocab_size, path)
   return adapter, draft_ids
+
+
+def _load_folder(folder: str, cfg: ModelConfig, dtype, mesh, exit_layer: Optional[int]) -> Adapter:
+  """The authors' adapter folder as an Adapter for model `cfg` on `mesh`."""
+  from kangaroo_jax import authors_adapter, sharding
+  try:
+    acfg, arrays = authors_adapter.read_folder(folder, exit_layer)
+  except authors_adapter.FolderError as e:
+    raise AdapterError(str(e)) from None
+  acfg.check(cfg)
+  adapter = nnx.eval_shape(lambda: Adapter(acfg, cfg, dtype, nnx.Rngs(0)))
+  undivided = []
+  for name, var in tensors(adapter).items():
+    rule = name.split(".")[-1]  # the sharding rule's key: "attn.qkv" -> "qkv"
+    array, divides = sharding.place(arrays[name].astype(np.dtype(dtype)), rule, mesh)
+    var.set_value(array)
+    if not divides:
+      undivided.append(f"{name} {list(arrays[name].shape)}")
+  if mesh is not None:
+    sharding.report_undivided(undivided, mesh)
+  return adapter

@@ -162,7 +162,7 @@ def load_adapter_for(model: Llama, path: Optional[str] = None, exit_layer: Optio
   """
   mesh = sharding.mesh_of(model)
   if path is not None:
-    adapter, ids = load_adapter(path, model.cfg, model.dtype, mesh)
+    adapter, ids = load_adapter(path, model.cfg, model.dtype, mesh, exit_layer)
   elif os.path.isfile(DEFAULT_ADAPTER) and exit_layer is None:
     try:
       adapter, ids = load_adapter(DEFAULT_ADAPTER, model.cfg, model.dtype, mesh)

@@ -471,6 +471,33 @@ def test_adapter_file_is_checked_before_the_model_loads(tmp_path):
                        str(not_adapter), timeout=60), "not a kangaroo-jax adapter file")
 
 
+def test_authors_adapter_folder_decodes(cli, capsys, tiny, tmp_path):
+  """The paper's authors' adapter folder (config.json + pytorch_model.bin) works as
+  --adapter; Kangaroo stays token-identical to plain decoding."""
+  from hf_tiny import write_authors_adapter
+  folder = str(tmp_path / "kangaroo-vicuna-7b")
+  write_authors_adapter(folder, TINY_CONFIG["hidden_size"], TINY_CONFIG["num_attention_heads"])
+  proc = run_main(cli, capsys, "--prompt", "w5 w6 w7", "--model", tiny, "--adapter", folder,
+                  "--max-new-tokens", "8", "--compare", "--json", "--no-chat")
+  assert proc.returncode == 0, proc.stderr
+  out = json.loads(proc.stdout)
+  assert out["identical"] and len(out["token_ids"]) == 8
+  assert_error(run_main(cli, capsys, "--prompt", "hi", "--model", tiny, "--adapter", folder,
+                        "--exit-layer", "3"), "exit layer 3 is out of range [1, 2]")
+
+
+def test_not_an_adapter_is_named_in_the_users_words(cli, capsys, tiny, tmp_path):
+  weights = tmp_path / "pytorch_model.bin"
+  weights.write_bytes(b"PK\x03\x04")
+  assert_error(run_main(cli, capsys, "--prompt", "hi", "--adapter", str(weights)),
+               "is a PyTorch file, not a kangaroo-jax adapter", "pass its folder")
+  assert_error(run_main(cli, capsys, "--prompt", "hi", "--adapter",
+                        os.path.join(tiny, "model.safetensors")),
+               "not a kangaroo-jax adapter file; it holds a model's weights")
+  assert_error(run_main(cli, capsys, "--prompt", "hi", "--adapter", tiny),
+               "describes 3 layers; the Kangaroo adapter has 1")
+
+
 def test_chat_keeps_the_conversation_and_prints_stats_per_answer(tiny_chat, tmp_path):
   path = _save_adapter(str(tmp_path / "a.safetensors"), TINY_CONFIG, 2)
   proc = run_cli_input("--chat", "--model", tiny_chat, "--adapter", path, "--max-new-tokens",
