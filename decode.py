@@ -29,7 +29,6 @@ cli.set_offline_quiet_environment()
 
 ADAPTER_FORMAT = "kangaroo-jax-adapter/1"  # kangaroo_jax.adapter._FORMAT (importing it loads jax)
 ADAPTER_TENSORS = ("input_norm.weight", "attn.qkv", "attn.o", "out_norm.weight")
-PROMPT_SLOTS = 512  # the prompt length the memory line assumes
 
 
 class CliError(ValueError):
@@ -334,15 +333,15 @@ def round_block(settings: dict) -> int:
   return max(settings["gamma"], settings["lookup"]) if settings else 0
 
 
-def memory(api, model, adapter, args, settings: dict):
+def memory(api, model, adapter, args, settings: dict, prompt_tokens: int):
   """Per-device bytes of weights, KV cache and adapter (`api.memory_report`) for this run."""
   from kangaroo_jax import decoding
-  # Cache slots for a prompt of up to PROMPT_SLOTS tokens, the new ones and what a step
-  # writes past them, as the loops allocate them (`kangaroo._kangaroo_start`,
+  # Cache slots for this prompt's bucket, the new tokens asked for and what a step writes
+  # past them, as the loops allocate them (`kangaroo._kangaroo_start`,
   # `decoding._plain_start`): a Kangaroo round's block plus 2, or step_width rows.
   extra = (max(round_block(settings) + 2, model.step_width) if adapter is not None
            else model.step_width - 1)
-  slots = decoding.cache_size(PROMPT_SLOTS, args.max_new_tokens, extra)
+  slots = decoding.cache_size(decoding.bucket(prompt_tokens), args.max_new_tokens, extra)
   return api.memory_report(model, adapter, batch=1, slots=slots)
 
 
@@ -402,9 +401,10 @@ def chat(api, args) -> None:
   block = round_block(settings)
   reserve = args.max_new_tokens + (block + 1 if block else 0)
   interactive = sys.stdin.isatty()
+  longest = model.cfg.max_position_embeddings - reserve  # what `fit_conversation` keeps
   print(f"chat ({args.mode}; loaded in {load_seconds:.1f} s): one message per line; /reset "
-        "clears the conversation, /exit or end of input ends\n"
-        + memory(api, model, adapter, args, settings).summary(), file=sys.stderr)
+        "clears the conversation, /exit or end of input ends\nat the longest conversation, "
+        + memory(api, model, adapter, args, settings, longest).summary(), file=sys.stderr)
   history: list = []
   eos = api.eos_ids(model, tokenizer)
   while True:
@@ -452,7 +452,9 @@ def run(args) -> None:
   settings = drafting(args)
   model, tokenizer, adapter, draft_ids, load_seconds = load(api, args)
   kwargs = decode_kwargs(args, adapter, draft_ids, args.mode)
-  out = dict(prompt=args.prompt, memory=memory(api, model, adapter, args, settings).summary())
+  prompt_tokens = len(api.encode_prompt(tokenizer, args.prompt, not args.no_chat))
+  out = dict(prompt=args.prompt,
+             memory=memory(api, model, adapter, args, settings, prompt_tokens).summary())
   if args.compare:
     gen, stats, comparison = compare(api, model, tokenizer, args, kwargs)
     out.update(comparison)

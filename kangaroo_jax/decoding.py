@@ -91,14 +91,23 @@ def _too_long(prompt: int, max_new_tokens: int, extra: int, max_positions: int) 
   """The error for a prompt that does not fit: the numbers the caller gave, and what fits.
 
   `extra` (slots the decoder adds itself) is named apart from the budget asked for, so
-  that the message repeats the caller's max_new_tokens rather than a sum of both.
+  that the message repeats the caller's max_new_tokens rather than a sum of both. Each
+  suggestion fits as given: fewer new tokens with this prompt, or a prompt short enough
+  for the max_new_tokens asked for.
   """
   kept = f" and {extra} positions a Kangaroo round needs" if extra else ""
-  room = max_positions - prompt - extra
-  fix = (f"ask for at most {room} new tokens or shorten the prompt" if room >= 1
-         else f"shorten the prompt to at most {max_positions - extra - 1} tokens")
+  room = max_positions - prompt - extra  # new tokens that fit beside this prompt
+  short = max_positions - extra - max_new_tokens  # prompt tokens that fit beside the budget
+  fixes = []
+  if room >= 1:
+    fixes.append(f"ask for at most {room} new tokens")
+  if short >= 1:
+    fixes.append(f"shorten the prompt to at most {short} tokens")
+  else:
+    fixes.append(f"ask for at most {max_positions - extra - 1} new tokens and shorten the "
+                 "prompt to fit beside them")
   return (f"prompt of {prompt} tokens plus {max_new_tokens} new tokens{kept} exceeds the "
-          f"model's {max_positions} positions: {fix}")
+          f"model's {max_positions} positions: {' or '.join(fixes)}")
 
 
 @dataclasses.dataclass

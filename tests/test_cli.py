@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -226,10 +227,33 @@ def test_too_long_prompt_names_the_budget_asked_for(cli, capsys, tiny, cpu_tuned
     decoding.pad_prompts([[5] * 10], 256, 244, extra=5)
   assert str(e.value) == ("prompt of 10 tokens plus 244 new tokens and 5 positions a Kangaroo "
                           "round needs exceeds the model's 256 positions: ask for at most 241 "
-                          "new tokens or shorten the prompt")
+                          "new tokens or shorten the prompt to at most 7 tokens")
   proc = run_main(cli, capsys, "--prompt", "w5 w6 w7", "--model", tiny, "--no-chat",
                   "--max-new-tokens", "250")
   assert_error(proc, "plus 250 new tokens and 5 positions", "ask for at most 248 new tokens")
+
+
+@pytest.mark.parametrize("words", [245, 266])  # 10 over what --max-new-tokens 16 leaves; 10 over
+def test_following_the_too_long_error_decodes(cli, capsys, tiny, cpu_tuned, words):
+  """Each length the error suggests, used as given with the other flag unchanged, decodes."""
+  def decode(n_words, new):
+    prompt = " ".join(WORDS[i % len(WORDS)] for i in range(n_words))  # one token per word
+    return run_main(cli, capsys, "--prompt", prompt, "--model", tiny, "--no-chat",
+                    "--max-new-tokens", str(new))
+
+  proc = decode(words, 16)
+  assert_error(proc, f"prompt of {words} tokens plus 16 new tokens")
+  shorter = re.search(r"shorten the prompt to at most (\d+) tokens", proc.stderr)
+  assert shorter and int(shorter.group(1)) == 256 - 16 - 5, proc.stderr
+  fewer = re.search(r"ask for at most (\d+) new tokens", proc.stderr)
+  assert (fewer is not None) == (words < 256 - 5), proc.stderr
+  tries = [(int(shorter.group(1)), 16)] + ([(words, int(fewer.group(1)))] if fewer else [])
+  for n_words, new in tries:
+    ok = decode(n_words, new)
+    assert ok.returncode == 0 and "error" not in ok.stderr, ok.stderr
+    # The memory line sizes the cache for this prompt's bucket (256) and the budget asked
+    # for, plus the round's block and 2 (gamma 2, lookup 4: 6): 256 + 16 + 6 -> 384 slots.
+    assert "(batch 1 x 384 slots)" in ok.stderr, ok.stderr
 
 
 # ---- decoding ----
