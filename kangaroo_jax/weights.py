@@ -188,11 +188,7 @@ def gguf_tokenizer_metadata(file: str) -> tuple[str, dict, dict]:
   torch-based reader; `gguf.GGUFReader` needs only numpy, so a runtime install without
   torch can build the tokenizer.
   """
-  import gguf
-  try:
-    fields = gguf.GGUFReader(file).fields
-  except Exception as e:  # GGUFReader fails with ValueError, IndexError, struct errors...
-    raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
+  fields = gguf_reader(file).fields
 
   def grouped(keys: dict) -> dict:
     return {name: fields[f"tokenizer.{key}"].contents() for key, name in keys.items()
@@ -396,13 +392,13 @@ def _torch_load_whole(file: str) -> dict:
 def _stored_gguf_tensors(file: str) -> tuple[ModelConfig, dict[str, StoredTensor]]:
   """GGUF tensors, each dequantized (to float32: the format's arithmetic) when read."""
   import gguf
+  reader = gguf_reader(file)  # memory-maps the file
   try:
-    reader = gguf.GGUFReader(file)  # memory-maps the file
     meta = {k: f.contents() for k, f in reader.fields.items()
             if not k.startswith("tokenizer.ggml.") or k.endswith("_token_id")}
-    tensors = {t.name: t for t in reader.tensors}
-  except Exception as e:  # GGUFReader fails with ValueError, IndexError, struct errors...
-    raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
+  except Exception as e:  # a field whose bytes parse but make no sense
+    raise WeightsError(f"{file} is corrupt: {_one_line(e)}") from e
+  tensors = {t.name: t for t in reader.tensors}
   config = _gguf_config(meta, tensors, file)
   # llama.cpp's converter interleaves q/k rows for its RoPE kernel; Qwen2 is not permuted.
   permuted = meta["general.architecture"] == "llama"
@@ -427,6 +423,52 @@ def _stored_gguf_tensors(file: str) -> tuple[ModelConfig, dict[str, StoredTensor
       shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
       stored[hf] = StoredTensor(shape, lambda dtype, name=name, hf=hf: read(name, hf, dtype))
   return config, stored
+
+
+def gguf_reader(file: str):
+  """`gguf.GGUFReader` over `file`; WeightsError in the user's words when it is no GGUF file
+  or is cut short ("truncated at byte N of M": what a stopped download leaves).
+
+  The reader itself fails with numpy's words ("When changing to a larger dtype...") when
+  the bytes it slices run past the end; here such reads are recorded instead (and read as
+  zeros), so the error can say how long the file should be.
+  """
+  import gguf
+  past_end = [0, False]  # the furthest byte a read wanted past the end; in the header?
+
+  class Bounded(gguf.GGUFReader):
+    def _get(self, offset, dtype, count=1, override_order=None):
+      end = int(offset) + np.dtype(dtype).itemsize * int(count)
+      if end > len(self.data):
+        past_end[0] = max(past_end[0], end)
+        past_end[1] |= not hasattr(self, "data_offset")  # set when the header is read
+        return np.zeros(int(count), dtype)
+      return super()._get(offset, dtype, count, override_order)
+
+  size = os.path.getsize(file)
+  with open(file, "rb") as f:
+    magic = f.read(4)
+  header_cut = WeightsError(f"{file} is truncated at byte {size}, inside its header: "
+                            "download or convert it again")
+  if not size:
+    raise WeightsError(f"{file} is empty: download or convert it again")
+  if magic != b"GGUF":
+    if b"GGUF".startswith(magic):
+      raise header_cut
+    raise WeightsError(f"{file} is not a GGUF file: it starts with {magic!r}, not b'GGUF'")
+  try:
+    reader = Bounded(file)
+  except Exception as e:  # ValueError, IndexError, KeyError: bytes that are no valid GGUF
+    if past_end[1]:  # the header ran past the end; what it read after that was zeros
+      raise header_cut from e
+    raise WeightsError(f"{file} is corrupt: {_one_line(e)}") from e
+  if past_end[1]:
+    raise header_cut
+  needed = max([past_end[0]] + [t.data_offset + t.n_bytes for t in reader.tensors])
+  if needed > size:
+    raise WeightsError(f"{file} is truncated at byte {size} of {needed}: download or "
+                       "convert it again")
+  return reader
 
 
 def _gguf_hf_name(name: str) -> Optional[str]:

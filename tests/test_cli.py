@@ -158,7 +158,8 @@ def test_truncated_gguf(tmp_path):
     head = f.read(1 << 20)
   path = tmp_path / "cut.gguf"
   path.write_bytes(head)
-  assert_error(run_cli("--prompt", "hi", "--model", str(path)), "truncated or corrupt")
+  assert_error(run_cli("--prompt", "hi", "--model", str(path)),
+               f"cut.gguf is truncated at byte {1 << 20}, inside its header")
 
 
 # ---- rejected after the (tiny) model loads ----

@@ -372,15 +372,34 @@ def test_truncated_hf_weights(tmp_path, how):
 @pytest.mark.slow
 def test_truncated_default_gguf(tmp_path):
   with open(weights.default_model_path(), "rb") as f:
-    (tmp_path / "t.gguf").write_bytes(f.read(1 << 20))
-  _raises(tmp_path / "t.gguf", r"t.gguf is truncated or corrupt")
+    (tmp_path / "t.gguf").write_bytes(f.read(4 << 20))  # past the metadata (1.7 MiB)
+  size = os.path.getsize(weights.default_model_path())
+  _raises(tmp_path / "t.gguf", rf"t.gguf is truncated at byte {4 << 20} of {size}: download")
 
 
 def test_gguf_truncated_in_tensor_data(tmp_path):
   _write_gguf(tmp_path / "m.gguf", _tiny_model(), "llama")
   data = (tmp_path / "m.gguf").read_bytes()
   (tmp_path / "m.gguf").write_bytes(data[:-1000])
-  _raises(tmp_path / "m.gguf", r"m.gguf is truncated or corrupt")
+  # What the tensors need (the writer may pad the file past it): the error says both.
+  needed = _tensor_end(tmp_path / "whole.gguf", data)
+  assert len(data) - 1000 < needed <= len(data)
+  _raises(tmp_path / "m.gguf", rf"m.gguf is truncated at byte {len(data) - 1000} of {needed}: ")
+  (tmp_path / "m.gguf").write_bytes(data[:100])  # cut inside the metadata
+  _raises(tmp_path / "m.gguf", r"m.gguf is truncated at byte 100, inside its header")
+
+
+def _tensor_end(path, data: bytes) -> int:
+  """The byte just past the last tensor of a whole GGUF file's bytes (written to `path`)."""
+  path.write_bytes(data)
+  return max(t.data_offset + t.n_bytes for t in gguf.GGUFReader(str(path)).tensors)
+
+
+@pytest.mark.parametrize("content", [b"# README\nnot a model\n", b"GGU"])
+def test_gguf_that_is_no_gguf(tmp_path, content):
+  (tmp_path / "x.gguf").write_bytes(content)
+  _raises(tmp_path / "x.gguf", r"x.gguf is not a GGUF file: it starts with b'# RE'"
+          if content.startswith(b"#") else r"x.gguf is truncated at byte 3, inside its header")
 
 
 def test_tokenizer_error(tmp_path):
