@@ -160,7 +160,7 @@ def check_adapter_file(path: str, exit_layer) -> None:
   before the slow model load."""
   import safetensors  # light: no jax
 
-  from kangaroo_jax import authors_adapter  # light: no jax until it builds an adapter
+  from kangaroo_jax import adapter_file, authors_adapter  # light: no jax yet
   if authors_adapter.is_folder(path):
     return authors_adapter.check_folder(path)
   if path.endswith((".bin", ".pt", ".pth")):
@@ -170,11 +170,11 @@ def check_adapter_file(path: str, exit_layer) -> None:
     with safetensors.safe_open(path, framework="numpy") as f:
       meta, names = f.metadata() or {}, set(f.keys())
   except Exception as e:  # safetensors raises several types for damaged files
-    raise CliError(f"{path} is corrupt or truncated: {str(e).splitlines()[0]}") from None
+    raise CliError(adapter_file.unreadable(path, e)) from None
   if meta.get("format") != ADAPTER_FORMAT:
     model = any(n.startswith(("model.", "lm_head.")) for n in names)
-    raise CliError(f"{path} is not a kangaroo-jax adapter file"
-                   + ("; it holds a model's weights (pass its folder as --model)" if model else ""))
+    raise CliError(adapter_file.not_an_adapter(path, "a model's weights (pass its folder as "
+                                               "--model)" if model else "another safetensors file"))
   try:
     trained = json.loads(meta["config"])["exit_layer"]
   except (KeyError, TypeError, ValueError):

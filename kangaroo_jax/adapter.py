@@ -190,7 +190,7 @@ def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32,
   from safetensors import safe_open
   import os
 
-  from kangaroo_jax import authors_adapter, sharding
+  from kangaroo_jax import adapter_file, authors_adapter, sharding
   if authors_adapter.is_folder(path):
     return _load_folder(path, cfg, dtype, mesh, exit_layer), None
   if not os.path.isfile(path):
@@ -199,7 +199,7 @@ def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32,
     with safe_open(path, framework="numpy") as f:
       meta = f.metadata() or {}
       if meta.get("format") != _FORMAT:
-        raise AdapterError(f"{path} is not a kangaroo-jax adapter file")
+        raise AdapterError(adapter_file.not_an_adapter(path, "another safetensors file"))
       fields = json.loads(meta["config"])
       unknown = set(fields) - {f.name for f in dataclasses.fields(AdapterConfig)}
       if unknown:
@@ -226,7 +226,7 @@ def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32,
   except AdapterError:
     raise
   except Exception as e:  # safetensors raises several types for damaged files
-    raise AdapterError(f"{path} is corrupt or truncated: {str(e).splitlines()[0]}") from None
+    raise AdapterError(adapter_file.unreadable(path, e)) from None
   if mesh is not None:
     sharding.report_undivided(undivided, mesh)
   if draft_ids is not None:

@@ -493,7 +493,8 @@ def test_adapter_file_is_checked_before_the_model_loads(tmp_path):
   from safetensors.numpy import save_file
   save_file({"x": np.zeros(2, np.float32)}, str(not_adapter))
   assert_error(run_cli("--prompt", "hi", "--model", str(tmp_path / "no_model"), "--adapter",
-                       str(not_adapter), timeout=60), "not a kangaroo-jax adapter file")
+                       str(not_adapter), timeout=60), "not a Kangaroo adapter (expected a "
+               "safetensors file from train.py", "or the authors' adapter folder); it is another")
 
 
 def test_authors_adapter_folder_decodes(cli, capsys, tiny, tmp_path):
@@ -518,7 +519,16 @@ def test_not_an_adapter_is_named_in_the_users_words(cli, capsys, tiny, tmp_path)
                "is a PyTorch file, not a kangaroo-jax adapter", "pass its folder")
   assert_error(run_main(cli, capsys, "--prompt", "hi", "--adapter",
                         os.path.join(tiny, "model.safetensors")),
-               "not a kangaroo-jax adapter file; it holds a model's weights")
+               "is not a Kangaroo adapter (expected", "; it is a model's weights")
+  # A GGUF model or a README given as --adapter: what it is, not safetensors' "header too large".
+  (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+  (tmp_path / "README.md").write_text("# kangaroo-jax\n\nLossless self-speculative decoding.\n")
+  for name, what in [("m.gguf", "a GGUF model file (pass it as --model)"),
+                     ("README.md", "a text file")]:
+    assert_error(run_main(cli, capsys, "--prompt", "hi", "--adapter", str(tmp_path / name)),
+                 f"{tmp_path / name} is not a Kangaroo adapter (expected a safetensors file "
+                 "from train.py holding input_norm.weight, attn.qkv, attn.o, out_norm.weight, "
+                 f"or the authors' adapter folder); it is {what}")
   assert_error(run_main(cli, capsys, "--prompt", "hi", "--adapter", tiny),
                "describes 3 layers; the Kangaroo adapter has 1")
 
