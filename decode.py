@@ -22,7 +22,11 @@ import time
 
 STARTED = time.perf_counter()  # time to first token is measured from here
 
-from kangaroo_jax import cli  # noqa: E402  light (no jax): the shared command-line helpers
+try:
+  from kangaroo_jax import cli  # noqa: E402  light (no jax): the shared command-line helpers
+except ImportError as e:  # an installed jax and flax that do not work together (versions.py)
+  print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+  sys.exit(2)
 
 # Before jax/transformers are imported: their logs would mix with the stats on stderr.
 cli.set_offline_quiet_environment()

@@ -2,9 +2,14 @@
 
 The public names load on first use, so that light modules (kangaroo_jax.cli, the bench
 command's argument checks) import without jax: commands set their environment and
-reject bad flags before the slow import.
+reject bad flags before the slow import. The installed jax and flax are checked first
+(`kangaroo_jax.versions`): a pair that cannot work is one ImportError line naming the fix.
 """
 import importlib
+
+from kangaroo_jax import versions
+
+versions.check_installed()
 
 _HOMES = {"Generation": "api", "generate": "api", "stream": "api", "load_model": "api",
           "load_adapter_for": "api", "memory_report": "api", "KangarooParams": "kangaroo",
