@@ -18,7 +18,9 @@ skipped; the exit status is 1 if any step failed):
              tokens per step, compile seconds, identity with the mode's plain decoding,
              and plain speed against the memory roofline (--bandwidth-gbs).
   2. tests   The decode tests on this device in a pytest subprocess (not the slow ones
-             and not the 8-fake-device mesh ones), then tests/test_numerics.py.
+             and not the 8-fake-device mesh ones), then tests/test_numerics.py, the
+             image's jax/flax against the package's ranges and the notebook end to end
+             (tests/test_packaging.py, tests/test_notebook.py).
   3. copies  KV-cache copies inside the compiled plain and Kangaroo loops (HLO of this
              device's compiler), single-row and fixed-width steps.
   4. costs   Piece costs of the 7B-shaped model (`kangaroo_jax.costs`) in plain steps.
@@ -205,7 +207,12 @@ def run_tests(args, deadline: float) -> dict:
     runs = [["tests/test_decoding.py", "-k", "truncation"]]
   else:
     runs = [DECODE_TESTS + ["-m", "not slow", "-k", "not mesh", "-n", "4"],
-            ["tests/test_numerics.py", "-n", "4"]]
+            ["tests/test_numerics.py", "-n", "4"],
+            # The image's jax/flax against the package's ranges; the notebook end to end
+            # on this device (it needs nbclient, ipykernel and the embedded model package).
+            ["tests/test_packaging.py", "-m", "not slow", "-p", "no:xdist"],
+            ["tests/test_notebook.py", "-p", "no:xdist"]]
+    env["KANGAROO_NOTEBOOK_PLATFORM"] = env["JAX_PLATFORMS"]
   out = {"platform": platform, "runs": []}
   for extra in runs:
     left = deadline - time.perf_counter()

@@ -25,6 +25,7 @@ def _text(cell) -> str:
 def test_notebook_runs_on_the_cpu_and_its_outputs_hold(tmp_path):
   nbformat = pytest.importorskip("nbformat", reason="nbformat: requirements-dev.txt")
   nbclient = pytest.importorskip("nbclient", reason="nbclient: requirements-dev.txt")
+  pytest.importorskip("ipykernel", reason="ipykernel (the notebook's kernel): requirements-dev.txt")
   nb = nbformat.read(NOTEBOOK, as_version=4)
   # The kernel imports this checkout, on one device (the CPU unless a device run names its
   # platform, e.g. KANGAROO_NOTEBOOK_PLATFORM=cuda), with the notebook's small sizes.

@@ -167,8 +167,7 @@ def test_each_extra_resolves_against_the_package_index(tmp_path):
 def test_a_checkpoint_whose_tokenizer_is_only_tokenizer_model_loads(tmp_path):
   """sentencepiece is declared for checkpoints like Vicuna-7B-v1.3 whose tokenizer is only a
   sentencepiece `tokenizer.model` (without it transformers cannot read the file)."""
-  import sentencepiece as spm
-
+  spm = pytest.importorskip("sentencepiece", reason="sentencepiece: requirements.txt")
   from kangaroo_jax import weights
   lines = ["the quick brown fox jumps over the lazy dog", "kangaroo drafts tokens",
            "the deep layers verify the drafts in one pass"] * 20
@@ -180,3 +179,9 @@ def test_a_checkpoint_whose_tokenizer_is_only_tokenizer_model_loads(tmp_path):
   tokenizer = weights.load_tokenizer(str(tmp_path))
   ids = tokenizer.encode("the lazy fox", add_special_tokens=False)
   assert len(ids) > 1 and tokenizer.decode(ids) == "the lazy fox"
+
+
+def test_the_installed_jax_and_flax_are_a_pair_the_package_accepts():
+  """Here the CPU pins; on a lent device (scripts/accelerator_check.py) the image's own."""
+  jax_version, flax_version = versions.installed("jax"), versions.installed("flax")
+  assert _accepted(jax_version, flax_version), (jax_version, flax_version)
