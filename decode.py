@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
   add("--adapter", metavar="PATH", help="adapter file (ours, from train.py), or the folder the "
       "paper's authors publish (config.json + pytorch_model.bin; needs torch) (default: the "
       "shipped one if it fits the model)")
+  add("--untrained-adapter", action="store_true",
+      help="Kangaroo with a freshly initialised adapter for a model that has none (still "
+      "lossless, but slower than --mode plain: for trying the code path, not for speed)")
   add("--exit-layer", type=int, metavar="L",
       help="layers before the adapter: the authors' folder does not store it (default 2); "
       "must match an adapter file's")
@@ -218,12 +221,39 @@ def validate(args: argparse.Namespace) -> None:
        "--compare or --json"),
       (args.adapter is None or os.path.exists(args.adapter),
        f"no such adapter file: {args.adapter}"),
+      (not (args.adapter and args.untrained_adapter),
+       "--untrained-adapter and --adapter exclude each other"),
   ] + cli.tree_flag_checks(args)
   for ok, message in checks:
     if not ok:
       raise CliError(message)
   if args.adapter is not None and args.mode == "kangaroo":
     check_adapter_file(args.adapter, args.exit_layer)
+  if args.adapter is None and args.mode == "kangaroo" and not args.untrained_adapter:
+    check_model_has_adapter(args.model, args.exit_layer)
+
+
+def check_model_has_adapter(model, exit_layer) -> None:
+  """Fails before the slow load when a Hugging Face folder's model cannot use the shipped
+  adapter (its hidden size differs) and no adapter was given (`api.NO_ADAPTER`); other
+  cases (a .gguf file) are decided after loading, by `api.load_adapter_for`."""
+  config = os.path.join(model or "", "config.json")
+  if model is None or not os.path.isfile(config):
+    return
+  import safetensors  # light: no jax
+  shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kangaroo_jax", "adapters",
+                         "smollm2-135m-instruct.safetensors")
+  from kangaroo_jax.config import ModelConfig  # light: no jax
+  try:
+    with open(config) as f:
+      hidden = ModelConfig.from_hf_dict(json.load(f)).hidden_size
+    with safetensors.safe_open(shipped, framework="numpy") as f:
+      fits = json.loads(f.metadata()["config"])["hidden_size"] == hidden
+  except (OSError, ValueError, KeyError, TypeError):
+    return  # the loader reports a config it cannot run; load_adapter_for the rest
+  if not fits or exit_layer is not None:
+    from kangaroo_jax.authors_adapter import NO_ADAPTER  # light: no jax
+    raise CliError(NO_ADAPTER)
 
 
 def decode_kwargs(args, adapter, draft_ids, mode: str) -> dict:
@@ -301,7 +331,8 @@ def load(api, args):
                                     activations=args.activations, step_width=args.step_width)
   adapter = draft_ids = None
   if args.mode == "kangaroo":
-    adapter, stored = api.load_adapter_for(model, args.adapter, args.exit_layer)
+    adapter, stored = api.load_adapter_for(model, args.adapter, args.exit_layer,
+                                           untrained=args.untrained_adapter)
     # Without --draft-vocab: the tuned size for this backend, else all the adapter stores.
     n = tuning.tuned_settings()["draft_vocab"] if args.draft_vocab is None else args.draft_vocab
     draft_ids = tuning.select_draft_ids(stored, n, strict=args.draft_vocab is not None)

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from kangaroo_jax import compile_cache, loading, memory, sharding, tuning, weights
 from kangaroo_jax.adapter import Adapter, init_adapter, load_adapter
+from kangaroo_jax.authors_adapter import NO_ADAPTER
 from kangaroo_jax.decoding import PromptError, plain_decode, plain_stream
 from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode, kangaroo_stream
 from kangaroo_jax.model import Llama
@@ -152,29 +153,36 @@ def memory_report(model: Llama, adapter: Union[Drafter, Adapter, None] = None, b
 
 
 def load_adapter_for(model: Llama, path: Optional[str] = None, exit_layer: Optional[int] = None,
-                     seed: int = 0) -> Drafter:
-  """The adapter at `path`; else the shipped one if it fits `model`; else a fresh one.
+                     seed: int = 0, untrained: bool = False) -> Drafter:
+  """The adapter at `path` (our file, or the authors' folder); else the shipped one if it
+  fits `model`; else, when asked for (`untrained=True`), a fresh random one.
 
-  A fresh (untrained) adapter is still lossless, only slower: few drafts are accepted.
-  Returns a `Drafter` (adapter, stored draft vocabulary ids or None): pass it whole to
-  `generate`/`stream` as `adapter=`; it also unpacks as a pair. The adapter is placed on
-  the model's mesh (`sharding.mesh_of`), sharded by the same rules as the model.
+  A model with no adapter is an AdapterError (`NO_ADAPTER`), not a silent random
+  drafter: an untrained adapter is still lossless but makes Kangaroo slower than plain
+  decoding. `exit_layer` is the authors' folder's exit layer (default 2) or a fresh
+  adapter's, and must match an adapter file's. Returns a `Drafter` (adapter, stored
+  draft vocabulary ids or None): pass it whole to `generate`/`stream` as `adapter=`; it
+  also unpacks as a pair. The adapter is placed on the model's mesh (`sharding.mesh_of`),
+  sharded by the same rules as the model.
   """
+  from kangaroo_jax.adapter import AdapterError
   mesh = sharding.mesh_of(model)
+  adapter = None
   if path is not None:
     adapter, ids = load_adapter(path, model.cfg, model.dtype, mesh, exit_layer)
-  elif os.path.isfile(DEFAULT_ADAPTER) and exit_layer is None:
+  elif os.path.isfile(DEFAULT_ADAPTER) and exit_layer is None and not untrained:
     try:
       adapter, ids = load_adapter(DEFAULT_ADAPTER, model.cfg, model.dtype, mesh)
     except ValueError:  # the shipped adapter belongs to another model
-      adapter, ids = init_adapter(model.cfg, DEFAULT_EXIT_LAYER, seed=seed, dtype=model.dtype), None
-  else:
+      pass
+  if adapter is None:
+    if not untrained:
+      raise AdapterError(NO_ADAPTER)
     adapter, ids = init_adapter(model.cfg, exit_layer or DEFAULT_EXIT_LAYER, seed=seed,
                                 dtype=model.dtype), None
   if mesh is not None and sharding.mesh_of(adapter) is None:  # a fresh one: onto the mesh
     sharding.shard_module(adapter, mesh)
   if exit_layer is not None and adapter.acfg.exit_layer != exit_layer:
-    from kangaroo_jax.adapter import AdapterError
     raise AdapterError(f"the adapter was trained for exit layer {adapter.acfg.exit_layer}, "
                        f"not {exit_layer}")
   _STORED_DRAFT_IDS[adapter] = ids
@@ -187,7 +195,8 @@ def resolve_drafter(model: Llama, adapter: Union[Drafter, Adapter, None],
   """The adapter and draft vocabulary a Kangaroo call uses.
 
   Args:
-    adapter: a `Drafter`, a bare adapter, or None (the default adapter, loaded once per model).
+    adapter: a `Drafter`, a bare adapter, or None (the shipped adapter, loaded once per
+      model; an AdapterError for a model it does not fit: `load_adapter_for`).
     draft_ids: explicit draft token ids; they win over everything else.
     draft_vocab: None = the tuned size for this backend, else all the adapter stores;
       0 = the full vocabulary; N = the first N stored ids (most frequent first).

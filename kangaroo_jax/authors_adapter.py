@@ -40,6 +40,12 @@ _ATTN = "layers.0.self_attn."
 # Their norm keys -> our file's names; the projections are fused and transposed.
 _KEYS = {"layers.0.input_layernorm.weight": "input_norm.weight", "norm.weight": "out_norm.weight"}
 _PROJ = [_ATTN + f"{n}_proj.weight" for n in "qkvo"]
+# What Kangaroo without an adapter says (`api.load_adapter_for`, decode.py, the bench):
+# a random adapter is lossless but slower than plain decoding, so it is never silent.
+NO_ADAPTER = ("this model has no adapter: train one (train.py, see TRAINING.md) or use the "
+              "paper's authors' adapter folder (--adapter FOLDER; load_adapter_for(model, "
+              "FOLDER)); --untrained-adapter (untrained=True) runs Kangaroo with a random one, "
+              "lossless but slower than --mode plain")
 
 
 class FolderError(ValueError):

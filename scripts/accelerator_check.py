@@ -324,6 +324,8 @@ def benchmark(args, path: str, seconds_left: float) -> dict:
           "--quiet", "--max-seconds", str(max(1.0, seconds_left))]
   if not args.tiny:  # the default model's own piece costs: a check of the cost model
     argv.append("--costs")
+  else:  # a random tiny model has no adapter: Kangaroo's code path, not its speed
+    argv.append("--untrained-adapter")
   for flag, value in (("--questions", args.questions), ("--gamma", args.gamma)):
     if value is not None:
       argv += [flag, str(value)]

@@ -30,7 +30,7 @@ QUESTIONS = [
 ]
 # The same budget and settings everywhere: the tiny loops compile once per bucket.
 COMMON = ["--max-new-tokens", "8", "--eta", "0.6", "--gamma", "3", "--draft-vocab", "0",
-          "--quiet", "--hf-threads", "1"]
+          "--quiet", "--hf-threads", "1", "--untrained-adapter"]
 
 
 @pytest.fixture(scope="module")

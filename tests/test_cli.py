@@ -198,13 +198,39 @@ def test_exit_layer_conflicts_with_adapter(cli, capsys, tiny, tmp_path):
 
 
 def test_exit_layer_out_of_range(cli, capsys, tiny):
-  assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, "--exit-layer", "3"),
-               "out of range")
+  assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, "--exit-layer", "3",
+                        "--untrained-adapter"), "out of range")
+
+
+def test_kangaroo_without_an_adapter_says_how_to_get_one(cli, capsys, tiny):
+  """No silent random drafter: a model the shipped adapter does not fit, no --adapter, is
+  one error line before the model loads (the folder's config says so) naming the ways out;
+  --untrained-adapter runs the random one on request."""
+  for extra in ([], ["--exit-layer", "1"]):
+    assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, *extra),
+                 "this model has no adapter: train one", "--adapter FOLDER",
+                 "--untrained-adapter")
+  assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, "--untrained-adapter",
+                        "--adapter", tiny), "exclude each other")
+  proc = run_main(cli, capsys, "--prompt", "w5 w6", "--model", tiny, "--untrained-adapter",
+                  "--no-chat", "--max-new-tokens", "3", "--json")
+  assert proc.returncode == 0 and len(json.loads(proc.stdout)["token_ids"]) == 3, proc.stderr
+
+
+def test_api_without_an_adapter_is_an_error(tiny):
+  from kangaroo_jax import api
+  from kangaroo_jax.adapter import AdapterError
+  model, tok = api.load_model(tiny)
+  with pytest.raises(AdapterError, match="this model has no adapter"):
+    api.load_adapter_for(model)
+  with pytest.raises(AdapterError, match="this model has no adapter"):
+    api.generate(model, tok, "w5", max_new_tokens=2, chat=False)
+  assert api.load_adapter_for(model, untrained=True).adapter.acfg.exit_layer == 2
 
 
 def test_draft_vocab_without_stored_vocabulary(cli, capsys, tiny):
-  assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, "--draft-vocab", "8"),
-               "no draft vocabulary")
+  assert_error(run_main(cli, capsys, "--prompt", "w2", "--model", tiny, "--draft-vocab", "8",
+                        "--untrained-adapter"), "no draft vocabulary")
 
 
 def test_draft_vocab_larger_than_stored(cli, capsys, tiny, tmp_path):
@@ -217,7 +243,7 @@ def test_draft_vocab_larger_than_stored(cli, capsys, tiny, tmp_path):
 def test_prompt_too_long_for_the_cache(cli, capsys, tiny, words, new):
   prompt = " ".join(WORDS[i % len(WORDS)] for i in range(words))  # one token per word
   assert_error(run_main(cli, capsys, "--prompt", prompt, "--model", tiny, "--max-new-tokens",
-                        str(new)), "exceeds the model's 256 positions")
+                        str(new), "--untrained-adapter"), "exceeds the model's 256 positions")
 
 
 def test_too_long_prompt_names_the_budget_asked_for(cli, capsys, tiny, cpu_tuned):
@@ -230,7 +256,7 @@ def test_too_long_prompt_names_the_budget_asked_for(cli, capsys, tiny, cpu_tuned
                           "round needs exceeds the model's 256 positions: ask for at most 241 "
                           "new tokens or shorten the prompt to at most 7 tokens")
   proc = run_main(cli, capsys, "--prompt", "w5 w6 w7", "--model", tiny, "--no-chat",
-                  "--max-new-tokens", "250")
+                  "--max-new-tokens", "250", "--untrained-adapter")
   assert_error(proc, "plus 250 new tokens and 5 positions", "ask for at most 248 new tokens")
 
 
@@ -312,7 +338,7 @@ def test_generate_uses_the_tuned_settings_unless_overridden(tiny, monkeypatch, t
 
   monkeypatch.setattr(api, "kangaroo_decode", spy)
   model, tok = api.load_model(tiny)
-  adapter, ids = api.load_adapter_for(model, exit_layer=2)
+  adapter, ids = api.load_adapter_for(model, exit_layer=2, untrained=True)
   plain = api.generate(model, tok, "w5 w6 w7", mode="plain", max_new_tokens=6, chat=False)
   out = api.generate(model, tok, "w5 w6 w7", adapter=adapter, max_new_tokens=6, chat=False)
   api.generate(model, tok, "w5 w6 w7", adapter=adapter, max_new_tokens=6, chat=False, eta=0.5,
@@ -370,7 +396,7 @@ def test_typed_depth_or_lookup_adapts_a_tuned_tree(monkeypatch, tmp_path):
 def test_typed_tree_nodes_beat_the_tuned_depth(cli, capsys, tiny, cpu_tuned):
   """`--tree-nodes 16` under tuned gamma 2 x top-k 4 decodes (deeper), saying so on stderr."""
   common = ["--prompt", "w5 w6 w7", "--model", tiny, "--no-chat", "--max-new-tokens", "8",
-            "--json"]
+            "--json", "--untrained-adapter"]
   plain = json.loads(run_main(cli, capsys, *common, "--mode", "plain").stdout)
   proc = run_main(cli, capsys, *common, "--tree-nodes", "16")
   assert proc.returncode == 0, proc.stderr
@@ -396,7 +422,7 @@ def test_stats_keep_compilation_apart_and_say_when_the_budget_ended_the_answer(c
   """The first decode compiles (sampling settings no other test uses): the stats line
   names the compile time apart from the decoding speed, one time to first token is
   printed, and an answer cut at --max-new-tokens says so (JSON: a flag)."""
-  args = ("--prompt", "w5 w6 w7", "--model", tiny, "--temperature", "0.37", "--seed", "5",
+  args = ("--prompt", "w5 w6 w7", "--model", tiny, "--untrained-adapter", "--temperature", "0.37", "--seed", "5",
           "--max-new-tokens", "5")
   proc = run_main(cli, capsys, *args)
   assert proc.returncode == 0, proc.stderr
@@ -575,7 +601,8 @@ def test_chat_skips_a_line_that_is_not_utf8(tiny_chat, tmp_path):
 def test_chat_needs_a_chat_template(cli, capsys, tiny, monkeypatch):
   import io
   monkeypatch.setattr(sys, "stdin", io.StringIO("w5\n"))
-  assert_error(run_main(cli, capsys, "--chat", "--model", tiny), "chat template")
+  assert_error(run_main(cli, capsys, "--chat", "--model", tiny, "--untrained-adapter"),
+               "chat template")
 
 
 def _popen(*args: str) -> subprocess.Popen:
@@ -597,7 +624,8 @@ def test_closed_stdout_exits_quietly(tiny):
 def test_ctrl_c_exits_130_with_one_line(tiny):
   import signal
   import time
-  proc = _popen("--prompt", "w5 w6 w7", "--model", tiny, "--max-new-tokens", "20")
+  proc = _popen("--prompt", "w5 w6 w7", "--model", tiny, "--untrained-adapter",
+                "--max-new-tokens", "20")
   time.sleep(3)  # inside the imports, the model load or the compile
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=60)

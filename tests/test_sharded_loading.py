@@ -110,7 +110,7 @@ def test_memory_report_sizes_the_kv_cache_kangaroo_allocates(folder, activations
   from kangaroo_jax import kangaroo
   from kangaroo_jax.sampling import SamplingParams
   model, _ = api.load_model(folder, "bfloat16", mesh=None, activations=activations)
-  drafter = api.load_adapter_for(model, exit_layer=1)
+  drafter = api.load_adapter_for(model, exit_layer=1, untrained=True)
   tokens, lens = jnp.zeros((1, 16), jnp.int32), jnp.array([5], jnp.int32)
   state = nnx.eval_shape(lambda m, a: kangaroo._kangaroo_start(
       m, a, tokens, lens, jax.random.key(0), jnp.array([1]), 8, params=SamplingParams(),

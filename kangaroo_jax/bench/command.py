@@ -50,7 +50,8 @@ def run(args) -> dict:
   model, tokenizer = api.load_model(args.model, args.dtype, activations=args.activations)
   eos = api.eos_ids(model, tokenizer)
   need_adapter = args.sweep or "kangaroo" in methods or "hf_early_exit" in methods
-  adapter, stored = api.load_adapter_for(model, args.adapter) if need_adapter else (None, None)
+  adapter, stored = (api.load_adapter_for(model, args.adapter, untrained=args.untrained_adapter)
+                     if need_adapter else (None, None))
   # A tuned draft vocabulary may not fit this adapter; an explicit flag must.
   draft_ids = tuning.select_draft_ids(stored, draft_vocab, strict=args.draft_vocab is not None)
   log(f"loaded model and adapter in {time.perf_counter() - start:.1f} s")

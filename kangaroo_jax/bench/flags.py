@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
   add("--activations", choices=("float32", "bfloat16"), default="float32",
       help="this project's hidden-state and KV cache dtype (default float32: lossless)")
   add("--hf-model", metavar="PATH", help="what the transformers peers load (default: --model)")
-  add("--adapter", metavar="PATH", help="adapter file (default: the shipped one, else a fresh one)")
+  add("--adapter", metavar="PATH", help="adapter file or the authors' folder (default: the "
+      "shipped one if it fits the model)")
+  add("--untrained-adapter", action="store_true", help="a fresh random adapter for a model "
+      "that has none (lossless, slower than plain: exercises the code, measures no speedup)")
   add("--adapters", metavar="A,B", help="compare these adapter files at the same setting in one "
       "run: one Kangaroo method each, named kangaroo[adapter=NAME] (NAME=PATH names one; "
       "default: the file's folder when it is called adapter.safetensors, else its stem); "
