@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
       "distribution only). Each mode is warmed up before timing; nothing is streamed")
   add("--json", action="store_true", help="print one JSON object to stdout, nothing streamed")
   add("--no-chat", action="store_true", help="do not apply the chat template")
+  add("--chat-template", metavar="vicuna|chatml|FILE",
+      help="the prompt format when the tokenizer has none (or to replace its own): vicuna "
+      "(Vicuna v1.1, as the paper's adapters were trained), chatml, or a Jinja file "
+      "(default: the tokenizer's own; vicuna for a model folder named vicuna)")
   add("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation "
       "cache (default: on, in $KANGAROO_JAX_CACHE/xla, else ~/.cache/kangaroo_jax/xla; "
       "KANGAROO_JAX_NO_COMPILE_CACHE=1 also turns it off)")
@@ -229,6 +233,8 @@ def validate(args: argparse.Namespace) -> None:
       raise CliError(message)
   if args.adapter is not None and args.mode == "kangaroo":
     check_adapter_file(args.adapter, args.exit_layer)
+  from kangaroo_jax import chat_templates  # light: no jax
+  args.chat_template = chat_templates.resolve(args.chat_template)  # its text, checked now
   if args.adapter is None and args.mode == "kangaroo" and not args.untrained_adapter:
     check_model_has_adapter(args.model, args.exit_layer)
 
@@ -262,7 +268,7 @@ def decode_kwargs(args, adapter, draft_ids, mode: str) -> dict:
               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
               seed=args.seed, eta=args.threshold,
-              gamma=args.max_draft, chat=not args.no_chat,
+              gamma=args.max_draft, chat=not args.no_chat, chat_template=args.chat_template,
               send_unconfident=(None if args.send_unconfident is None
                                 else args.send_unconfident == "yes"),
               tree_nodes=args.tree_nodes, tree_topk=args.tree_topk, lookup=args.lookup)
@@ -418,9 +424,11 @@ def limit_notice(max_new_tokens: int) -> str:
           "short; raise it for more")
 
 
-def fit_conversation(api, tokenizer, history: list, reserve: int, positions: int) -> list:
+def fit_conversation(api, tokenizer, history: list, reserve: int, positions: int,
+                     chat_template=None) -> list:
   """Drops the oldest exchanges until the conversation plus `reserve` new tokens fits."""
-  while len(history) > 1 and len(api.encode_prompt(tokenizer, history)) + reserve > positions:
+  while (len(history) > 1 and len(api.encode_prompt(tokenizer, history, True, chat_template))
+         + reserve > positions):
     history = history[2:] if len(history) > 2 else history[1:]
   return history
 
@@ -429,8 +437,8 @@ def chat(api, args) -> None:
   """The interactive loop: one user message per stdin line, answers streamed to stdout."""
   settings = drafting(args)
   model, tokenizer, adapter, draft_ids, load_seconds = load(api, args)
-  if not getattr(tokenizer, "chat_template", None):
-    raise CliError("--chat needs a tokenizer with a chat template; this model's has none")
+  from kangaroo_jax import chat_templates
+  chat_templates.for_tokenizer(tokenizer, args.chat_template)  # none: the error names the flag
   kwargs = decode_kwargs(args, adapter, draft_ids, args.mode)
   # A Kangaroo round needs its block and the pending token past the budget (`pad_prompts`).
   block = round_block(settings)
@@ -463,7 +471,7 @@ def chat(api, args) -> None:
     if not text:
       continue
     history = fit_conversation(api, tokenizer, history + [{"role": "user", "content": text}],
-                               reserve, model.cfg.max_position_embeddings)
+                               reserve, model.cfg.max_position_embeddings, args.chat_template)
     try:
       gen, stats = run_stream(api, model, tokenizer, history, kwargs, show=True, since=read_at)
     except ValueError as e:  # e.g. one message too long for the model: report, keep chatting
@@ -487,7 +495,8 @@ def run(args) -> None:
   settings = drafting(args)
   model, tokenizer, adapter, draft_ids, load_seconds = load(api, args)
   kwargs = decode_kwargs(args, adapter, draft_ids, args.mode)
-  prompt_tokens = len(api.encode_prompt(tokenizer, args.prompt, not args.no_chat))
+  prompt_tokens = len(api.encode_prompt(tokenizer, args.prompt, not args.no_chat,
+                                        args.chat_template))
   out = dict(prompt=args.prompt,
              memory=memory(api, model, adapter, args, settings, prompt_tokens).summary())
   if args.compare:

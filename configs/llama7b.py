@@ -4,16 +4,7 @@
       --config.data.path=/path/to/ShareGPT_V4.3_unfiltered_cleaned_split.json
 """
 from configs import smollm2_135m
-
-# Vicuna v1.1 format (FastChat), for checkpoints whose tokenizer has no chat template.
-VICUNA_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }} "
-    "{% elif loop.first %}A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions. {% endif %}"
-    "{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
-    "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ m['content'] }}{{ eos_token }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+from kangaroo_jax import chat_templates
 
 
 def get_config():
@@ -23,7 +14,7 @@ def get_config():
   c.exit_layer = 2
   c.draft_vocab = 0
   c.data.source = "sharegpt"
-  c.data.chat_template = VICUNA_TEMPLATE
+  c.data.chat_template = chat_templates.VICUNA  # the one definition decode.py uses too
   c.data.eval_examples = 256
   c.workdir = "runs/llama7b"
   c.seq_len = 2048

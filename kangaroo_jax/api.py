@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kangaroo_jax import compile_cache, loading, memory, sharding, tuning, weights
+from kangaroo_jax import chat_templates, compile_cache, loading, memory, sharding, tuning, weights
 from kangaroo_jax.adapter import Adapter, init_adapter, load_adapter
 from kangaroo_jax.authors_adapter import NO_ADAPTER
 from kangaroo_jax.decoding import PromptError, plain_decode, plain_stream
@@ -216,15 +216,23 @@ def resolve_drafter(model: Llama, adapter: Union[Drafter, Adapter, None],
   return adapter, tuning.select_draft_ids(stored, tuned, strict=draft_vocab is not None)
 
 
-def encode_prompt(tokenizer, prompt: PromptLike, chat: bool = True) -> list[int]:
-  """Token ids of a prompt: a user string or chat messages, through the chat template."""
+def encode_prompt(tokenizer, prompt: PromptLike, chat: bool = True,
+                  chat_template: Optional[str] = None) -> list[int]:
+  """Token ids of a prompt: a user string or chat messages, through the chat template.
+
+  `chat_template`: "vicuna", "chatml", a Jinja file or template text; None = the
+  tokenizer's own, else Vicuna's for a checkpoint named Vicuna, else a ChatTemplateError
+  naming the flag to pass (`chat_templates.for_tokenizer`). chat=False encodes a string
+  as it is.
+  """
   if isinstance(prompt, str):
     if not prompt.strip():
       raise PromptError("empty prompt")
-    if not chat or not getattr(tokenizer, "chat_template", None):
+    if not chat:
       return tokenizer.encode(prompt)
     prompt = [{"role": "user", "content": prompt}]
-  ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+  ids = tokenizer.apply_chat_template(prompt, chat_template=chat_templates.for_tokenizer(
+      tokenizer, chat_template), add_generation_prompt=True, tokenize=True)
   if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
     ids = ids["input_ids"]
   return list(ids)
@@ -238,7 +246,7 @@ def eos_ids(model: Llama, tokenizer) -> list[int]:
 
 
 def _decoder(model, tokenizer, prompts, *, mode, adapter, draft_ids, draft_vocab, max_new_tokens,
-             temperature, top_k, top_p, repetition_penalty, seed, eta, gamma, chat,
+             temperature, top_k, top_p, repetition_penalty, seed, eta, gamma, chat, chat_template,
              send_unconfident=None, tree_nodes=None, tree_topk=None, lookup=None):
   """Encodes the prompts and picks the decoder: returns (prompt ids, run).
 
@@ -247,7 +255,7 @@ def _decoder(model, tokenizer, prompts, *, mode, adapter, draft_ids, draft_vocab
   """
   if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
     prompts = [prompts]
-  ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
+  ids = [encode_prompt(tokenizer, p, chat, chat_template) for p in prompts]
   common = dict(max_new_tokens=max_new_tokens, seed=seed, eos_ids=eos_ids(model, tokenizer),
                 mesh=sharding.mesh_of(model),
                 params=SamplingParams(temperature, top_k, top_p, repetition_penalty))
@@ -277,7 +285,7 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
              eta: Optional[float] = None, gamma: Optional[int] = None,
              send_unconfident: Optional[bool] = None, tree_nodes: Optional[int] = None,
              tree_topk: Optional[int] = None, lookup: Optional[int] = None,
-             chat: bool = True) -> Generation:
+             chat: bool = True, chat_template: Optional[str] = None) -> Generation:
   """Generates text for one prompt or a batch.
 
   Args:
@@ -303,7 +311,10 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
     lookup: prompt-lookup drafting (beyond the paper): a round whose last 3 tokens occurred
       earlier in the sequence verifies up to `lookup` tokens that followed there instead
       of adapter drafts (chain only); 0 = off; None takes the tuned setting, else 0.
-    chat: apply the tokenizer's chat template to string prompts.
+    chat: apply the chat template to string prompts (False: encode them as they are).
+    chat_template: "vicuna" (Vicuna v1.1, as the paper's adapters were trained), "chatml",
+      a Jinja file or template text; None = the tokenizer's own, else Vicuna's for a
+      checkpoint whose folder names Vicuna, else an error naming this argument.
   Returns:
     A `Generation`: `.text` for one prompt; iterate it for one result per prompt of a
     batch. Stats: mean_accepted_tokens, rounds, draft_steps, tokens_per_second, ...
@@ -312,6 +323,7 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
       mode=mode, adapter=adapter, draft_ids=draft_ids, draft_vocab=draft_vocab,
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
       repetition_penalty=repetition_penalty, seed=seed, eta=eta, gamma=gamma, chat=chat,
+      chat_template=chat_template,
       send_unconfident=send_unconfident, tree_nodes=tree_nodes, tree_topk=tree_topk,
       lookup=lookup)))
   result = run()
@@ -351,7 +363,7 @@ def _defaults(kwargs: dict) -> dict:
   out = dict(mode="kangaroo", adapter=None, draft_ids=None, draft_vocab=None, max_new_tokens=256,
              temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0, eta=None,
              gamma=None, send_unconfident=None, tree_nodes=None, tree_topk=None, lookup=None,
-             chat=True)
+             chat=True, chat_template=None)
   unknown = set(kwargs) - set(out)
   if unknown:
     raise TypeError(f"unknown arguments: {', '.join(sorted(unknown))}")

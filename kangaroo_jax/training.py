@@ -78,8 +78,8 @@ def check_resumable(c) -> None:
 
 def load_dataset(c, model, tokenizer, eos_ids, progress=None):
   """The configured data source -> `data.Dataset` (generating self-distilled data if needed)."""
-  from kangaroo_jax import data
-  template = c.data.chat_template or None
+  from kangaroo_jax import chat_templates, data
+  template = chat_templates.resolve(c.data.chat_template)  # a name, a file or the text
   common = dict(max_len=c.seq_len, eos_ids=eos_ids, chat_template=template)
   if c.data.source == "sharegpt":
     return data.sharegpt(c.data.path, tokenizer, **common)

@@ -243,7 +243,8 @@ def test_draft_vocab_larger_than_stored(cli, capsys, tiny, tmp_path):
 def test_prompt_too_long_for_the_cache(cli, capsys, tiny, words, new):
   prompt = " ".join(WORDS[i % len(WORDS)] for i in range(words))  # one token per word
   assert_error(run_main(cli, capsys, "--prompt", prompt, "--model", tiny, "--max-new-tokens",
-                        str(new), "--untrained-adapter"), "exceeds the model's 256 positions")
+                        str(new), "--untrained-adapter", "--no-chat"),
+               "exceeds the model's 256 positions")
 
 
 def test_too_long_prompt_names_the_budget_asked_for(cli, capsys, tiny, cpu_tuned):
@@ -288,8 +289,8 @@ def test_streams_text_to_stdout_and_stats_to_stderr(tiny, tmp_path):
   # An adapter with a stored draft vocabulary (most frequent first); the CLI keeps a prefix.
   path = _save_adapter(str(tmp_path / "a.safetensors"), TINY_CONFIG, 2,
                        draft_ids=np.arange(96, 1, -1))
-  proc = run_cli("--prompt", "w5 w6 w7", "--model", tiny, "--adapter", path, "--draft-vocab",
-                 "16", "--max-new-tokens", "12", "--send-unconfident", "no")
+  proc = run_cli("--prompt", "w5 w6 w7", "--model", tiny, "--no-chat", "--adapter", path,
+                 "--draft-vocab", "16", "--max-new-tokens", "12", "--send-unconfident", "no")
   assert proc.returncode == 0, proc.stderr
   assert "Traceback" not in proc.stderr
   text = proc.stdout.strip()
@@ -422,7 +423,8 @@ def test_stats_keep_compilation_apart_and_say_when_the_budget_ended_the_answer(c
   """The first decode compiles (sampling settings no other test uses): the stats line
   names the compile time apart from the decoding speed, one time to first token is
   printed, and an answer cut at --max-new-tokens says so (JSON: a flag)."""
-  args = ("--prompt", "w5 w6 w7", "--model", tiny, "--untrained-adapter", "--temperature", "0.37", "--seed", "5",
+  args = ("--prompt", "w5 w6 w7", "--model", tiny, "--untrained-adapter", "--no-chat",
+          "--temperature", "0.37", "--seed", "5",
           "--max-new-tokens", "5")
   proc = run_main(cli, capsys, *args)
   assert proc.returncode == 0, proc.stderr
@@ -605,6 +607,23 @@ def test_chat_needs_a_chat_template(cli, capsys, tiny, monkeypatch):
                "chat template")
 
 
+def test_chat_template_flag(cli, capsys, tiny, tmp_path):
+  """A tokenizer without a template: one error naming --chat-template; with the flag (a
+  name or a file) the prompt is formatted; a bad name fails before the model loads."""
+  common = ("--prompt", "w5 w6", "--model", tiny, "--mode", "plain", "--max-new-tokens", "2",
+            "--json")
+  assert_error(run_main(cli, capsys, *common), "has no chat template",
+               "--chat-template vicuna", "--no-chat")
+  raw = json.loads(run_main(cli, capsys, *common, "--no-chat").stdout)
+  vicuna = json.loads(run_main(cli, capsys, *common, "--chat-template", "vicuna").stdout)
+  template = tmp_path / "t.jinja"
+  template.write_text("{% for m in messages %}w9 {{ m['content'] }} w8{% endfor %}")
+  mine = json.loads(run_main(cli, capsys, *common, "--chat-template", str(template)).stdout)
+  assert len({str(raw["token_ids"]), str(vicuna["token_ids"]), str(mine["token_ids"])}) >= 2
+  assert_error(run_main(cli, capsys, "--prompt", "hi", "--model", "/no/such/model",
+                        "--chat-template", "alpaca"), "unknown chat template 'alpaca'")
+
+
 def _popen(*args: str) -> subprocess.Popen:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
@@ -624,7 +643,7 @@ def test_closed_stdout_exits_quietly(tiny):
 def test_ctrl_c_exits_130_with_one_line(tiny):
   import signal
   import time
-  proc = _popen("--prompt", "w5 w6 w7", "--model", tiny, "--untrained-adapter",
+  proc = _popen("--prompt", "w5 w6 w7", "--model", tiny, "--untrained-adapter", "--no-chat",
                 "--max-new-tokens", "20")
   time.sleep(3)  # inside the imports, the model load or the compile
   proc.send_signal(signal.SIGINT)

@@ -36,7 +36,7 @@ def run(args) -> dict:
   questions = select_questions(load_questions(args.questions),
                                csv_items(args.categories) if args.categories else None,
                                args.per_category, args.offset)
-  from kangaroo_jax import api, tuning  # slow (jax): after the cheap checks
+  from kangaroo_jax import api, chat_templates, tuning  # slow (jax): after the cheap checks
   # Tuned values that conflict with a typed flag give way to it, a note each.
   tuned, notes = tuning.resolve_with_notes(
       gamma_flag="--gamma", eta=args.eta, gamma=args.gamma, draft_vocab=args.draft_vocab,
@@ -113,7 +113,8 @@ def run(args) -> dict:
       f.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in prompt_records)
 
   records, failed = run_questions(questions, runners, tokenizer, log=log,
-                                  max_seconds=args.max_seconds, on_prompt=keep)
+                                  max_seconds=args.max_seconds, on_prompt=keep,
+                                  chat_template=chat_templates.resolve(args.chat_template))
   skipped.update(failed)
   ran = [m.name for m in runners if m.name not in skipped]
   results = dict(config=dict(

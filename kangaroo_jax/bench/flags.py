@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
   add("--methods", default=",".join(METHODS), metavar="A,B",
       help=f"comma-separated, from {', '.join(METHODS)} (plain is always run)")
   add("--skip", default="", metavar="A,B", help="methods to leave out")
+  add("--chat-template", metavar="vicuna|chatml|FILE", help="the prompt format when the "
+      "tokenizer has none (decode.py's flag; vicuna for Vicuna)")
   add("--model", metavar="PATH", help="HF folder or .gguf (default: embedded SmolLM2-135M)")
   add("--dtype", choices=("float32", "bfloat16"), default="float32",
       help="this project's weights dtype (default float32)")

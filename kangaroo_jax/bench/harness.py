@@ -70,8 +70,8 @@ def _mismatch(a: str, b: str) -> str:
 def run_questions(questions: Sequence[Question], methods: Sequence[Method], tokenizer, *,
                   log: Callable[[str], None] = lambda s: None,
                   max_seconds: Optional[float] = None,
-                  on_prompt: Optional[Callable[[list[Record]], None]] = None
-                  ) -> tuple[list[Record], dict]:
+                  on_prompt: Optional[Callable[[list[Record]], None]] = None,
+                  chat_template: Optional[str] = None) -> tuple[list[Record], dict]:
   """Runs every turn of every question through every method (plain first).
 
   Returns (records, skipped {method: reason}). A method that raises is dropped with its
@@ -98,7 +98,7 @@ def run_questions(questions: Sequence[Question], methods: Sequence[Method], toke
     history: list[dict] = []
     for turn, user in enumerate(q.turns, 1):
       messages = history + [{"role": "user", "content": user}]
-      ids = encode_prompt(tokenizer, messages)
+      ids = encode_prompt(tokenizer, messages, chat_template=chat_template)
       texts, token_lists, line, refused = {}, {}, [], ""
       for m in list(live):
         try:
