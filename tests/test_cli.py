@@ -267,7 +267,7 @@ def test_following_the_too_long_error_decodes(cli, capsys, tiny, cpu_tuned, word
   def decode(n_words, new):
     prompt = " ".join(WORDS[i % len(WORDS)] for i in range(n_words))  # one token per word
     return run_main(cli, capsys, "--prompt", prompt, "--model", tiny, "--no-chat",
-                    "--max-new-tokens", str(new))
+                    "--untrained-adapter", "--max-new-tokens", str(new))
 
   proc = decode(words, 16)
   assert_error(proc, f"prompt of {words} tokens plus 16 new tokens")
@@ -466,7 +466,7 @@ def tiny_chat(tiny, tmp_path_factory) -> str:
 def test_prompt_from_stdin_and_from_a_file_equal_the_flag(cli, capsys, tiny, tmp_path,
                                                            monkeypatch):
   import io
-  common = ["--model", tiny, "--mode", "plain", "--max-new-tokens", "6", "--json"]
+  common = ["--model", tiny, "--mode", "plain", "--max-new-tokens", "6", "--json", "--no-chat"]
   want = json.loads(run_main(cli, capsys, "--prompt", "w5 w6 w7", *common).stdout)
   (tmp_path / "p.txt").write_text("w5 w6 w7\n")
   from_file = json.loads(run_main(cli, capsys, "--prompt-file", str(tmp_path / "p.txt"),
@@ -632,7 +632,7 @@ def _popen(*args: str) -> subprocess.Popen:
 
 
 def test_closed_stdout_exits_quietly(tiny):
-  proc = _popen("--prompt", "w5 w6 w7", "--model", tiny, "--mode", "plain",
+  proc = _popen("--prompt", "w5 w6 w7", "--model", tiny, "--mode", "plain", "--no-chat",
                 "--max-new-tokens", "20")
   proc.stdout.close()  # the reader is gone before the first piece is written
   err = proc.stderr.read().decode()
