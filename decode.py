@@ -51,12 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                       "(/reset clears it, /exit or end of input ends); stats per answer on stderr")
   add("--model", metavar="PATH",
       help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-  add("--dtype", choices=["float32", "bfloat16"], default="float32",
-      help="weights dtype (default float32); the KV cache follows --activations")
-  add("--activations", choices=["float32", "bfloat16"], default="float32",
-      help="hidden-state dtype: float32 (default) keeps greedy Kangaroo token-identical to "
-      "plain decoding with bfloat16 weights too; bfloat16 is cheaper on accelerators, and "
-      "identical there by fixed-width steps (on a CPU only with --step-width 8)")
+  add("--dtype", choices=["float32", "bfloat16"],
+      help="weights dtype (default: float32 on a CPU, bfloat16 on accelerators); the KV "
+      "cache follows --activations")
+  add("--activations", choices=["float32", "bfloat16"],
+      help="hidden-state dtype (default: float32 on a CPU, bfloat16 on accelerators): "
+      "float32 keeps greedy Kangaroo token-identical to plain decoding with single-row "
+      "steps (a CPU's); bfloat16 is cheaper on accelerators, and identical there by "
+      "fixed-width steps (on a CPU only with --step-width 8)")
   add("--step-width", type=int, metavar="W",
       help="rows per sequence of every decoding step: W > 1 runs plain steps and "
       "verification over W rows, identical by construction (at most W - 1 drafts a round); "

@@ -28,7 +28,7 @@ from kangaroo_jax.authors_adapter import NO_ADAPTER
 from kangaroo_jax.decoding import PromptError, plain_decode, plain_stream
 from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode, kangaroo_stream
 from kangaroo_jax.model import Llama
-from kangaroo_jax.precision import activation_dtype, cache_dtype
+from kangaroo_jax.precision import activation_dtype, cache_dtype, default_dtypes
 from kangaroo_jax.sampling import SamplingParams
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -90,10 +90,10 @@ _STORED_DRAFT_IDS: "weakref.WeakKeyDictionary[Adapter, Optional[np.ndarray]]" = 
 _DEFAULT_DRAFTERS: "weakref.WeakKeyDictionary[Llama, Drafter]" = weakref.WeakKeyDictionary()
 
 
-def load_model(path: Optional[str] = None, dtype: str = "float32",
+def load_model(path: Optional[str] = None, dtype: Optional[str] = None,
                mesh: Union[Mesh, str, None] = "auto",
-               activations: str = "float32",
-               step_width: Optional[int] = None) -> tuple[Llama, Any]:
+               activations: Optional[str] = None,
+               step_width: Optional[int] = None, batch: int = 1) -> tuple[Llama, Any]:
   """Loads (model, tokenizer) from a Hugging Face folder or .gguf; None = embedded default.
 
   The checkpoint streams onto the devices one tensor at a time, cast on the host to
@@ -101,16 +101,21 @@ def load_model(path: Optional[str] = None, dtype: str = "float32",
 
   Args:
     path: a Hugging Face folder or a .gguf file; None = the embedded SmolLM2-135M.
-    dtype: the weights' dtype, "float32" or "bfloat16".
+    dtype: the weights' dtype, "float32" or "bfloat16"; None = this backend's
+      (`precision.default_dtypes`: float32 on a CPU, bfloat16 on accelerators).
     mesh: a ('data', 'model') mesh (`sharding.make_mesh`) to shard the weights over;
-      "auto" = on more than one accelerator, a mesh over all of them whose 'model' axis
-      is the smallest that fits the weights (`memory.pick_mesh_shape`; MemoryError when
-      none does), on CPUs one device (fake CPU devices share one host); None = one device.
-      `generate`, `stream` and `load_adapter_for` then use the model's mesh.
-    activations: the hidden states' and KV caches' dtype. "float32" (the default) keeps
-      Kangaroo's greedy output equal to plain decoding's with bfloat16 weights too;
-      "bfloat16" is cheaper but may differ at a near tie (see `kangaroo_jax.precision`
-      and the README).
+      "auto" = on more than one accelerator, a mesh over all of them whose 'data' axis
+      is the largest that divides `batch` and leaves the weights room
+      (`memory.pick_mesh_shape`: batch 1 puts every device on 'model'), on CPUs one
+      device (fake CPU devices share one host); None = one device. `generate`, `stream`
+      and `load_adapter_for` then use the model's mesh. A model whose weights do not fit
+      the devices is refused before any is read (`memory.DoesNotFit`, one line).
+    activations: the hidden states' and KV caches' dtype; None = this backend's
+      (`precision.default_dtypes`): float32 on a CPU (greedy Kangaroo equal to plain
+      decoding with single-row steps), bfloat16 on accelerators (fixed-width steps keep
+      it identical there; float32's HIGHEST products cost 30% of plain speed on an H200).
+      See `kangaroo_jax.precision` and the README.
+    batch: the sequences decoded at once, for the automatic mesh.
     step_width: rows per sequence of every decoding step (`kangaroo_jax.precision`):
       None = this backend's (1 on a CPU, 8 on accelerators, where fixed-width steps make
       greedy Kangaroo identical to plain decoding by construction).
@@ -119,6 +124,8 @@ def load_model(path: Optional[str] = None, dtype: str = "float32",
   `kangaroo_jax.compile_cache`; KANGAROO_JAX_NO_COMPILE_CACHE=1 opts out), so a later
   process decoding the same shapes skips compilation.
   """
+  default_weights, default_activations = default_dtypes()
+  dtype, activations = dtype or default_weights, activations or default_activations
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
   if isinstance(mesh, str) and mesh != "auto":
@@ -130,7 +137,8 @@ def load_model(path: Optional[str] = None, dtype: str = "float32",
   cfg, tensors = weights.open_checkpoint(path)
   tokenizer = weights.load_tokenizer(path)
   if mesh == "auto":
-    mesh = memory.auto_mesh(cfg, DTYPES[dtype])
+    mesh = memory.auto_mesh(cfg, DTYPES[dtype], batch)
+  memory.check_fits(cfg, DTYPES[dtype], mesh)  # before a byte of the weights is read
   model = loading.load_params(cfg, tensors, DTYPES[dtype], mesh, hidden_dtype)
   model.step_width = step_width or model.step_width
   return model, tokenizer

@@ -120,23 +120,55 @@ def device_memory_bytes(device: Optional[jax.Device] = None) -> int:
   return host // len(jax.devices(device.platform))
 
 
-def pick_mesh_shape(cfg: ModelConfig, dtype, n_devices: int, device_bytes: int) -> tuple[int, int]:
-  """(data, model): the smallest 'model' axis dividing `n_devices` whose weights fit a device.
+class DoesNotFit(MemoryError, ValueError):
+  """A model that does not fit the devices; a ValueError too, so the command lines
+  report it as one `error:` line."""
+
+
+def pick_mesh_shape(cfg: ModelConfig, dtype, n_devices: int, device_bytes: int,
+                    batch: int = 1) -> tuple[int, int]:
+  """(data, model): the largest 'data' axis dividing both `n_devices` and `batch` whose
+  weights (split over the rest, 'model') fit a device.
+
+  A 'data' axis that does not divide the batch would replicate it: every device of a
+  copy then reads the same weights for the same rows (batch 1 on 4x2 reads 4x the bytes
+  a token of 1x8 does), so batch 1 puts every device on 'model'.
 
   Raises:
-    MemoryError: the weights exceed WEIGHT_SHARE of a device even split over all devices.
+    DoesNotFit: the weights exceed WEIGHT_SHARE of a device even split over all devices.
   """
-  for model in (m for m in range(1, n_devices + 1) if n_devices % m == 0):
-    if model_bytes(cfg, dtype, {"data": n_devices // model, "model": model}) <= WEIGHT_SHARE * device_bytes:
-      return n_devices // model, model
+  splits = [d for d in range(n_devices, 0, -1) if n_devices % d == 0 and batch % d == 0]
+  for data in splits:
+    sizes = {"data": data, "model": n_devices // data}
+    if model_bytes(cfg, dtype, sizes) <= WEIGHT_SHARE * device_bytes:
+      return data, n_devices // data
   need = model_bytes(cfg, dtype, {"data": 1, "model": n_devices})
-  raise MemoryError(f"the model needs {need / GIB:.2f} GiB of weights per device even split over "
-                    f"all {n_devices} devices; each has {device_bytes / GIB:.2f} GiB "
-                    f"({WEIGHT_SHARE:.0%} usable for weights): use more devices or bfloat16")
+  raise DoesNotFit(f"the model needs {need / GIB:.2f} GiB of weights per device even split over "
+                   f"all {n_devices} devices; each has {device_bytes / GIB:.2f} GiB "
+                   f"({WEIGHT_SHARE:.0%} usable for weights): use more devices or bfloat16")
 
 
-def auto_mesh(cfg: ModelConfig, dtype=jnp.float32) -> Optional[jax.sharding.Mesh]:
-  """A ('data', 'model') mesh over all devices sized by `pick_mesh_shape`.
+def check_fits(cfg: ModelConfig, dtype, mesh: Optional[jax.sharding.Mesh]) -> None:
+  """Raises DoesNotFit (one line, the numbers) unless the weights of `cfg` in `dtype` fit
+  WEIGHT_SHARE of each device of `mesh` (None: the default device), before loading."""
+  if mesh is None:
+    axis_sizes, n = {"data": 1, "model": 1}, 1
+    device = jax.devices()[0]
+    # One CPU device may use the whole host, however many fake devices share it.
+    room = device_memory_bytes(device) * (len(jax.devices()) if device.platform == "cpu" else 1)
+  else:
+    axis_sizes, n = dict(mesh.shape), mesh.devices.size
+    room = device_memory_bytes(mesh.devices.flat[0])
+  need = model_bytes(cfg, dtype, axis_sizes)
+  if need > WEIGHT_SHARE * room:
+    where = "one device" if mesh is None else f"a {axis_sizes['data']}x{axis_sizes['model']} mesh"
+    raise DoesNotFit(f"the weights need {need / GIB:.2f} GiB per device on {where}; each device "
+                     f"has {room / GIB:.2f} GiB ({WEIGHT_SHARE:.0%} usable for weights): use "
+                     f"--dtype bfloat16 or split them over more devices (--mesh 1x{2 * n})")
+
+
+def auto_mesh(cfg: ModelConfig, dtype=jnp.float32, batch: int = 1) -> Optional[jax.sharding.Mesh]:
+  """A ('data', 'model') mesh over all devices sized by `pick_mesh_shape` for `batch`.
 
   None for one device, and for CPU devices: fake CPU devices share one host's memory and
   cores, so splitting a model over them saves nothing (pass a mesh to test sharding).
@@ -145,7 +177,7 @@ def auto_mesh(cfg: ModelConfig, dtype=jnp.float32) -> Optional[jax.sharding.Mesh
   if len(devices) == 1 or devices[0].platform == "cpu":
     return None
   n = len(devices)
-  data, model = pick_mesh_shape(cfg, dtype, n, device_memory_bytes())
+  data, model = pick_mesh_shape(cfg, dtype, n, device_memory_bytes(), batch)
   return sharding.make_mesh(data, model)
 
 

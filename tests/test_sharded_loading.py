@@ -156,11 +156,39 @@ def test_pick_mesh_shape_sizes_the_model_axis_by_the_weights():
   norms = (2 * LLAMA_7B.num_layers + 1) * LLAMA_7B.hidden_size * 2
   assert memory.model_bytes(LLAMA_7B, jnp.bfloat16, {"data": 1, "model": 8}) == (
       (one - norms) // 8 + norms)
-  assert memory.pick_mesh_shape(LLAMA_7B, jnp.bfloat16, 8, 80 * gib) == (8, 1)
-  assert memory.pick_mesh_shape(LLAMA_7B, jnp.bfloat16, 8, 16 * gib) == (4, 2)
-  assert memory.pick_mesh_shape(LLAMA_7B, jnp.bfloat16, 8, 8 * gib) == (2, 4)
-  with pytest.raises(MemoryError, match="even split over all 8 devices"):
+  # A batch of 8: the most data parallelism whose weights fit.
+  assert memory.pick_mesh_shape(LLAMA_7B, jnp.bfloat16, 8, 80 * gib, batch=8) == (8, 1)
+  assert memory.pick_mesh_shape(LLAMA_7B, jnp.bfloat16, 8, 16 * gib, batch=8) == (4, 2)
+  assert memory.pick_mesh_shape(LLAMA_7B, jnp.bfloat16, 8, 8 * gib, batch=8) == (2, 4)
+  # The 'data' axis never replicates a batch it cannot split: batch 1 (the default) puts
+  # every device on 'model', batch 2 at most 2 on 'data'.
+  for gib_each in (80, 16, 8):
+    assert memory.pick_mesh_shape(LLAMA_7B, jnp.bfloat16, 8, gib_each * gib) == (1, 8)
+  assert memory.pick_mesh_shape(LLAMA_7B, jnp.bfloat16, 8, 80 * gib, batch=2) == (2, 4)
+  assert memory.pick_mesh_shape(LLAMA_7B, jnp.bfloat16, 8, 80 * gib, batch=6) == (2, 4)
+  with pytest.raises(memory.DoesNotFit, match="even split over all 8 devices"):
     memory.pick_mesh_shape(LLAMA_7B, jnp.bfloat16, 8, 1 * gib)
+
+
+def test_a_model_that_does_not_fit_is_refused_before_loading(folder, monkeypatch, capsys):
+  """One line with the numbers, before a weight is read (the reader would fail loudly)."""
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda device=None: 1 << 10)
+  monkeypatch.setattr(loading, "load_params", lambda *a, **k: pytest.fail("weights were read"))
+  with pytest.raises(memory.DoesNotFit, match=r"the weights need .* GiB per device on one "
+                     r"device; each device has 0.00 GiB \(75% usable"):
+    api.load_model(folder, mesh=None)
+  mesh = sharding.make_mesh(1, 8)
+  with pytest.raises(memory.DoesNotFit, match="on a 1x8 mesh.*--mesh 1x16"):
+    api.load_model(folder, mesh=mesh)
+  assert isinstance(memory.DoesNotFit("x"), ValueError)  # the command lines' one error line
+
+
+def test_dtype_defaults_follow_the_backend():
+  from kangaroo_jax import precision
+  assert precision.default_dtypes("cpu") == ("float32", "float32")
+  for platform in ("gpu", "tpu", "cuda"):
+    assert precision.default_dtypes(platform) == ("bfloat16", "bfloat16")
+  assert precision.default_dtypes() == ("float32", "float32")  # these tests run on a CPU
 
 
 def test_decode_cli_on_a_1x8_mesh(folder, capsys):
