@@ -93,7 +93,8 @@ _DEFAULT_DRAFTERS: "weakref.WeakKeyDictionary[Llama, Drafter]" = weakref.WeakKey
 def load_model(path: Optional[str] = None, dtype: Optional[str] = None,
                mesh: Union[Mesh, str, None] = "auto",
                activations: Optional[str] = None,
-               step_width: Optional[int] = None, batch: int = 1) -> tuple[Llama, Any]:
+               step_width: Optional[int] = None, batch: int = 1,
+               fsdp: bool = False) -> tuple[Llama, Any]:
   """Loads (model, tokenizer) from a Hugging Face folder or .gguf; None = embedded default.
 
   The checkpoint streams onto the devices one tensor at a time, cast on the host to
@@ -119,6 +120,8 @@ def load_model(path: Optional[str] = None, dtype: Optional[str] = None,
     step_width: rows per sequence of every decoding step (`kangaroo_jax.precision`):
       None = this backend's (1 on a CPU, 8 on accelerators, where fixed-width steps make
       greedy Kangaroo identical to plain decoding by construction).
+    fsdp: also split the weights over the mesh's 'data' axis (`sharding.spec_for`): the
+      training step's frozen weights, gathered a layer at a time.
 
   Also turns on JAX's persistent compilation cache in the project's cache folder (see
   `kangaroo_jax.compile_cache`; KANGAROO_JAX_NO_COMPILE_CACHE=1 opts out), so a later
@@ -138,8 +141,9 @@ def load_model(path: Optional[str] = None, dtype: Optional[str] = None,
   tokenizer = weights.load_tokenizer(path)
   if mesh == "auto":
     mesh = memory.auto_mesh(cfg, DTYPES[dtype], batch)
-  memory.check_fits(cfg, DTYPES[dtype], mesh)  # before a byte of the weights is read
-  model = loading.load_params(cfg, tensors, DTYPES[dtype], mesh, hidden_dtype)
+  if not fsdp:  # fully sharded weights divide over every device (scripts/tpu_aot.py sizes them)
+    memory.check_fits(cfg, DTYPES[dtype], mesh)  # before a byte of the weights is read
+  model = loading.load_params(cfg, tensors, DTYPES[dtype], mesh, hidden_dtype, fsdp)
   model.step_width = step_width or model.step_width
   return model, tokenizer
 

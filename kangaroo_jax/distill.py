@@ -26,9 +26,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import Adapter, tensors
 from kangaroo_jax.model import Llama
+from kangaroo_jax.precision import TRAINING
 
 
 def prediction_mask(assistant: jax.Array) -> jax.Array:
@@ -61,6 +61,36 @@ def pick_draft_vocab(counts: np.ndarray, size: int, always: tuple[int, ...] = ()
   return np.asarray(chosen, np.int32)
 
 
+# Positions a block of the loss: the draft's and the teacher's logits exist for one block
+# of [B, 256, V] at a time (7B, 4 sequences a chip: 131 MiB each), never for all T.
+LOSS_CHUNK = 256
+
+
+def position_terms(draft_logits: jax.Array, teacher_probs: jax.Array,
+                   teacher_top1: jax.Array) -> dict:
+  """Per position [B, T]: the soft cross-entropy "ce", "agree" (the draft's argmax is the
+  target's), "accept" (sum min(p, q): expected acceptance) and "confidence" (max q).
+
+  draft_logits, teacher_probs [B, T, V']; teacher_top1 [B, T] (V' = outside V').
+  """
+  logq = jax.nn.log_softmax(draft_logits.astype(jnp.float32), axis=-1)  # [B, T, V']
+  q = jnp.exp(logq)
+  return {"ce": -jnp.sum(teacher_probs * logq, axis=-1),
+          "agree": (jnp.argmax(logq, axis=-1) == teacher_top1).astype(jnp.float32),
+          "accept": jnp.sum(jnp.minimum(teacher_probs, q), axis=-1),
+          "confidence": jnp.max(q, axis=-1)}
+
+
+def masked_means(terms: dict, mask: jax.Array) -> tuple[jax.Array, dict]:
+  """(loss, {"loss", "top1_agreement", "expected_acceptance", "tokens"}) over `mask` [B, T]."""
+  m = mask.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(m), 1.0)
+  mean = lambda x: jnp.sum(x * m) / n
+  loss = mean(terms["ce"])
+  return loss, {"loss": loss, "top1_agreement": mean(terms["agree"]),
+                "expected_acceptance": mean(terms["accept"]), "tokens": jnp.sum(m)}
+
+
 def distill_loss(draft_logits: jax.Array, teacher_probs: jax.Array, teacher_top1: jax.Array,
                  mask: jax.Array) -> tuple[jax.Array, dict]:
   """Soft cross-entropy of draft vs teacher, masked, plus agreement metrics.
@@ -74,58 +104,85 @@ def distill_loss(draft_logits: jax.Array, teacher_probs: jax.Array, teacher_top1
   Returns:
     (loss, {"loss", "top1_agreement", "expected_acceptance", "tokens"}).
   """
-  m = mask.astype(jnp.float32)
-  n = jnp.maximum(jnp.sum(m), 1.0)
-  logq = jax.nn.log_softmax(draft_logits.astype(jnp.float32), axis=-1)  # [B, T, V']
-  ce = -jnp.sum(teacher_probs * logq, axis=-1)  # [B, T]
-  loss = jnp.sum(ce * m) / n
-  agree = (jnp.argmax(logq, axis=-1) == teacher_top1).astype(jnp.float32)  # [B, T]
-  accept = jnp.sum(jnp.minimum(teacher_probs, jnp.exp(logq)), axis=-1)  # [B, T]
-  return loss, {"loss": loss, "top1_agreement": jnp.sum(agree * m) / n,
-                "expected_acceptance": jnp.sum(accept * m) / n, "tokens": jnp.sum(m)}
+  return masked_means(position_terms(draft_logits, teacher_probs, teacher_top1), mask)
+
+
+def step_numerics(model: Llama) -> tuple:
+  """(activation dtype, `Products`) of the training step's forward pass for `model`.
+
+  A bfloat16 model trains in bfloat16 (`precision.TRAINING`: bfloat16 products, float32
+  sums; the adapter's float32 master weights are rounded where they meet the states);
+  a float32 one in the model's own activations and products.
+  """
+  if model.dtype == jnp.bfloat16:
+    return jnp.bfloat16, TRAINING
+  return model.activations, model.products
 
 
 def forward(model: Llama, adapter: Adapter, batch: dict, inv: jax.Array,
-            draft_ids: Optional[jax.Array]) -> tuple[jax.Array, dict]:
+            draft_ids: Optional[jax.Array], chunk: int = LOSS_CHUNK) -> tuple[jax.Array, dict]:
   """Loss and metrics of the adapter on a batch (see the module docstring).
 
   batch: tokens [B, T], assistant [B, T] and optionally teacher_ids / teacher_probs
-  [B, T, K]; inv [V] from `draft_index`; draft_ids [V'] or None.
+  [B, T, K] and hidden [B, T, D]; inv [V] from `draft_index`; draft_ids [V'] or None.
   """
-  return distill_loss(*draft_and_teacher(model, adapter, batch, inv, draft_ids))
+  return masked_means(*draft_and_teacher(model, adapter, batch, inv, draft_ids, chunk))
 
 
 def draft_and_teacher(model: Llama, adapter: Adapter, batch: dict, inv: jax.Array,
-                      draft_ids: Optional[jax.Array]):
-  """(draft logits [B, T, V'], teacher probs [B, T, V'], teacher top-1 [B, T], mask [B, T])."""
+                      draft_ids: Optional[jax.Array], chunk: int = LOSS_CHUNK) -> tuple[dict, jax.Array]:
+  """({name: [B, T]} `position_terms` of every position, loss mask [B, T]).
+
+  The frozen layers run over whole sequences without a KV cache (`Llama.run_sequence`);
+  the logits of the draft and the teacher are formed `chunk` positions at a time
+  (`jax.checkpoint`: the backward pass recomputes a block rather than keeping all T).
+  """
+  act, products = step_numerics(model)
   tokens = batch["tokens"]
   b, t = tokens.shape
   l = adapter.acfg.exit_layer
-  positions = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B, T]
-  cache = kv.init_model_cache(model.cfg, b, t, model.dtype)
   if "hidden" in batch:  # precomputed by `add_hidden`
-    h_l = batch["hidden"].astype(model.dtype)
+    h_l = batch["hidden"].astype(act)
   else:
-    h_l, cache = model.run_layers(model.embed(tokens), positions, cache, 0, l)  # [B, T, D]
+    h_l = model.run_sequence(model.embed(tokens).astype(act), 0, l, products)  # [B, T, D]
   h_l = jax.lax.stop_gradient(h_l)
-  out, _ = adapter(h_l, positions, adapter.init_cache(b, t))
-  head = None if draft_ids is None else model.head_weight()[draft_ids]  # [V', D]
-  logits = model.project(out, jax.lax.stop_gradient(head) if head is not None else None)
-  v = logits.shape[-1]  # V'
-  if "teacher_ids" in batch:
-    idx = inv[next_rows(batch["teacher_ids"])]  # [B, T, K] in V', V' = not in the draft vocab
-    probs = next_rows(batch["teacher_probs"]).astype(jnp.float32)  # [B, T, K]
-    bi = jnp.arange(b)[:, None, None]
-    ti = jnp.arange(t)[None, :, None]
-    p = jnp.zeros((b, t, v), jnp.float32).at[bi, ti, idx].add(probs, mode="drop")  # [B, T, V']
-    top1 = idx[..., 0]  # [B, T]
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B, T]
+  out = adapter.sequence(h_l, positions, products)  # [B, T, D]
+  head = None if draft_ids is None else jax.lax.stop_gradient(model.head_weight()[draft_ids])  # [V', D]
+  cached = "teacher_ids" in batch
+  if cached:  # rows describe tokens: shift them onto the positions that predict them
+    teacher = (next_rows(batch["teacher_ids"]), next_rows(batch["teacher_probs"]))  # [B, T, K]
   else:
-    h, _ = model.run_layers(h_l, positions, cache, l, None)
-    full = jax.lax.stop_gradient(model.logits(h))  # [B, T, V]
-    p = jax.nn.softmax(full, axis=-1)
-    p = p if draft_ids is None else p[..., draft_ids]  # [B, T, V']
-    top1 = inv[jnp.argmax(full, axis=-1)]  # [B, T]
-  return logits, p, top1, prediction_mask(batch["assistant"])
+    teacher = (jax.lax.stop_gradient(model.run_sequence(h_l, l, None, products)),)  # [B, T, D]
+
+  @jax.checkpoint
+  def block(out_c, teacher_c):
+    logits = model.project(out_c, head, products)  # [B, Tc, V']
+    if cached:
+      ids, probs = teacher_c
+      idx = inv[ids]  # [B, Tc, K] in V', V' = not in the draft vocabulary
+      bi = jnp.arange(ids.shape[0])[:, None, None]
+      ti = jnp.arange(ids.shape[1])[None, :, None]
+      p = jnp.zeros(logits.shape, jnp.float32).at[bi, ti, idx].add(
+          probs.astype(jnp.float32), mode="drop")  # [B, Tc, V']
+      top1 = idx[..., 0]  # [B, Tc]
+    else:
+      full = jax.lax.stop_gradient(model.logits(teacher_c[0], products))  # [B, Tc, V]
+      p = jax.nn.softmax(full, axis=-1)
+      p = p if draft_ids is None else p[..., draft_ids]  # [B, Tc, V']
+      top1 = inv[jnp.argmax(full, axis=-1)]  # [B, Tc]
+    return position_terms(logits, p, top1)
+
+  c = min(chunk, t)
+  blocks = -(-t // c)
+
+  def split(x):  # [B, T, ...] -> [C, B, Tc, ...], zero-padded to whole blocks
+    x = jnp.pad(x, [(0, 0), (0, blocks * c - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, blocks, c, *x.shape[2:]), 1, 0)
+
+  terms = jax.lax.map(lambda a: block(*a), (split(out), tuple(map(split, teacher))))  # [C, B, Tc]
+  terms = {k: jnp.moveaxis(v, 0, 1).reshape(b, blocks * c)[:, :t] for k, v in terms.items()}  # [B, T]
+  return terms, prediction_mask(batch["assistant"])
 
 
 def warm_start(adapter: Adapter, model: Llama) -> Adapter:
@@ -221,12 +278,12 @@ def make_eval_step(model_graphdef, adapter_graphdef):
   @jax.jit
   def evaluate(params, model_state, batch, inv, draft_ids):
     model = nnx.merge(model_graphdef, model_state)
-    logits, p, top1, mask = draft_and_teacher(model, nnx.merge(adapter_graphdef, params), batch,
-                                              inv, draft_ids)
-    metrics = distill_loss(logits, p, top1, mask)[1]
+    terms, mask = draft_and_teacher(model, nnx.merge(adapter_graphdef, params), batch, inv,
+                                    draft_ids)
+    metrics = masked_means(terms, mask)[1]
     # Per position, for `simulate_acceptance` (keys with "_" are not averaged).
-    metrics["_correct"] = jnp.argmax(logits, axis=-1) == top1  # [B, T]
-    metrics["_confidence"] = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, T]
+    metrics["_correct"] = terms["agree"] > 0  # [B, T]
+    metrics["_confidence"] = terms["confidence"]  # [B, T]
     metrics["_mask"] = mask
     return metrics
 

@@ -67,7 +67,7 @@ def _recipes(model: Llama) -> list[tuple[nnx.Variable, str, list[str], bool]]:
 
 
 def load_params(cfg: ModelConfig, tensors: dict[str, StoredTensor], dtype=jnp.float32,
-                mesh: Optional[Mesh] = None, activations=jnp.float32) -> Llama:
+                mesh: Optional[Mesh] = None, activations=jnp.float32, fsdp: bool = False) -> Llama:
   """Builds a Llama from checkpoint tensors (`weights.open_checkpoint`), streamed to `mesh`.
 
   Args:
@@ -76,12 +76,14 @@ def load_params(cfg: ModelConfig, tensors: dict[str, StoredTensor], dtype=jnp.fl
     dtype: the parameters' dtype; each tensor is cast to it on the host as it is read.
     mesh: a ('data', 'model') mesh to shard the parameters over; None = the default device.
     activations: the hidden states' and KV caches' dtype (`kangaroo_jax.precision`).
+    fsdp: also split each weight over the mesh's 'data' axis (`sharding.spec_for`).
   Parameters the mesh does not divide are replicated and reported with a warning.
   """
   model = nnx.eval_shape(lambda: Llama(cfg, dtype, nnx.Rngs(0), activations))
   undivided = []
   for var, rule, names, transpose in _recipes(model):
-    array, divides = sharding.place(_fused(tensors, names, np.dtype(dtype), transpose), rule, mesh)
+    array, divides = sharding.place(_fused(tensors, names, np.dtype(dtype), transpose), rule, mesh,
+                                    fsdp)
     var.set_value(array)
     if not divides:
       undivided.append(f"{'+'.join(names)} {list(array.shape)}")

@@ -19,6 +19,7 @@ from flax import nnx
 from kangaroo_jax import cache as kv
 from kangaroo_jax.config import ModelConfig
 from kangaroo_jax.precision import Products, default_step_width, products_for
+from kangaroo_jax.sharding import gathered
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -140,6 +141,25 @@ class Attention(nnx.Module):
     return out, cache_k, cache_v
 
 
+  def sequence(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+               products: Products) -> jax.Array:
+    """Whole sequences x [B, T, D] at positions 0..T-1 -> out [B, T, D], no cache
+    (training: `attend_causal`; each weight gathered as `sharding.gathered` says)."""
+    b, t, _ = x.shape
+    n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+    qkv = dense(x, gathered(self.qkv[...], "qkv"), products)  # [B, T, (N + 2K) * H]
+    if self.qkv_bias is not None:
+      qkv = qkv + self.qkv_bias[...].astype(qkv.dtype)
+    q, key, val = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
+    q = apply_rope(q.reshape(b, t, n, h), positions, inv_freq)  # [B, T, N, H]
+    key = apply_rope(key.reshape(b, t, k, h), positions, inv_freq)  # [B, T, K, H]
+    out = attend_causal(q, key, val.reshape(b, t, k, h), products)  # [B, T, N * H]
+    out = dense(out, gathered(self.o[...], "o"), products)
+    if self.o_bias is not None:
+      out = out + self.o_bias[...].astype(out.dtype)
+    return out
+
+
 def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.Array,
            products: Optional[Products] = None) -> jax.Array:
   """Causal attention of q [B, T, N, H] over cache slots [B, S, K, H]: slot s <= position.
@@ -158,6 +178,39 @@ def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   out = einsum("bkgts,bskh->btkgh", probs, cache_v)  # [B, T, K, G, H]
   return out.reshape(b, t, n * h).astype(q.dtype)  # [B, T, N * H]
+
+
+# Queries per block of `attend_causal`: its scores are [B, N, 256, T] float32 a block
+# instead of [B, N, T, T] (7B, 4 sequences a chip, T = 2048: 256 MiB instead of 2 GiB).
+ATTENTION_CHUNK = 256
+
+
+def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, products: Optional[Products] = None,
+                  chunk: int = ATTENTION_CHUNK) -> jax.Array:
+  """Causal self-attention of whole sequences at positions 0..T-1, with no cache (training).
+
+  q [B, T, N, H] attends its own keys/values [B, T, K, H], `chunk` queries at a time, so
+  the float32 scores never exist for all T x T pairs; each block is recomputed in the
+  backward pass (`jax.checkpoint`) instead of saved. Returns [B, T, N * H] in q's dtype;
+  the same numbers as `attend` over a cache holding these keys.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  c = min(chunk, t)
+  blocks = -(-t // c)
+  einsum = (products or products_for(q.dtype)).einsum
+  qb = jnp.pad(q, ((0, 0), (0, blocks * c - t), (0, 0), (0, 0)))
+  qb = jnp.moveaxis(qb.reshape(b, blocks, c, kh, n // kh, h), 1, 0)  # [C, B, Tc, K, G, H]
+
+  @jax.checkpoint
+  def block(start, qc):
+    scores = einsum("btkgh,bskh->bkgts", qc, k) / math.sqrt(h)  # [B, K, G, Tc, T]
+    mask = jnp.arange(t)[None, :] <= (start + jnp.arange(c))[:, None]  # [Tc, T]
+    probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1).astype(q.dtype)
+    return einsum("bkgts,bskh->btkgh", probs, v).astype(q.dtype)  # [B, Tc, K, G, H]
+
+  out = jax.lax.map(lambda a: block(*a), (jnp.arange(blocks) * c, qb))  # [C, B, Tc, K, G, H]
+  return jnp.moveaxis(out, 0, 1).reshape(b, blocks * c, n * h)[:, :t]  # [B, T, N * H]
 
 
 class BlockView(NamedTuple):
@@ -219,10 +272,20 @@ class DecoderLayer(nnx.Module):
                view: Optional[BlockView] = None):
     attn_out, cache_k, cache_v = self.attn(self.input_norm(x), positions, cache_k, cache_v,
                                            inv_freq, write, view)
-    x = x + attn_out
-    gate, up = jnp.split(dense(self.post_norm(x), self.gate_up[...], self.products), 2,
-                         axis=-1)  # [B, T, F] each
-    return x + dense(jax.nn.silu(gate) * up, self.down[...], self.products), cache_k, cache_v
+    return self.mlp(x + attn_out, self.products), cache_k, cache_v
+
+  def mlp(self, x: jax.Array, products: Optional[Products],
+          gather=lambda w, name: w) -> jax.Array:
+    """x + the SwiGLU MLP of post_norm(x); `gather(w, name)` sees each weight first."""
+    gate, up = jnp.split(dense(self.post_norm(x), gather(self.gate_up[...], "gate_up"), products),
+                         2, axis=-1)  # [B, T, F] each
+    return x + dense(jax.nn.silu(gate) * up, gather(self.down[...], "down"), products)
+
+  def sequence(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+               products: Products) -> jax.Array:
+    """The layer over whole sequences at positions 0..T-1, with no cache (training)."""
+    x = x + self.attn.sequence(self.input_norm(x), positions, inv_freq, products)
+    return self.mlp(x, products, gathered)
 
 
 class Llama(nnx.Module):
@@ -277,6 +340,19 @@ class Llama(nnx.Module):
     fresh = kv.init_model_cache(self.cfg, b, t, self.activations)
     return self.run_layers(self.embed(tokens), positions, fresh, 0, end)[0]
 
+  def run_sequence(self, x: jax.Array, start: int = 0, end: Optional[int] = None,
+                   products: Optional[Products] = None) -> jax.Array:
+    """Layers [start, end) over whole sequences x [B, T, D] at positions 0..T-1, with no
+    KV cache and attention a block of queries at a time (`attend_causal`): the training
+    step's forward pass, in x's dtype with `products` (default: the model's)."""
+    end = self.cfg.num_layers if end is None else end
+    b, t, _ = x.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B, T]
+    inv_freq = jnp.asarray(rope_inv_freq(self.cfg))
+    for i in range(start, end):
+      x = self.layers[i].sequence(x, positions, inv_freq, products or self.products)
+    return x
+
   def run_layers_block(self, x: jax.Array, positions: jax.Array, cache: kv.KVCache,
                        start: int = 0, end: Optional[int] = None, *,
                        tree: Optional[dict] = None):
@@ -305,20 +381,25 @@ class Llama(nnx.Module):
     """The LM head as [V, D] (the embedding itself when tied)."""
     return self.embedding[...] if self.lm_head is None else self.lm_head[...].T
 
-  def logits(self, x: jax.Array) -> jax.Array:
+  def logits(self, x: jax.Array, products: Optional[Products] = None) -> jax.Array:
     """Final norm + LM head: hidden [B, T, D] -> float32 logits [B, T, V]."""
-    return self.project(self.norm(x))
+    return self.project(self.norm(x), products=products)
 
-  def project(self, x: jax.Array, head: Optional[jax.Array] = None) -> jax.Array:
+  def project(self, x: jax.Array, head: Optional[jax.Array] = None,
+              products: Optional[Products] = None) -> jax.Array:
     """LM head only: normed hidden [B, T, D] -> float32 logits [B, T, V].
 
-    `head` [V', D] replaces the full head (a reduced draft vocabulary).
+    `head` [V', D] replaces the full head (a reduced draft vocabulary); `products`
+    replaces the model's (the training step's).
     """
+    products = products or self.products
     if head is not None:
-      return weight_product("btd,vd->btv", x, head, self.products)  # [B, T, V']
+      return weight_product("btd,vd->btv", x, head, products)  # [B, T, V']
     if self.lm_head is None:
-      return weight_product("btd,vd->btv", x, self.embedding[...], self.products)  # [B, T, V]
-    return weight_product("btd,dv->btv", x, self.lm_head[...], self.products)  # [B, T, V]
+      return weight_product("btd,vd->btv", x, gathered(self.embedding[...], "embedding"),
+                            products)  # [B, T, V]
+    return weight_product("btd,dv->btv", x, gathered(self.lm_head[...], "lm_head"),
+                          products)  # [B, T, V]
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kv.KVCache):
     """Full forward: tokens [B, T] at positions [B, T] -> (logits [B, T, V], cache)."""

@@ -96,6 +96,13 @@ PRODUCTS = {"float32": Products(jax.lax.Precision.HIGHEST),
             "bfloat16": Products(jax.lax.Precision.DEFAULT)}
 
 
+# The training step's products with a bfloat16 model (`distill.step_numerics`): the frozen
+# teacher only supplies top-k targets, and the adapter's float32 master weights only need
+# float32 updates, so every product multiplies bfloat16 operands (one MXU pass on a TPU,
+# not HIGHEST's six) and sums in float32; hidden states are bfloat16 between layers.
+TRAINING = Products(jax.lax.Precision.DEFAULT, inputs=jnp.bfloat16)
+
+
 def products_for(activations) -> Products:
   """The products of the mode whose activations are `activations` (a dtype)."""
   return PRODUCTS[jnp.dtype(activations).name]

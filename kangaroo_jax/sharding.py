@@ -52,29 +52,50 @@ def leaf_name(path) -> str:
   return names[-1] if names else ""
 
 
-def spec_for(name: str, shape: tuple[int, ...], axis_sizes) -> tuple[P, bool]:
+def spec_for(name: str, shape: tuple[int, ...], axis_sizes, fsdp: bool = False) -> tuple[P, bool]:
   """(PartitionSpec, divides) of a parameter named `name` (the last path element).
 
   `axis_sizes` maps axis name -> size (a Mesh's `.shape`). `divides` is False when the
   rule names an axis that does not divide its dimension (e.g. a tiny test vocabulary):
   the parameter is then replicated, and the caller reports it (`report_undivided`).
+  fsdp=True also splits the largest other dimension that 'data' divides over 'data'
+  (fully sharded data parallel: each product gathers its weight, `gathered`); vectors
+  (norms, biases) stay as the rules say.
   """
   spec = _RULES.get(name, P())
   if len(spec) != len(shape):
-    return P(), True
-  for dim, axis in zip(shape, spec):
-    if axis is not None and dim % axis_sizes[axis]:
+    spec, divides = (P(*([None] * len(shape))) if fsdp and len(shape) > 1 else P()), True
+  else:
+    divides = all(axis is None or dim % axis_sizes[axis] == 0 for dim, axis in zip(shape, spec))
+    if not divides:
       return P(), False
-  return spec, True
+  if fsdp and len(shape) > 1 and axis_sizes.get("data", 1) > 1:
+    free = [i for i, axis in enumerate(spec) if axis is None and shape[i] % axis_sizes["data"] == 0]
+    if free:
+      i = max(free, key=lambda i: shape[i])
+      spec = P(*[("data" if j == i else axis) for j, axis in enumerate(spec)])
+  return spec, divides
 
 
-def _spec(path, value, mesh: Mesh) -> P:
-  return spec_for(leaf_name(path), tuple(getattr(value, "shape", ())), mesh.shape)[0]
+def gathered(w: jax.Array, name: str) -> jax.Array:
+  """Weight `w` (parameter `name`) as a product consumes it under the current mesh
+  (`jax.set_mesh`): with its tensor-parallel spec only. A weight stored fully sharded
+  (`fsdp`) is then all-gathered over 'data' where it is used, a layer at a time, rather
+  than XLA resharding the activations to match it; otherwise this changes nothing."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return w
+  return jax.lax.with_sharding_constraint(w, spec_for(name, w.shape, mesh.shape)[0])
 
 
-def param_shardings(state, mesh: Mesh):
-  """NamedShardings for an nnx State (or any pytree of parameters) on `mesh`."""
-  return jax.tree_util.tree_map_with_path(lambda p, v: NamedSharding(mesh, _spec(p, v, mesh)), state)
+def _spec(path, value, mesh: Mesh, fsdp: bool = False) -> P:
+  return spec_for(leaf_name(path), tuple(getattr(value, "shape", ())), mesh.shape, fsdp)[0]
+
+
+def param_shardings(state, mesh: Mesh, fsdp: bool = False):
+  """NamedShardings for an nnx State (or any pytree of parameters) on `mesh` (`spec_for`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, v: NamedSharding(mesh, _spec(p, v, mesh, fsdp)), state)
 
 
 def undivided_params(state, mesh: Mesh) -> list[str]:
@@ -120,16 +141,17 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
-def place(host: np.ndarray, name: str, mesh: Optional[Mesh]) -> tuple[jax.Array, bool]:
+def place(host: np.ndarray, name: str, mesh: Optional[Mesh],
+          fsdp: bool = False) -> tuple[jax.Array, bool]:
   """Puts one host array on `mesh` with the sharding its parameter `name` gets; (array, divides).
 
   Each device receives only its own slice (`make_array_from_callback` asks for one index
   per device), so no device ever holds a whole sharded weight. mesh=None: the default
-  device, uncommitted (as `jnp.asarray` leaves it), so jit may still move it. `divides` as
-  for `spec_for`.
+  device, uncommitted (as `jnp.asarray` leaves it), so jit may still move it. `fsdp` and
+  `divides` as for `spec_for`.
   """
   if mesh is None:
     return jax.device_put(host), True
-  spec, divides = spec_for(name, host.shape, mesh.shape)
+  spec, divides = spec_for(name, host.shape, mesh.shape, fsdp)
   array = jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda idx: host[idx])
   return array, divides

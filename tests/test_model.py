@@ -82,3 +82,21 @@ def test_llama3_rope_frequencies_match_transformers():
       rope_scaling=VARIANTS["llama3_rope"]["rope_scaling"], max_position_embeddings=256)
   inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
   np.testing.assert_allclose(M.rope_inv_freq(cfg), inv_freq.numpy(), rtol=1e-6)
+
+
+def test_sequence_forward_equals_the_cached_forward():
+  """`run_sequence` (no cache, attention a block of queries at a time, blocks that do not
+  divide T) computes what `run_layers` over a fresh cache does."""
+  import jax
+  from flax import nnx
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=8)
+  model = M.Llama(cfg, rngs=nnx.Rngs(1))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 11)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(11), (2, 11))
+  want, _ = model.run_layers(model.embed(tokens), pos, kv.init_model_cache(cfg, 2, 11))
+  q = jax.random.normal(jax.random.key(0), (2, 11, 4, 8))
+  k, v = jax.random.normal(jax.random.key(1), (2, 2, 11, 2, 8))
+  np.testing.assert_allclose(M.attend_causal(q, k, v, chunk=4), M.attend(q, k, v, pos),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.run_sequence(model.embed(tokens)), want, rtol=1e-5, atol=1e-5)

@@ -154,6 +154,27 @@ def test_reduced_draft_vocabulary(tiny):
   assert np.isfinite(float(loss)) and 0 <= float(m["expected_acceptance"]) <= 1
 
 
+def test_loss_in_blocks_of_positions_equals_the_whole(tiny):
+  """The loss formed a block of positions at a time (blocks that do not divide T), with a
+  cached and an on-the-fly teacher, equals one block of all T; so do its gradients."""
+  _, model, _, _ = tiny
+  adapter = init_adapter(model.cfg, 1, seed=3)
+  batch = _one_hot_batch(tiny, 7)
+  batch["assistant"] = jnp.ones_like(batch["assistant"])
+  t = batch["tokens"].shape[1]
+  rng = np.random.default_rng(0)
+  cached = batch | {"teacher_ids": jnp.asarray(rng.integers(0, 64, (1, t, 3)), jnp.int32),
+                    "teacher_probs": jnp.full((1, t, 3), 1 / 3, jnp.float32)}
+  inv = jnp.asarray(distill.draft_index(None, model.cfg.vocab_size))
+  ag, params = nnx.split(adapter)
+  for b in (batch, cached):
+    loss = lambda p, chunk: distill.forward(model, nnx.merge(ag, p), b, inv, None, chunk)[0]
+    (whole, g1), (blocks, g2) = (jax.value_and_grad(loss)(params, c) for c in (t, 4))
+    np.testing.assert_allclose(blocks, whole, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+
+
 # ---- optimisation ----
 def _step_setup(tiny, batch_size=4, mesh=None):
   folder, model, tok, path = tiny
