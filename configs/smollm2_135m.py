@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.mesh_data = -1            # -1 = every device on the 'data' axis
   c.mesh_model = 1
+  c.fsdp = False              # True: frozen weights and adapter state also split over 'data'
   c.distributed = False       # call jax.distributed.initialize (TPU pods: no address needed)
   c.coordinator_address = ""
   c.num_processes = 1

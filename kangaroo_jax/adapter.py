@@ -22,7 +22,7 @@ from flax import nnx
 from kangaroo_jax import cache as kv
 from kangaroo_jax.config import ModelConfig
 from kangaroo_jax.model import Attention, BlockView, RMSNorm, dense, rope_inv_freq
-from kangaroo_jax.sharding import gathered
+from kangaroo_jax.sharding import batch_rows, gathered
 
 
 class AdapterError(ValueError):
@@ -118,12 +118,13 @@ class Adapter(nnx.Module):
     [B, T, D] in h's dtype, with no cache (training; `model.attend_causal`). The weights
     meet the states in `products`' dtype: float32 master weights compute in bfloat16."""
     inv_freq = jnp.asarray(rope_inv_freq(self.rope_cfg))
+    h = batch_rows(h)
     x = h + self.attn.sequence(self.input_norm(h), positions, inv_freq, products)
     if self.ffn_down is not None:
       gate, up = jnp.split(dense(self.ffn_norm(x), gathered(self.ffn_gate_up[...], "ffn_gate_up"),
                                  products), 2, axis=-1)  # [B, T, F] each
       x = x + dense(jax.nn.silu(gate) * up, gathered(self.ffn_down[...], "ffn_down"), products)
-    return self.out_norm(x)
+    return batch_rows(self.out_norm(x))
 
 
 def init_adapter(cfg: ModelConfig, exit_layer: int, num_heads: Optional[int] = None,

@@ -17,6 +17,7 @@ propose another token); top-1 agreement still compares with the target's full ar
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -27,7 +28,7 @@ import optax
 from flax import nnx
 
 from kangaroo_jax.adapter import Adapter, tensors
-from kangaroo_jax.model import Llama
+from kangaroo_jax.model import Llama, map_blocks
 from kangaroo_jax.precision import TRAINING
 
 
@@ -180,7 +181,7 @@ def draft_and_teacher(model: Llama, adapter: Adapter, batch: dict, inv: jax.Arra
     x = jnp.pad(x, [(0, 0), (0, blocks * c - t)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape(b, blocks, c, *x.shape[2:]), 1, 0)
 
-  terms = jax.lax.map(lambda a: block(*a), (split(out), tuple(map(split, teacher))))  # [C, B, Tc]
+  terms = map_blocks(block, (split(out), tuple(map(split, teacher))))  # [C, B, Tc]
   terms = {k: jnp.moveaxis(v, 0, 1).reshape(b, blocks * c)[:, :t] for k, v in terms.items()}  # [B, T]
   return terms, prediction_mask(batch["assistant"])
 
@@ -243,14 +244,20 @@ def make_optimizer(lr: float, warmup_steps: int, total_steps: int, weight_decay:
                      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
 
 
+def _on_mesh(mesh):
+  """The context a step traces in: `mesh`'s axes, so `sharding.gathered` sees them."""
+  return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def make_train_step(model_graphdef, adapter_graphdef, tx: optax.GradientTransformation,
-                    state_shardings=None):
+                    state_shardings=None, mesh=None):
   """A jitted `step(params, opt_state, model_state, batch, inv, draft_ids)`.
 
   Returns (params, opt_state, metrics). Only the adapter's params get gradients; the
   model state is an argument (not a constant) so the compiled step stays small.
   `state_shardings` = (params, opt_state) shardings pins the outputs to the inputs'
-  layout, so the second step does not compile again for a new layout.
+  layout, so the second step does not compile again for a new layout. `mesh`: the mesh
+  the arguments live on, for weights stored fully sharded (`sharding.gathered`).
   """
 
   def loss_fn(params, model_state, batch, inv, draft_ids):
@@ -262,8 +269,9 @@ def make_train_step(model_graphdef, adapter_graphdef, tx: optax.GradientTransfor
 
   @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out)
   def step(params, opt_state, model_state, batch, inv, draft_ids):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, model_state, batch, inv, draft_ids)
+    with _on_mesh(mesh):
+      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, model_state, batch, inv, draft_ids)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -272,14 +280,15 @@ def make_train_step(model_graphdef, adapter_graphdef, tx: optax.GradientTransfor
   return step
 
 
-def make_eval_step(model_graphdef, adapter_graphdef):
+def make_eval_step(model_graphdef, adapter_graphdef, mesh=None):
   """A jitted `eval(params, model_state, batch, inv, draft_ids)` -> metrics."""
 
   @jax.jit
   def evaluate(params, model_state, batch, inv, draft_ids):
     model = nnx.merge(model_graphdef, model_state)
-    terms, mask = draft_and_teacher(model, nnx.merge(adapter_graphdef, params), batch, inv,
-                                    draft_ids)
+    with _on_mesh(mesh):
+      terms, mask = draft_and_teacher(model, nnx.merge(adapter_graphdef, params), batch, inv,
+                                      draft_ids)
     metrics = masked_means(terms, mask)[1]
     # Per position, for `simulate_acceptance` (keys with "_" are not averaged).
     metrics["_correct"] = terms["agree"] > 0  # [B, T]

@@ -19,7 +19,7 @@ from flax import nnx
 from kangaroo_jax import cache as kv
 from kangaroo_jax.config import ModelConfig
 from kangaroo_jax.precision import Products, default_step_width, products_for
-from kangaroo_jax.sharding import gathered
+from kangaroo_jax.sharding import batch_rows, gathered
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -147,14 +147,17 @@ class Attention(nnx.Module):
     (training: `attend_causal`; each weight gathered as `sharding.gathered` says)."""
     b, t, _ = x.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-    qkv = dense(x, gathered(self.qkv[...], "qkv"), products)  # [B, T, (N + 2K) * H]
+    # Rounded before the gather: float32 master weights (the adapter's) travel as bfloat16.
+    weight = lambda w, name: gathered(w if products.inputs is None else w.astype(products.inputs),
+                                      name)
+    qkv = dense(x, weight(self.qkv[...], "qkv"), products)  # [B, T, (N + 2K) * H]
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(qkv.dtype)
     q, key, val = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
     q = apply_rope(q.reshape(b, t, n, h), positions, inv_freq)  # [B, T, N, H]
     key = apply_rope(key.reshape(b, t, k, h), positions, inv_freq)  # [B, T, K, H]
     out = attend_causal(q, key, val.reshape(b, t, k, h), products)  # [B, T, N * H]
-    out = dense(out, gathered(self.o[...], "o"), products)
+    out = dense(out, weight(self.o[...], "o"), products)
     if self.o_bias is not None:
       out = out + self.o_bias[...].astype(out.dtype)
     return out
@@ -185,6 +188,13 @@ def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.
 ATTENTION_CHUNK = 256
 
 
+def map_blocks(f, xs):
+  """`jax.lax.map(lambda x: f(*x), xs)`, unrolled into straight-line code: a compiled
+  program's cost analysis counts a while loop's body once, not once per trip, so a loop
+  would hide most of the blocks' FLOPs from `kangaroo_jax.aot`'s figures."""
+  return jax.lax.scan(lambda _, x: (None, f(*x)), None, xs, unroll=True)[1]
+
+
 def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, products: Optional[Products] = None,
                   chunk: int = ATTENTION_CHUNK) -> jax.Array:
   """Causal self-attention of whole sequences at positions 0..T-1, with no cache (training).
@@ -209,7 +219,7 @@ def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, products: Optional[P
     probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1).astype(q.dtype)
     return einsum("bkgts,bskh->btkgh", probs, v).astype(q.dtype)  # [B, Tc, K, G, H]
 
-  out = jax.lax.map(lambda a: block(*a), (jnp.arange(blocks) * c, qb))  # [C, B, Tc, K, G, H]
+  out = map_blocks(block, (jnp.arange(blocks) * c, qb))  # [C, B, Tc, K, G, H]
   return jnp.moveaxis(out, 0, 1).reshape(b, blocks * c, n * h)[:, :t]  # [B, T, N * H]
 
 
@@ -317,7 +327,8 @@ class Llama(nnx.Module):
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] -> hidden [B, T, D] in the activation dtype."""
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.activations)
+    return jnp.take(gathered(self.embedding[...], "embedding"), tokens,
+                    axis=0).astype(self.activations)
 
   def run_layers(self, x: jax.Array, positions: jax.Array, cache: kv.KVCache,
                  start: int = 0, end: Optional[int] = None):
@@ -350,8 +361,8 @@ class Llama(nnx.Module):
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B, T]
     inv_freq = jnp.asarray(rope_inv_freq(self.cfg))
     for i in range(start, end):
-      x = self.layers[i].sequence(x, positions, inv_freq, products or self.products)
-    return x
+      x = self.layers[i].sequence(batch_rows(x), positions, inv_freq, products or self.products)
+    return batch_rows(x)
 
   def run_layers_block(self, x: jax.Array, positions: jax.Array, cache: kv.KVCache,
                        start: int = 0, end: Optional[int] = None, *,

@@ -77,6 +77,19 @@ def spec_for(name: str, shape: tuple[int, ...], axis_sizes, fsdp: bool = False) 
   return spec, divides
 
 
+def batch_rows(x: jax.Array) -> jax.Array:
+  """x [B, ...] split over 'data' by its batch under the current mesh (`jax.set_mesh`).
+
+  Pins the training step's hidden states to data parallelism: with fully sharded weights
+  (split over 'data' as well) XLA could otherwise keep every sequence on every device
+  and split the hidden dimension instead, as the weights are.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or x.shape[0] % mesh.shape["data"]:
+    return x
+  return jax.lax.with_sharding_constraint(x, P("data"))
+
+
 def gathered(w: jax.Array, name: str) -> jax.Array:
   """Weight `w` (parameter `name`) as a product consumes it under the current mesh
   (`jax.set_mesh`): with its tensor-parallel spec only. A weight stored fully sharded

@@ -137,18 +137,86 @@ def training_mesh(c):
   """The ('data', 'model') mesh of config `c`: batch over 'data', parameters over 'model'."""
   from kangaroo_jax import sharding
   n_dev = len(jax.devices())
-  mesh = sharding.make_mesh(n_dev // c.mesh_model if c.mesh_data == -1 else c.mesh_data, c.mesh_model)
-  if c.batch_size % mesh.shape["data"]:
-    raise ValueError(f"config.batch_size {c.batch_size} is not a multiple of the 'data' axis "
-                     f"({mesh.shape['data']} devices)")
+  if c.mesh_model < 1 or n_dev % c.mesh_model:
+    raise ConfigError(f"config.mesh_model {c.mesh_model} does not divide the {n_dev} devices")
+  data = n_dev // c.mesh_model if c.mesh_data == -1 else c.mesh_data
+  if data * c.mesh_model > n_dev:
+    raise ConfigError(f"config.mesh_data x mesh_model = {data} x {c.mesh_model} needs "
+                      f"{data * c.mesh_model} devices, {n_dev} present")
+  mesh = sharding.make_mesh(data, c.mesh_model)
+  check_mesh(c, mesh)
   return mesh
 
 
-def split_onto_mesh(module: nnx.Module, mesh):
+def check_mesh(c, mesh) -> None:
+  """Raises ConfigError unless config.batch_size divides over the mesh's 'data' axis."""
+  if c.batch_size % mesh.shape["data"]:
+    raise ConfigError(f"config.batch_size {c.batch_size} is not a multiple of the 'data' axis "
+                      f"({mesh.shape['data']} devices)")
+
+
+def split_onto_mesh(module: nnx.Module, mesh, fsdp: bool = False):
   """(graphdef, state) of `module`, its parameters placed on `mesh` by their partition specs."""
   from kangaroo_jax import sharding
   graphdef, state = nnx.split(module)
-  return graphdef, _global(state, sharding.param_shardings(state, mesh))
+  return graphdef, _global(state, sharding.param_shardings(state, mesh, fsdp))
+
+
+def optimizer(c) -> optax.GradientTransformation:
+  """The config's AdamW schedule (`distill.make_optimizer`)."""
+  return make_optimizer(c.lr, c.warmup_steps, c.steps, c.weight_decay, c.b1, c.b2, c.grad_clip,
+                        c.end_lr_fraction)
+
+
+def state_shardings(tx: optax.GradientTransformation, params, mesh, fsdp: bool):
+  """(params, optimizer state) shardings: the moments follow their parameters (over
+  'model', and 'data' too with fsdp), scalars such as the step count are replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  from kangaroo_jax import sharding
+  p = sharding.param_shardings(params, mesh, fsdp)
+  o = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), p,
+                            transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
+                            is_leaf=lambda x: isinstance(x, NamedSharding))
+  return p, o
+
+
+def abstract_train_step(c, cfg, mesh, teacher_top_k: int = 0):
+  """(jitted train step, abstract arguments): the step `train` runs for config `c`, for a
+  model of shape `cfg` on `mesh`, with `jax.ShapeDtypeStruct` arguments carrying the
+  shardings `train` gives them; `step.lower(*args).compile()` compiles it without weights
+  or data (`kangaroo_jax.aot`). teacher_top_k > 0: batches from a top-k teacher cache.
+  """
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from kangaroo_jax import sharding
+  from kangaroo_jax.adapter import init_adapter
+  from kangaroo_jax.model import Llama
+  check_mesh(c, mesh)
+  model = nnx.eval_shape(lambda: Llama(cfg, jnp.dtype(c.dtype), nnx.Rngs(0), step_width=1))
+  model_graphdef, model_state = nnx.split(model)
+  adapter = nnx.eval_shape(lambda: init_adapter(cfg, c.exit_layer, c.adapter_heads or None, 0,
+                                                MASTER_DTYPE, c.get("adapter_ffn", 0)))
+  adapter_graphdef, params = nnx.split(adapter)
+  tx = optimizer(c)
+  p_sh, o_sh = state_shardings(tx, params, mesh, c.fsdp)
+  shaped = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  params_in = jax.tree.map(shaped, params, p_sh)
+  opt_in = jax.tree.map(shaped, jax.eval_shape(tx.init, params), o_sh)
+  model_in = jax.tree.map(shaped, model_state, sharding.param_shardings(model_state, mesh, c.fsdp))
+  rows = sharding.data_sharding(mesh)
+  b, t = c.batch_size, c.seq_len
+  batch = {"tokens": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=rows),
+           "assistant": jax.ShapeDtypeStruct((b, t), jnp.bool_, sharding=rows)}
+  if teacher_top_k:
+    batch["teacher_ids"] = jax.ShapeDtypeStruct((b, t, teacher_top_k), jnp.int32, sharding=rows)
+    batch["teacher_probs"] = jax.ShapeDtypeStruct((b, t, teacher_top_k), jnp.float32, sharding=rows)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  inv = jax.ShapeDtypeStruct((cfg.vocab_size,), jnp.int32, sharding=replicated)
+  dids = (jax.ShapeDtypeStruct((c.draft_vocab,), jnp.int32, sharding=replicated)
+          if c.draft_vocab and c.draft_vocab < cfg.vocab_size else None)
+  step = make_train_step(model_graphdef, adapter_graphdef, tx, (p_sh, o_sh), mesh)
+  return step, (params_in, opt_in, model_in, batch, inv, dids)
 
 
 def initial_adapter(model, c, start_from: Optional[Adapter] = None) -> Adapter:
@@ -206,7 +274,7 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
   per_process = jax.process_count() > 1
   mesh = training_mesh(c)
   model, tokenizer = api.load_model(c.model_path or None, c.dtype,
-                                    mesh=None if per_process else mesh)
+                                    mesh=None if per_process else mesh, fsdp=c.fsdp)
   eos = api.eos_ids(model, tokenizer)
 
   train_set, eval_sets, skipped = prepare_data(c, model, tokenizer, eos, main, log)
@@ -235,16 +303,14 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
     draft_ids = pick_draft_vocab(counts, c.draft_vocab, tuple(eos))
 
   # One process: the model is on the mesh already. Several: each process's copy goes global.
-  model_graphdef, model_state = split_onto_mesh(model, mesh) if per_process else nnx.split(model)
+  model_graphdef, model_state = (split_onto_mesh(model, mesh, c.fsdp) if per_process
+                                 else nnx.split(model))
   adapter = initial_adapter(model, c, start_from[0] if start_from is not None else None)
-  adapter_graphdef, params = split_onto_mesh(adapter, mesh)
-  tx = make_optimizer(c.lr, c.warmup_steps, c.steps, c.weight_decay, c.b1, c.b2, c.grad_clip,
-                      c.end_lr_fraction)
+  adapter_graphdef, params = split_onto_mesh(adapter, mesh, c.fsdp)
+  tx = optimizer(c)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  # Moments follow the params' layout; scalars (the step count) are replicated on the mesh.
-  opt_state = jax.tree.map(
-      lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else _global(np.asarray(x), replicated),
-      jax.jit(tx.init)(params))
+  shardings = state_shardings(tx, params, mesh, c.fsdp)
+  opt_state = jax.jit(tx.init, out_shardings=shardings[1])(params)
   # [-1] stands for "the full vocabulary" (orbax cannot store an empty array).
   vocab_ids = draft_ids if draft_ids is not None else np.full((1,), -1, np.int32)
 
@@ -267,9 +333,8 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
   inv = _global(draft_index(draft_ids, model.cfg.vocab_size), replicated)
   dids = None if draft_ids is None else _global(np.asarray(draft_ids, np.int32), replicated)
 
-  shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-  step_fn = make_train_step(model_graphdef, adapter_graphdef, tx, shardings)
-  eval_fn = make_eval_step(model_graphdef, adapter_graphdef)
+  step_fn = make_train_step(model_graphdef, adapter_graphdef, tx, shardings, mesh)
+  eval_fn = make_eval_step(model_graphdef, adapter_graphdef, mesh)
   batch_sharding = sharding.data_sharding(mesh)
   to_device = lambda b: _global(b, {k: batch_sharding for k in b})
 
