@@ -273,8 +273,11 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
   # runs per process, on local arrays) and the state is made global after.
   per_process = jax.process_count() > 1
   mesh = training_mesh(c)
+  # float32 activations where the model runs outside the step (cached states, generated
+  # data) on every backend; the step computes as `distill.step_numerics` says.
   model, tokenizer = api.load_model(c.model_path or None, c.dtype,
-                                    mesh=None if per_process else mesh, fsdp=c.fsdp)
+                                    mesh=None if per_process else mesh, activations="float32",
+                                    fsdp=c.fsdp)
   eos = api.eos_ids(model, tokenizer)
 
   train_set, eval_sets, skipped = prepare_data(c, model, tokenizer, eos, main, log)
