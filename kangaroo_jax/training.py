@@ -111,17 +111,19 @@ def split_teacher_caches(c, log=print):
   from kangaroo_jax import teacher
   from kangaroo_jax.data import DataError
   train, evals = [], {}
+  held = c.data.get("eval_shards", 1)
   for folder in [p.strip() for p in c.data.path.split(",") if p.strip()]:
-    dirs = teacher.shard_dirs(folder)
-    held = c.data.get("eval_shards", 1)
-    if len(dirs) <= held:
-      raise DataError(f"{folder} has {len(dirs)} complete shards; {held} are held out for "
-                       "evaluation, so it needs more")
     name = os.path.basename(os.path.normpath(folder))
     evals[name] = teacher.load_cache(folder, c.seq_len, slice(0, held)).examples
-    part = teacher.load_cache(folder, c.seq_len, slice(held, None)).examples
+    # A cache of held-out shards only is evaluated, not trained on (e.g. own text beside
+    # a run on teacher-forced text).
+    part = teacher.load_cache(folder, c.seq_len, slice(held, None)).examples \
+        if len(teacher.shard_dirs(folder)) > held else []
     log(f"{folder}: {len(part)} training / {len(evals[name])} held-out conversations")
     train += part
+  if not train:
+    raise DataError(f"{c.data.path}: every cache has at most {held} complete shards, all held "
+                    "out for evaluation, so it needs more")
   return train, evals
 
 

@@ -149,28 +149,14 @@ def pack_data(folder: str, results: str, limit: int, state_file: str) -> int:
 
 
 def write_ids(folder: str, results: str) -> int:
-  """Every complete shard's token ids (no top-k) in one compressed file; its size in bytes.
+  """Every complete shard's token ids (no top-k) in results/own_text_ids.npz; its bytes.
 
-  own_text_ids.npz: ids [N] (uint16 when the vocabulary fits), offsets [n + 1], assistant
-  [N], shard [n]: the own answers a CPU session can reuse (a teacher-forced pass over them
-  gives back the top-k).
+  `teacher.export_ids`' format (ids uint16 when the vocabulary fits, offsets, assistant,
+  shard): the own answers a CPU session reuses (`python -m kangaroo_jax.teacher --from-ids`
+  gives back the top-k by teacher forcing).
   """
   from kangaroo_jax import teacher
-  parts = {"ids": [], "assistant": [], "lengths": [], "shard": []}
-  for j, d in enumerate(teacher.shard_dirs(folder)):
-    ids, off = np.load(os.path.join(d, "ids.npy")), np.load(os.path.join(d, "offsets.npy"))
-    parts["ids"].append(ids)
-    parts["assistant"].append(np.load(os.path.join(d, "assistant.npy")))
-    parts["lengths"].append(np.diff(off))
-    parts["shard"].append(np.full(len(off) - 1, int(os.path.basename(d)[6:]), np.int32))
-  ids = np.concatenate(parts["ids"])
-  small = ids.size == 0 or int(ids.max()) < 1 << 16
-  arrays = {"ids": ids.astype(np.uint16 if small else np.int32),
-            "offsets": np.concatenate([[0], np.cumsum(np.concatenate(parts["lengths"]))]).astype(np.int64),
-            "assistant": np.concatenate(parts["assistant"]), "shard": np.concatenate(parts["shard"])}
-  path = os.path.join(results, "own_text_ids.npz")
-  atomic(path, lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays))
-  return os.path.getsize(path)
+  return teacher.export_ids(folder, os.path.join(results, "own_text_ids.npz"))["bytes"]
 
 
 def unpack_data(src: str, out: str) -> None:

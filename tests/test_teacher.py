@@ -151,6 +151,49 @@ def test_pass_resumes_and_equals_an_uninterrupted_one(tiny, tmp_path):
     np.testing.assert_array_equal(a.teacher_probs, b.teacher_probs)
 
 
+def test_first_shard_leaves_the_shards_below_to_another_run(tiny, tmp_path):
+  _, model, tok = tiny
+  recs = _records(15)
+  once, parts = str(tmp_path / "once"), str(tmp_path / "parts")
+  teacher.run_pass(model, tok, recs, once, SETTINGS, num_shards=3, eos_ids=EOS, log=lambda s: None)
+  teacher.run_pass(model, tok, recs, parts, SETTINGS, num_shards=3, eos_ids=EOS,
+                   log=lambda s: None, first_shard=2)
+  assert [os.path.basename(d) for d in teacher.shard_dirs(parts)] == ["shard_00002"]
+  teacher.run_pass(model, tok, recs, parts, SETTINGS, num_shards=2, eos_ids=EOS, log=lambda s: None)
+  for a, b in zip(teacher.load_cache(once).examples, teacher.load_cache(parts).examples):
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.teacher_ids, b.teacher_ids)
+
+
+def test_own_text_ids_round_trip_rebuilds_the_self_cache(tiny, tmp_path):
+  _, model, tok = tiny
+  s = teacher.TeacherSettings(mode="self", seq_len=96, top_k=8, batch=4, shard_size=4, answer_max=12)
+  recs = _records(12, turns=1)
+  made = str(tmp_path / "made")
+  teacher.run_pass(model, tok, recs, made, s, num_shards=2, eos_ids=EOS, log=lambda s: None)
+  path = str(tmp_path / "own.npz")
+  assert teacher.export_ids(made, path)["shards"] == 2
+  # Another session's shard merges into the same file; the file's own shards are kept.
+  other = str(tmp_path / "other")
+  teacher.run_pass(model, tok, recs, other, s, num_shards=3, eos_ids=EOS, log=lambda s: None,
+                   first_shard=2)
+  counts = teacher.export_ids(other, path)
+  assert counts["shards"] == 3 and counts["conversations"] == 12
+  z = np.load(path)
+  assert z["ids"].dtype == np.uint16 and sorted(set(z["shard"].tolist())) == [0, 1, 2]
+  rebuilt = str(tmp_path / "rebuilt")
+  teacher.cache_from_ids(model, tok, path, rebuilt, s, num_shards=2, log=lambda s: None)
+  assert [os.path.basename(d) for d in teacher.shard_dirs(rebuilt)] == ["shard_00000", "shard_00001"]
+  for a, b in zip(teacher.load_cache(made).examples, teacher.load_cache(rebuilt).examples):
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.assistant, b.assistant)
+    # Teacher forcing reads the distributions the greedy answers were picked from.
+    np.testing.assert_array_equal(a.teacher_ids[a.assistant, 0], b.teacher_ids[b.assistant, 0])
+    np.testing.assert_allclose(a.teacher_probs[a.assistant], b.teacher_probs[b.assistant], atol=2e-3)
+  with pytest.raises(teacher.TeacherCacheError, match="another source"):
+    teacher.cache_from_ids(model, tok, path, made, s, num_shards=3, log=lambda s: None)
+
+
 def test_a_cache_for_other_settings_is_refused(tiny, tmp_path):
   _, model, tok = tiny
   teacher.run_pass(model, tok, _records(5), str(tmp_path), SETTINGS, num_shards=1, eos_ids=EOS,
@@ -211,10 +254,15 @@ def test_training_from_teacher_caches_reports_each_held_out_set(tiny, tmp_path):
   assert (tmp_path / "w" / "learning_curve.png").stat().st_size > 1000
   adapter, _ = load_adapter(str(tmp_path / "w" / "adapter.safetensors"), model.cfg)
   assert adapter.acfg.ffn_size == 16
-  # Too few shards to hold one out is a clear error.
-  c.data.path, c.workdir = str(tmp_path / "one"), str(tmp_path / "w2")
-  teacher.run_pass(model, tok, _records(5), c.data.path, SETTINGS, num_shards=1, eos_ids=EOS,
+  # A cache of held-out shards only is evaluated beside the others, not trained on.
+  one = str(tmp_path / "one")
+  teacher.run_pass(model, tok, _records(5), one, SETTINGS, num_shards=1, eos_ids=EOS,
                    log=lambda s: None)
+  c.data.path, c.workdir, c.steps = f"{forced},{one}", str(tmp_path / "w1"), 2
+  final = training.train(c, log=lambda s: None)
+  assert final["eval_one_tokens"] > 0 and final["train_conversations"] == 25
+  # Nothing left to train on is a clear error.
+  c.data.path, c.workdir = one, str(tmp_path / "w2")
   with pytest.raises(DataError, match="needs more"):
     training.train(c, log=lambda s: None)
 
