@@ -304,6 +304,8 @@ def run_pass(model, tokenizer, records: Sequence[dict], folder: str, s: TeacherS
   bar = tqdm(total=len(todo), desc=f"teacher ({s.mode})", unit="shard", dynamic_ncols=True)
   tokens_done, t0 = 0, time.time()
   for j in todo:
+    # CPU seconds of this process's threads (what a shard costs whatever else runs).
+    cpu0, wall0 = time.process_time(), time.time()
     chunk = [records[i] for i in order[j * s.shard_size:(j + 1) * s.shard_size]]
     if s.mode == "forced":
       convs, skipped = render_forced(chunk, tokenizer, s.seq_len, eos_ids, chat_template)
@@ -315,7 +317,8 @@ def run_pass(model, tokenizer, records: Sequence[dict], folder: str, s: TeacherS
     _write_shard(folder, j, convs, s.top_k, {
         "records": [r.get("id", "") for r in chunk], "conversations": len(convs),
         "tokens": int(sum(len(c.ids) for c in convs)),
-        "assistant_tokens": int(sum(c.assistant.sum() for c in convs)), "skipped": skipped})
+        "assistant_tokens": int(sum(c.assistant.sum() for c in convs)), "skipped": skipped,
+        "cpu_seconds": round(time.process_time() - cpu0, 1), "seconds": round(time.time() - wall0, 1)})
     tokens_done += computed
     bar.set_postfix(tok_s=f"{tokens_done / (time.time() - t0):.0f}")
     bar.update(1)
