@@ -114,12 +114,34 @@ def _too_long(prompt: int, max_new_tokens: int, extra: int, max_positions: int) 
 class DecodeResult:
   """Generated token ids per sequence (EOS included when hit) and timing/statistics.
 
-  `seconds` (and stats["seconds"], stats["tokens_per_second"]) time the decoding alone;
-  compiling the loop for new shapes is timed apart, in stats["compile_seconds"].
+  `seconds` (and stats["seconds"], stats["tokens_per_second"]) time the decoding alone:
+  the steps after the first token. The prompt pass that gives the first token is timed
+  apart (stats["prefill_seconds"]), and so is compiling the loop for new shapes
+  (stats["compile_seconds"]); see `timing_stats`.
   """
   tokens: list[list[int]]
   seconds: float
   stats: dict
+
+
+def timing_stats(new_tokens: int, sequences: int, prefill_seconds: float, seconds: float,
+                 compile_seconds: float) -> dict:
+  """The timing part of a decode's stats.
+
+  tokens_per_second is the decoding speed: the tokens the steps after the prefill made
+  (each sequence's first token comes from the prompt pass) over their time, `seconds`.
+  The prompt pass (prefill_seconds: the prompt through every layer, the first token)
+  grows with the prompt and is the same work in every mode, so it is kept apart, as the
+  time to first token; total_seconds (prefill and decoding) is the whole request,
+  request_tokens_per_second all new tokens over it. Compiling is in none of them.
+  """
+  decoded = new_tokens - sequences
+  total = prefill_seconds + seconds
+  return {"new_tokens": new_tokens, "decoded_tokens": decoded, "seconds": seconds,
+          "tokens_per_second": decoded / seconds if seconds > 0 else 0.0,
+          "prefill_seconds": prefill_seconds, "total_seconds": total,
+          "request_tokens_per_second": new_tokens / total if total > 0 else 0.0,
+          "compile_seconds": compile_seconds}
 
 
 def compile_ahead(jitted: Callable, *args, **kwargs) -> float:
@@ -161,6 +183,46 @@ def drain(steps, on_tokens: Optional[Callable]):
       return stop.value
     if on_tokens is not None:
       on_tokens(tokens, counts)
+
+
+def timed_calls(mesh, start: Callable, start_args: tuple, start_static: dict, run: Callable,
+                run_args: Callable, run_static: dict, read: Callable, per_call: Optional[int]):
+  """Runs a decode as a prefill call and loop calls, timed the way the stats report it.
+
+  Args:
+    start: the jitted prefill, `start(*start_args, **start_static)` -> loop state.
+    run: the jitted loop, `run(*run_args(state, until), **run_static)` -> loop state, stopping
+      at step (or round) `until`, at the token budget, or when every sequence is done.
+    read: loop state -> host dict with "out" [B, N], "count" [B], "done" [B] and
+      "progress" (steps or rounds so far).
+    per_call: loop iterations per `run` call (streaming), or None: to the end in one call.
+  Yields (tokens [B, C], counts [B]) after the prefill and after each call; returns
+  (the last host dict, {prefill_seconds, seconds, compile_seconds}): compiling (each
+  program once, the loop's after the first token is out) is timed apart from both.
+  """
+  with on_mesh(mesh):
+    compile_seconds = compile_ahead(start, *start_args, **start_static)
+    began = time.perf_counter()
+    st = start(*start_args, **start_static)
+  host = read(st)  # reading the first token back waits for the prompt pass
+  prefill_seconds = time.perf_counter() - began
+  began, shown, run_compiled = time.perf_counter(), np.zeros_like(host["count"]), False
+  compile_before = compile_seconds
+  while True:
+    yield new_tokens(host["out"], host["count"], shown)
+    shown = host["count"]
+    if host["done"].all():
+      seconds = time.perf_counter() - began - (compile_seconds - compile_before)
+      return host, dict(prefill_seconds=prefill_seconds, seconds=seconds,
+                        compile_seconds=compile_seconds)
+    until = UNTIL_DONE if per_call is None else int(host["progress"]) + per_call
+    args = run_args(st, jnp.int32(until))
+    with on_mesh(mesh):
+      if not run_compiled:
+        compile_seconds += compile_ahead(run, *args, **run_static)
+        run_compiled = True
+      st = run(*args, **run_static)
+    host = read(st)
 
 
 def prefill(model: Llama, tokens: jax.Array, prompt_lens: jax.Array, cache: kv.KVCache,
@@ -269,7 +331,11 @@ UNTIL_DONE = jnp.iinfo(jnp.int32).max
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _plain_loop(graphdef, state, tokens, prompt_lens, rng, eos_ids, limit, *,
                 params: SamplingParams, capacity: int):
-  """The whole decode in one call: (out [B, capacity], new token counts [B], steps)."""
+  """The whole decode in one program: (out [B, capacity], new token counts [B], steps).
+
+  Decoding runs it as two calls instead (`_plain_stream_start`, then `_plain_stream_run`),
+  so that the prompt pass is timed apart; this one program is what the HLO checks read.
+  """
   model = nnx.merge(graphdef, state)
   st = _plain_start(model, tokens, prompt_lens, rng, eos_ids, limit, params, capacity)
   st = _plain_run(model, st, eos_ids, UNTIL_DONE, params)
@@ -328,25 +394,12 @@ def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
       thread after each step (see `plain_stream`).
     mesh: optional ('data', 'model') mesh; shard the model with `shard_module` first.
   Returns:
-    DecodeResult with each sequence's new tokens (EOS included) and timings.
+    DecodeResult with each sequence's new tokens (EOS included) and timings: the prompt
+    pass, then the loop to its end in one call (`timing_stats`).
   """
-  if on_tokens is not None:
-    return drain(plain_stream(model, prompts, max_new_tokens=max_new_tokens, params=params,
-                              seed=seed, eos_ids=eos_ids, mesh=mesh), on_tokens)
-  _check_budget(max_new_tokens)
-  tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens)
-  graphdef, state = nnx.split(model)
-  state = as_computed(state)
-  eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-  tokens, lens = place_batch(mesh, tokens, lens)
-  args = (graphdef, state, tokens, lens, jax.random.key(seed), eos, jnp.int32(max_new_tokens))
-  static = dict(params=params, capacity=token_capacity(tokens.shape[1], max_new_tokens))
-  with on_mesh(mesh):
-    compile_seconds = compile_ahead(_plain_loop, *args, **static)
-    start = time.perf_counter()
-    out, counts, steps = jax.block_until_ready(_plain_loop(*args, **static))
-  return _plain_result(np.asarray(out), np.asarray(counts), int(steps), len(prompts),
-                       time.perf_counter() - start, compile_seconds)
+  steps = _plain_calls(model, prompts, max_new_tokens, params, seed, eos_ids, mesh,
+                       per_call=None if on_tokens is None else STREAM_STEPS)
+  return drain(steps, on_tokens)
 
 
 def plain_stream(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
@@ -357,38 +410,34 @@ def plain_stream(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
   The generator's return value (StopIteration.value) is the DecodeResult. Closing it
   early stops decoding after the current step. The output equals `plain_decode`'s.
   """
+  return _plain_calls(model, prompts, max_new_tokens, params, seed, eos_ids, mesh,
+                      per_call=STREAM_STEPS)
+
+
+def _plain_calls(model, prompts, max_new_tokens, params, seed, eos_ids, mesh, per_call):
+  """Plain decoding as `timed_calls`: the prefill, then `per_call` steps a call (None: all)."""
   _check_budget(max_new_tokens)
   tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens)
   graphdef, state = nnx.split(model)
   state = as_computed(state)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
-  args = (graphdef, state, tokens, lens, jax.random.key(seed), eos, jnp.int32(max_new_tokens))
-  static = dict(params=params, capacity=token_capacity(tokens.shape[1], max_new_tokens))
-  start = time.perf_counter()  # compile time is subtracted at the end (see `compile_ahead`)
-  with on_mesh(mesh):
-    compile_seconds = compile_ahead(_plain_stream_start, *args, **static)
-    st = _plain_stream_start(*args, **static)
-  shown, run_compiled = np.zeros((len(prompts),), np.int32), False
-  while True:
-    out, count, done, step = jax.device_get((st["out"], st["count"], st["done"], st["step"]))
-    yield new_tokens(out, count, shown)
-    shown = count
-    if done.all() or step >= max_new_tokens:
-      return _plain_result(out, count, int(step), len(prompts),
-                           time.perf_counter() - start - compile_seconds, compile_seconds)
-    run = (graphdef, state, st, eos, jnp.int32(step + STREAM_STEPS))
-    with on_mesh(mesh):
-      if not run_compiled:  # after the first token is out, so that it does not wait for this
-        compile_seconds += compile_ahead(_plain_stream_run, *run, params=params)
-        run_compiled = True
-      st = _plain_stream_run(*run, params=params)
+  first = (graphdef, state, tokens, lens, jax.random.key(seed), eos, jnp.int32(max_new_tokens))
+  capacity = token_capacity(tokens.shape[1], max_new_tokens)
+
+  def read(st):
+    host = jax.device_get({k: st[k] for k in ("out", "count", "done", "step")})
+    return dict(host, progress=host["step"])
+
+  host, timing = yield from timed_calls(
+      mesh, _plain_stream_start, first, dict(params=params, capacity=capacity),
+      _plain_stream_run, lambda st, until: (graphdef, state, st, eos, until),
+      dict(params=params), read, per_call)
+  return _plain_result(host["out"], host["count"], int(host["step"]), len(prompts), timing)
 
 
-def _plain_result(out: np.ndarray, counts: np.ndarray, steps: int, n: int, seconds: float,
-                  compile_seconds: float) -> DecodeResult:
+def _plain_result(out: np.ndarray, counts: np.ndarray, steps: int, n: int,
+                  timing: dict) -> DecodeResult:
   seqs = [out[i, :counts[i]].tolist() for i in range(n)]
-  new = int(counts.sum())
-  return DecodeResult(seqs, seconds, {
-      "new_tokens": new, "seconds": seconds, "tokens_per_second": new / seconds,
-      "compile_seconds": compile_seconds, "steps": steps, "mean_accepted_tokens": 1.0})
+  stats = timing_stats(int(counts.sum()), n, **timing)
+  return DecodeResult(seqs, stats["seconds"], dict(stats, steps=steps, mean_accepted_tokens=1.0))

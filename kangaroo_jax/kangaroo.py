@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -36,9 +35,8 @@ from flax import nnx, struct
 from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import Adapter, check_draft_ids
 from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptError, cache_size,
-                                   compile_ahead, drain, is_eos, last_hidden, new_tokens,
-                                   on_mesh, pad_prompts, place_batch, prefill, token_capacity,
-                                   UNTIL_DONE)
+                                   drain, is_eos, last_hidden, pad_prompts, place_batch, prefill,
+                                   timed_calls, timing_stats, token_capacity, UNTIL_DONE)
 from kangaroo_jax.lookup import cached_states, init_history, proposal_states, propose, record
 from kangaroo_jax.model import Llama
 from kangaroo_jax.precision import as_computed, cache_dtype
@@ -502,7 +500,12 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
                    eos_ids, eta, limit, *, params: SamplingParams, capacity: int, gamma: int,
                    send_unconfident: bool, tree: Optional[tuple[int, int]] = None,
                    lookup: Optional[tuple[int, int]] = None):
-  """The whole decode in one call: the final state's statistics (`_STATS`), as a dict."""
+  """The whole decode in one program: the final state's statistics (`_STATS`), as a dict.
+
+  Decoding runs it as two calls instead (`_kangaroo_stream_start`, then
+  `_kangaroo_stream_rounds`), so that the prompt pass is timed apart; this one program
+  is what the HLO checks read (tests/test_no_cache_copies.py, scripts/accelerator_check.py).
+  """
   model = nnx.merge(graphdef, state)
   adapter = nnx.merge(agraphdef, astate)
   st = _kangaroo_start(model, adapter, tokens, prompt_lens, rng, eos_ids, limit, params=params,
@@ -560,20 +563,14 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
   Returns:
     DecodeResult with each sequence's tokens and stats: mean accepted tokens per
     verification step (the target's own token counted), rounds, draft steps run, drafts
-    verified (fewer than the steps when unconfident drafts are dropped), tokens/s.
+    verified (fewer than the steps when unconfident drafts are dropped), and timings:
+    tokens/s of the rounds after the first token, the prompt pass apart
+    (`decoding.timing_stats`). The prefill and the rounds are two calls.
   """
-  if on_tokens is not None:
-    return drain(kangaroo_stream(model, adapter, prompts, max_new_tokens=max_new_tokens,
-                                 kparams=kparams, params=params, seed=seed, eos_ids=eos_ids,
-                                 draft_ids=draft_ids, mesh=mesh), on_tokens)
-  args, static = _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed,
-                          eos_ids, draft_ids, mesh)
-  with on_mesh(mesh):
-    compile_seconds = compile_ahead(_kangaroo_loop, *args, **static)
-    start = time.perf_counter()
-    final = jax.block_until_ready(_kangaroo_loop(*args, **static))
-  return _result(jax.device_get(final), len(prompts), time.perf_counter() - start,
-                 compile_seconds)
+  steps = _kangaroo_calls(model, adapter, prompts, max_new_tokens, kparams, params, seed,
+                          eos_ids, draft_ids, mesh,
+                          per_call=None if on_tokens is None else STREAM_STEPS)
+  return drain(steps, on_tokens)
 
 
 def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[int]], *,
@@ -586,29 +583,27 @@ def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
   The generator's return value (StopIteration.value) is the DecodeResult. Closing it
   early stops decoding after the current round. The output equals `kangaroo_decode`'s.
   """
+  return _kangaroo_calls(model, adapter, prompts, max_new_tokens, kparams, params, seed,
+                         eos_ids, draft_ids, mesh, per_call=STREAM_STEPS)
+
+
+def _kangaroo_calls(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos_ids,
+                    draft_ids, mesh, per_call):
+  """Kangaroo as `decoding.timed_calls`: the prefill, then `per_call` rounds a call (None: all)."""
   args, static = _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed,
                           eos_ids, draft_ids, mesh)
   graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, limit = args
-  start = time.perf_counter()  # compile time is subtracted at the end (see `compile_ahead`)
   first = (graphdef, state, agraphdef, astate, tokens, lens, rng, eos, limit)
-  with on_mesh(mesh):
-    compile_seconds = compile_ahead(_kangaroo_stream_start, *first, **static)
-    st = _kangaroo_stream_start(*first, **static)
-  shown, rounds_compiled = np.zeros((len(prompts),), np.int32), False
-  while True:
+
+  def read(st):
     host = jax.device_get({k: getattr(st, k) for k in _STATS + ("done",)})
-    yield new_tokens(host["out"], host["count"], shown)
-    shown = host["count"]
-    if host["done"].all():
-      return _result(host, len(prompts), time.perf_counter() - start - compile_seconds,
-                     compile_seconds)
-    rounds = (graphdef, state, agraphdef, astate, draft_ids, st, eos, eta,
-              jnp.int32(host["total_rounds"] + STREAM_STEPS))
-    with on_mesh(mesh):
-      if not rounds_compiled:  # after the first token is out, so that it does not wait for this
-        compile_seconds += compile_ahead(_kangaroo_stream_rounds, *rounds, **static)
-        rounds_compiled = True
-      st = _kangaroo_stream_rounds(*rounds, **static)
+    return dict(host, progress=host["total_rounds"])
+
+  host, timing = yield from timed_calls(
+      mesh, _kangaroo_stream_start, first, static, _kangaroo_stream_rounds,
+      lambda st, until: (graphdef, state, agraphdef, astate, draft_ids, st, eos, eta, until),
+      static, read, per_call)
+  return _result(host, len(prompts), timing)
 
 
 def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos_ids, draft_ids,
@@ -646,22 +641,22 @@ def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos
 _STATS = ("out", "count", "rounds", "drafts", "drafts_verified", "lookup_rounds", "total_rounds")
 
 
-def _result(host: dict, n: int, seconds: float, compile_seconds: float) -> DecodeResult:
+def _result(host: dict, n: int, timing: dict) -> DecodeResult:
   """The DecodeResult of a finished loop state read back to the host.
 
-  `seconds` is the decoding time; `compile_seconds`, spent compiling before it, is kept apart.
+  `timing` (`decoding.timed_calls`): the prefill, the decoding after it and compiling,
+  each apart (`decoding.timing_stats`).
   """
   out, counts = host["out"], host["count"]
   rounds, drafts, sent, looked_up = (int(host[k].sum()) for k in (
       "rounds", "drafts", "drafts_verified", "lookup_rounds"))
   seqs = [out[i, :counts[i]].tolist() for i in range(n)]
-  new = int(counts.sum())
   # The first token comes from the prefill, not from a verification step.
   verified = int((counts - 1).sum())
-  return DecodeResult(seqs, seconds, {
-      "new_tokens": new, "seconds": seconds, "tokens_per_second": new / seconds,
-      "compile_seconds": compile_seconds, "rounds": rounds, "steps": int(host["total_rounds"]), "draft_steps": drafts,
-      "drafts_verified": sent, "lookup_rounds": looked_up,
-      "mean_accepted_tokens": verified / max(1, rounds),
-      "drafts_per_round": drafts / max(1, rounds),
-      "verified_drafts_per_round": sent / max(1, rounds)})
+  stats = timing_stats(int(counts.sum()), n, **timing)
+  return DecodeResult(seqs, stats["seconds"], dict(
+      stats, rounds=rounds, steps=int(host["total_rounds"]), draft_steps=drafts,
+      drafts_verified=sent, lookup_rounds=looked_up,
+      mean_accepted_tokens=verified / max(1, rounds),
+      drafts_per_round=drafts / max(1, rounds),
+      verified_drafts_per_round=sent / max(1, rounds)))

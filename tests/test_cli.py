@@ -324,6 +324,26 @@ def test_end_to_end_compare_json():
   assert out["plain_stats"]["mean_accepted_tokens"] == 1.0
 
 
+def test_compare_speedup_is_the_decoding_after_the_prompt_pass(cli, capsys, tiny, cpu_tuned):
+  """A long prompt (200 of the model's 256 positions): the speedup and tokens/s count the
+  tokens after the first over their time; the prompt pass is reported apart (JSON:
+  prefill_seconds) and the whole request has its own ratio (request_speedup)."""
+  prompt = " ".join(WORDS[i % len(WORDS)] for i in range(200))
+  flags = ("--model", tiny, "--no-chat", "--max-new-tokens", "12", "--untrained-adapter")
+  proc = run_main(cli, capsys, "--prompt", prompt, *flags, "--compare", "--json")
+  assert proc.returncode == 0, proc.stderr
+  out = json.loads(proc.stdout)
+  k, p = out["stats"], out["plain_stats"]
+  for s in (k, p):
+    assert s["decoded_tokens"] == s["new_tokens"] - 1
+    assert s["tokens_per_second"] == pytest.approx(s["decoded_tokens"] / s["seconds"])
+    assert s["total_seconds"] == pytest.approx(s["prefill_seconds"] + s["seconds"])
+  assert out["speedup"] == pytest.approx(p["seconds"] / k["seconds"])  # same tokens
+  assert out["request_speedup"] == pytest.approx(p["total_seconds"] / k["total_seconds"])
+  text = run_main(cli, capsys, "--prompt", prompt, *flags, "--compare").stderr
+  assert "tokens/s after the first token; the whole request, prompt pass included: " in text
+
+
 def test_generate_uses_the_tuned_settings_unless_overridden(tiny, monkeypatch, tmp_path):
   from kangaroo_jax import api, tuning
   from kangaroo_jax.kangaroo import KangarooParams
@@ -429,7 +449,8 @@ def test_stats_keep_compilation_apart_and_say_when_the_budget_ended_the_answer(c
   proc = run_main(cli, capsys, *args)
   assert proc.returncode == 0, proc.stderr
   stats = proc.stderr.splitlines()
-  assert "s compiling, not counted" in stats[1] and "tokens/s" in stats[1], proc.stderr
+  assert "tokens/s (4 after the first in " in stats[1], proc.stderr
+  assert "; apart: prompt pass " in stats[1] and " s, compiling " in stats[1], proc.stderr
   assert proc.stderr.count("time to first token") == 1 and "since the command started" in stats[-1]
   assert "first token after" not in proc.stderr
   assert stats[0].startswith("note: the answer stopped at --max-new-tokens 5"), proc.stderr
@@ -437,7 +458,7 @@ def test_stats_keep_compilation_apart_and_say_when_the_budget_ended_the_answer(c
   assert out["stopped_at_max_new_tokens"] is True and len(out["token_ids"]) == 5
   s = out["stats"]
   assert s["compile_seconds"] < 1 < s["time_to_first_token_seconds"]  # compiled already
-  assert s["tokens_per_second"] == pytest.approx(s["new_tokens"] / s["seconds"])
+  assert s["tokens_per_second"] == pytest.approx((s["new_tokens"] - 1) / s["seconds"])
 
 
 # ---- prompt sources, chat, clean exits ----

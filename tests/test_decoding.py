@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from hf_tiny import make_hf_model
+from kangaroo_jax import decoding
 from kangaroo_jax import model as M
-from kangaroo_jax.decoding import PromptError, _plain_loop, bucket, plain_decode
+from kangaroo_jax.decoding import PromptError, bucket, plain_decode
 from kangaroo_jax.sampling import SamplingError, SamplingParams
 
 EOS = 1
@@ -51,12 +52,17 @@ def test_stops_at_eos_and_max_new_tokens(tiny):
   assert stopped == free[:free.index(eos) + 1]
 
 
+def _compiled_plain() -> tuple[int, int]:
+  """How many programs plain decoding has compiled: (prefill, loop)."""
+  return decoding._plain_stream_start._cache_size(), decoding._plain_stream_run._cache_size()
+
+
 def test_same_bucket_does_not_recompile(tiny):
   plain_decode(tiny, _prompts([5]), max_new_tokens=8)
-  before = _plain_loop._cache_size()
+  before = _compiled_plain()
   plain_decode(tiny, _prompts([7], seed=1), max_new_tokens=8)
   plain_decode(tiny, _prompts([30], seed=2), max_new_tokens=8)  # same bucket of 32
-  assert _plain_loop._cache_size() == before
+  assert _compiled_plain() == before
   assert bucket(5) == bucket(30) == 32 and bucket(33) == 64
 
 
@@ -66,12 +72,12 @@ def test_budgets_that_fit_one_cache_share_one_compiled_loop(tiny):
   from kangaroo_jax.decoding import token_capacity
   assert token_capacity(32, 3) == token_capacity(32, 90) == 96 and token_capacity(32, 97) == 224
   long = plain_decode(tiny, _prompts([5]), max_new_tokens=90).tokens[0]
-  before = _plain_loop._cache_size()
+  before = _compiled_plain()
   for n in (3, 17, 64):
     assert plain_decode(tiny, _prompts([5]), max_new_tokens=n).tokens[0] == long[:n]
-  assert _plain_loop._cache_size() == before
+  assert _compiled_plain() == before
   plain_decode(tiny, _prompts([5]), max_new_tokens=97)
-  assert _plain_loop._cache_size() == before + 1
+  assert _compiled_plain() == tuple(n + 1 for n in before)
 
 
 def test_sampling_is_seeded_and_respects_top_k(tiny):
@@ -174,8 +180,8 @@ def test_no_cache_copy_per_step(tiny):
   agraphdef, astate = nnx.split(init_adapter(tiny.cfg, 1))
   tokens, lens, eos = jnp.zeros((1, 32), jnp.int32), jnp.asarray([5]), jnp.asarray([EOS])
   cfg = tiny.cfg
-  plain = _plain_loop.lower(graphdef, state, tokens, lens, jax.random.key(0), eos, jnp.int32(64),
-                            params=SamplingParams(), capacity=64)
+  plain = decoding._plain_loop.lower(graphdef, state, tokens, lens, jax.random.key(0), eos,
+                                     jnp.int32(64), params=SamplingParams(), capacity=64)
   # Fixed-width steps (off a CPU) reach step_width - 1 slots further.
   dims = f"1,{cache_size(32, 64, tiny.step_width - 1)},{cfg.num_kv_heads},{cfg.head_dim}"
   text = plain.compile().as_text()

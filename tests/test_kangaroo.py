@@ -33,6 +33,13 @@ def _scale(var, factor):
   var.set_value(var[...] * factor)
 
 
+def _clear_compiled():
+  """Forgets the compiled Kangaroo programs, so a monkeypatched piece is traced anew."""
+  for jitted in (kangaroo._kangaroo_loop, kangaroo._kangaroo_stream_start,
+                 kangaroo._kangaroo_stream_rounds):
+    jitted.clear_cache()
+
+
 def _easy_draft_model(num_layers=4, exit_layer=2, seed=0):
   """Deep layers that leave the state unchanged, so drafts are often all accepted; the
   adapter's (small) attention still moves its logits, so a wrong adapter cache shows."""
@@ -169,13 +176,13 @@ def test_reference_check_catches_a_broken_adapter_cache(monkeypatch):
   def broken(model, adapter, draft_head, draft_ids, st, eta, **kw):
     return draft(model, adapter, draft_head, draft_ids, st.replace(h_prev=0 * st.h_prev), eta, **kw)
 
-  kangaroo._kangaroo_loop.clear_cache()
+  _clear_compiled()
   monkeypatch.setattr(kangaroo, "_draft", broken)
   try:
     with pytest.raises(AssertionError):
       _check_against_reference(3)
   finally:
-    kangaroo._kangaroo_loop.clear_cache()
+    _clear_compiled()
 
 
 def test_eos_and_token_limit_inside_a_round():
@@ -321,12 +328,12 @@ def test_a_wrong_acceptance_rule_fails_the_bound(monkeypatch):
   test must then fail, so the bound is tight enough to mean something."""
   model, adapter = _peaky_tiny_model()
   params = SamplingParams(temperature=1.0)
-  kangaroo._kangaroo_loop.clear_cache()
+  _clear_compiled()
   monkeypatch.setattr(kangaroo.jax.random, "uniform", lambda key, shape: jnp.zeros(shape))
   try:
     tv = _empirical_tv(model, adapter, [1, 4, 2], params, KangarooParams(1e-6, 2), N_SAMPLES)
   finally:
-    kangaroo._kangaroo_loop.clear_cache()
+    _clear_compiled()
   assert tv > 2 * TV_BOUND
 
 

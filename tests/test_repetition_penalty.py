@@ -96,13 +96,13 @@ def test_a_penalty_ignoring_the_drafts_in_the_block_is_caught(monkeypatch):
   params = SamplingParams(repetition_penalty=3.0)
   prompts = tk._prompts([5, 12, 3])
   plain = plain_decode(model, prompts, max_new_tokens=30, eos_ids=[EOS], params=params).tokens
-  kangaroo._kangaroo_loop.clear_cache()
+  tk._clear_compiled()
   monkeypatch.setattr(kangaroo, "_block_seen", lambda seen, Y, params: seen[:, None])
   try:
     out = kangaroo_decode(model, adapter, prompts, max_new_tokens=30, eos_ids=[EOS],
                           params=params, kparams=KangarooParams(1e-6, 4))
   finally:
-    kangaroo._kangaroo_loop.clear_cache()
+    tk._clear_compiled()
   assert out.tokens != plain
 
 

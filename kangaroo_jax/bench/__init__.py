@@ -10,8 +10,11 @@
 Protocol (Spec-Bench): greedy, batch 1, a fixed `--max-new-tokens`, every turn of a
 question timed whole (MT-bench second turns see the first answer of plain decoding, the
 same text for every method). Each method is warmed up before its first timed prompt of
-each compiled shape, so compilation is never timed. Speed = new tokens / wall time per
-category and overall; speedup = speed / plain decoding's speed in the same run. Methods
+each compiled shape, so compilation is never timed. Two speeds per category and overall:
+the decoding (the tokens after each answer's first, over the wall time less the prompt
+pass that gave the first: it grows with the prompt and is the same work in every
+method) and the whole request (all new tokens over the wall time, Spec-Bench's own);
+speedup = speed / plain decoding's speed in the same run, for each. Methods
 run prompt by prompt, interleaved, so a change in machine load hits all of them alike.
 
 Methods:

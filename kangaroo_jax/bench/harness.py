@@ -36,6 +36,7 @@ class Record:
   same_tokens: Optional[bool] = None
   mismatch: Optional[str] = None
   drafts_verified: Optional[int] = None
+  first_token_seconds: float = 0.0  # the prompt pass; `seconds` is the whole request
 
 
 def map_count_warning(methods: int, path: str = "/proc/sys/vm/max_map_count",
@@ -124,7 +125,8 @@ def run_questions(questions: Sequence[Question], methods: Sequence[Method], toke
         texts[m.name], token_lists[m.name] = text, out.tokens
         rec = Record(q.question_id, q.category, turn, m.name, len(ids), len(out.tokens), seconds,
                      out.verified, out.steps, out.draft_steps,
-                     drafts_verified=out.drafts_verified)
+                     drafts_verified=out.drafts_verified,
+                     first_token_seconds=out.first_token_seconds)
         ref = m.reference if m.reference in texts else "plain"
         if m.name != "plain":
           rec.identical = text == texts[ref]
@@ -148,11 +150,22 @@ def run_questions(questions: Sequence[Question], methods: Sequence[Method], toke
 
 
 def _summary(rs: Sequence[Record]) -> dict:
+  """One method's totals over records `rs`.
+
+  tokens_per_second is the decoding: the tokens after each answer's first over the
+  request time less the prompt pass that gave it (which grows with the prompt and is the
+  same work in every method); request_tokens_per_second times the whole request, all
+  new tokens over it (Spec-Bench's convention).
+  """
   tokens, seconds = sum(r.new_tokens for r in rs), sum(r.seconds for r in rs)
+  first = sum(r.first_token_seconds for r in rs)
+  decoded = tokens - sum(1 for r in rs if r.new_tokens)
   steps = sum(r.steps for r in rs)
   judged = [r for r in rs if r.identical is not None]
   return dict(prompts=len(rs), new_tokens=tokens, seconds=seconds,
-              tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+              first_token_seconds=first, decoding_seconds=seconds - first,
+              tokens_per_second=decoded / (seconds - first) if seconds > first else 0.0,
+              request_tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
               mean_accepted_tokens=sum(r.verified for r in rs) / steps if steps else None,
               drafts_per_round=sum(r.draft_steps for r in rs) / steps if steps else None,
               verified_drafts_per_round=(
@@ -166,8 +179,9 @@ def aggregate(records: Sequence[Record], methods: Sequence[str]) -> dict:
   """Per category and overall: tokens/s, speedup vs plain, acceptance, lossless rate.
 
   Returns {"categories": {category: {method: summary}}, "overall": {method: summary}};
-  each summary has prompts, new_tokens, seconds, tokens_per_second, speedup,
-  mean_accepted_tokens, drafts_per_round, identical (count), lossless (fraction).
+  each summary has prompts, new_tokens, seconds, tokens_per_second (the decoding after
+  each first token), speedup, request_tokens_per_second and request_speedup (whole
+  requests), mean_accepted_tokens, drafts_per_round, identical (count), lossless (fraction).
   """
   cats = list(dict.fromkeys(r.category for r in records))
 
@@ -175,8 +189,10 @@ def aggregate(records: Sequence[Record], methods: Sequence[str]) -> dict:
     out = {m: _summary([r for r in rs if r.method == m]) for m in methods}
     out = {m: s for m, s in out.items() if s["prompts"]}
     base = out.get("plain", {}).get("tokens_per_second")
+    request = out.get("plain", {}).get("request_tokens_per_second")
     for s in out.values():
       s["speedup"] = s["tokens_per_second"] / base if base else None
+      s["request_speedup"] = s["request_tokens_per_second"] / request if request else None
     return out
 
   return {"categories": {c: block([r for r in records if r.category == c]) for c in cats},

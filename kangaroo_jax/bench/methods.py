@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Callable, Hashable, Optional, Sequence
 
 from kangaroo_jax.cli import one_line
@@ -32,12 +33,15 @@ class Output:
   `verified` tokens came out of `steps` target forward passes (Spec-Bench's mean accepted
   tokens per step = verified / steps); `draft_steps` drafting passes were spent on them,
   and `drafts_verified` of their drafts were sent to verification (Kangaroo only).
+  `first_token_seconds`: the prompt pass that gave the first token (the harness times the
+  rest of the request as decoding).
   """
   tokens: list[int]
   verified: int
   steps: int
   draft_steps: int = 0
   drafts_verified: Optional[int] = None
+  first_token_seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -59,9 +63,11 @@ def jax_plain(model, eos: Sequence[int], max_new_tokens: int) -> Method:
   from kangaroo_jax.decoding import bucket, plain_decode
 
   def run(ids):
-    tokens = plain_decode(model, [ids], max_new_tokens=max_new_tokens, eos_ids=eos).tokens[0]
+    r = plain_decode(model, [ids], max_new_tokens=max_new_tokens, eos_ids=eos)
+    tokens = r.tokens[0]
     # The first token comes from the prefill, as in Kangaroo's count.
-    return Output(tokens, len(tokens) - 1, len(tokens) - 1)
+    return Output(tokens, len(tokens) - 1, len(tokens) - 1,
+                  first_token_seconds=r.stats["prefill_seconds"])
 
   return Method("plain", DESCRIPTIONS["plain"], "plain", run,
                 lambda ids: ("plain", bucket(len(ids))))
@@ -98,7 +104,7 @@ def jax_kangaroo(model, adapter, draft_ids, eos: Sequence[int], max_new_tokens: 
                         eos_ids=eos, draft_ids=draft_ids)
     tokens = r.tokens[0]
     return Output(tokens, len(tokens) - 1, r.stats["rounds"], r.stats["draft_steps"],
-                  r.stats["drafts_verified"])
+                  r.stats["drafts_verified"], r.stats["prefill_seconds"])
 
   # eta is a traced argument: settings that differ only in eta share compiled code.
   return Method(name, DESCRIPTIONS["kangaroo"], "plain", run,
@@ -136,15 +142,25 @@ def hf_method(name: str, hf_model, eos: Sequence[int], pad_id: int, max_new_toke
   base = getattr(hf_model, hf_model.base_model_prefix)
   layers = base.config.num_hidden_layers
   counts = {"target": 0, "draft": 0}
+  first = {}  # when the first target pass (the prompt's) started and ended
 
   def count(module, args, kwargs):
     # Early exit lowers num_hidden_layers while drafting (EarlyExitCandidateGenerator).
-    counts["draft" if base.config.num_hidden_layers < layers else "target"] += 1
+    target = base.config.num_hidden_layers >= layers
+    counts["target" if target else "draft"] += 1
+    if target and counts["target"] == 1:
+      first["start"] = time.perf_counter()
+
+  def passed(module, args, output):
+    if counts["target"] == 1 and "end" not in first:
+      first["end"] = time.perf_counter()
 
   hf_model.register_forward_pre_hook(count, with_kwargs=True)
+  hf_model.register_forward_hook(passed)
 
   def run(ids):
     counts.update(target=0, draft=0)
+    first.clear()
     x = torch.tensor([ids])
     with torch.inference_mode():
       out = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
@@ -152,7 +168,8 @@ def hf_method(name: str, hf_model, eos: Sequence[int], pad_id: int, max_new_toke
                               **generate_kwargs)
     tokens = out[0, len(ids):].tolist()
     # Every target pass, the first included, yields its own token plus accepted drafts.
-    return Output(tokens, len(tokens), max(1, counts["target"]), counts["draft"])
+    return Output(tokens, len(tokens), max(1, counts["target"]), counts["draft"],
+                  first_token_seconds=first.get("end", 0.0) - first.get("start", 0.0))
 
   return Method(name, DESCRIPTIONS[name], REFERENCE[name], run, lambda ids: name,
                 dict(generate_kwargs))

@@ -38,13 +38,19 @@ def markdown(results: dict, chart: Optional[str] = None) -> str:
     lines.append(f"- **{name} skipped**: {reason}")
   if results.get("skipped"):
     lines.append("")
-  lines += ["Speedup over plain decoding (tokens/s in brackets):", "",
-            "| category | " + " | ".join(methods) + " |",
-            "| --- |" + " --- |" * len(methods)]
+  lines += ["Speedup over plain decoding (tokens/s in brackets) of the decoding after each "
+            "answer's first token, the prompt pass apart; then of the whole request, prompt "
+            "pass included (Spec-Bench's convention):", "",
+            "| category | " + " | ".join(methods) + " | " + " | ".join(
+                f"{m} (request)" for m in methods) + " |",
+            "| --- |" + " --- |" * 2 * len(methods)]
   for c in cats:
     row = table(c)
     cells = [f"{_fmt(row[m]['speedup'])}x ({_fmt(row[m]['tokens_per_second'], '.1f')})"
              if m in row else "–" for m in methods]
+    cells += [f"{_fmt(row[m].get('request_speedup'))}x "
+              f"({_fmt(row[m].get('request_tokens_per_second'), '.1f')})"
+              if m in row else "–" for m in methods]
     lines.append(f"| {'**overall**' if c == 'overall' else c} | " + " | ".join(cells) + " |")
   if "hf" in overall:  # issue 2: the two plain greedy decoders side by side
     p, h = overall["plain"]["tokens_per_second"], overall["hf"]["tokens_per_second"]
