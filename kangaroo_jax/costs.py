@@ -242,6 +242,40 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
       device=str(jax.devices()[0].device_kind))}
 
 
+# Piece costs measured before (plain steps), to explain a run without measuring anew: this
+# 2-core CPU with the embedded 135M model (BENCHMARKS.md, "Where the time goes") and a 7B
+# model on an NVIDIA H200, float32 activations, 128-token context (ACCELERATOR.md).
+MEASURED = {
+    "cpu": dict(shallow=0.049, draft=0.101,
+                verify={1: 0.839, 2: 1.359, 3: 1.768, 4: 1.711, 5: 1.853}),
+    "h200": dict(shallow=0.078, draft=0.091,
+                 verify={1: 1.11, 2: 0.94, 3: 0.96, 5: 0.97, 8: 0.98}),
+}
+
+
+def explain_ratio(stats: dict, speedup: float, backend: str) -> str:
+  """One line: why Kangaroo ran at `speedup` x plain here (tokens per verification step
+  against what drafting and verifying that many positions cost on this backend) and a
+  labelled projection of the same acceptance from the H200's measured costs.
+
+  `stats`: a Kangaroo decode's (mean_accepted_tokens, drafts_per_round,
+  verified_drafts_per_round). The round model is `project_speedup`'s.
+  """
+  tau, k = stats["mean_accepted_tokens"], stats["drafts_per_round"]
+  block = stats["verified_drafts_per_round"] + 1  # the drafts sent plus the pending token
+  line = f"why {speedup:.2f}x: {tau:.2f} tokens per verification step"
+  if backend == "cpu":
+    rel = MEASURED["cpu"]
+    line += (f", but on this CPU verifying {block:.1f} positions costs "
+             f"{verify_cost(rel, block):.2f} plain steps and {k:.2f} draft steps "
+             f"{k * rel['draft']:.2f}: a round {round_cost(rel, k, block):.2f} plain steps "
+             f"(costs measured for the embedded 135M model, BENCHMARKS.md), "
+             f"{project_speedup(rel, tau, k, block):.2f}x "
+             "predicted")
+  return (line + "; projection, same acceptance on an H200 (its measured costs for a 7B "
+          f"model, ACCELERATOR.md): {project_speedup(MEASURED['h200'], tau, k, block):.2f}x")
+
+
 def verify_cost(relative: dict, block: float) -> float:
   """verify[T] at any block size: linear between the nearest measured sizes, clamped to
   the smallest and largest measured."""
