@@ -420,6 +420,10 @@ def report(args, out: dict) -> None:
   if "time_to_first_token_seconds" in out["stats"]:
     lines[-1] += (f", time to first token {out['stats']['time_to_first_token_seconds']:.1f} s "
                   "since the command started")
+  if args.compare:  # last: what the ratio means on this machine, and on an accelerator
+    import jax
+    from kangaroo_jax import costs
+    lines.append(costs.explain_ratio(out["stats"], out["speedup"], jax.default_backend()))
   print("\n".join(lines), file=sys.stderr)
 
 
@@ -444,6 +448,25 @@ def fit_conversation(api, tokenizer, history: list, reserve: int, positions: int
   return history
 
 
+NEXT_MESSAGE = 64  # tokens a chat's prompt bucket leaves for the user's next message
+
+
+def chat_bucket(current: int, prompt: int, reserve: int, positions: int) -> int:
+  """The padded prompt length of a chat message: the conversation's bucket while the
+  prompt fits it, else one with room for this answer and the next message too.
+
+  Every bucket is a new shape: its prompt pass and round loop compile (or load from the
+  compilation cache) once. With power-of-two buckets from 32 a conversation crossed one
+  nearly every message (38 tokens: 64; with a 100-token answer and the next question:
+  128, then 256...); a bucket that holds the next exchange too makes a later message
+  compile only every few exchanges, for a longer prompt pass (all of the bucket's rows).
+  """
+  from kangaroo_jax.decoding import bucket
+  if bucket(prompt) <= current:
+    return current
+  return min(bucket(prompt + reserve + NEXT_MESSAGE), bucket(positions))
+
+
 def chat(api, args) -> None:
   """The interactive loop: one user message per stdin line, answers streamed to stdout."""
   settings = drafting(args)
@@ -461,6 +484,7 @@ def chat(api, args) -> None:
         + memory(api, model, adapter, args, settings, longest).summary(), file=sys.stderr)
   history: list = []
   eos = api.eos_ids(model, tokenizer)
+  shape = 0  # the conversation's prompt bucket (`chat_bucket`)
   while True:
     if interactive:
       print("> ", end="", file=sys.stderr, flush=True)
@@ -483,8 +507,11 @@ def chat(api, args) -> None:
       continue
     history = fit_conversation(api, tokenizer, history + [{"role": "user", "content": text}],
                                reserve, model.cfg.max_position_embeddings, args.chat_template)
+    prompt = len(api.encode_prompt(tokenizer, history, True, args.chat_template))
+    shape = chat_bucket(shape, prompt, reserve, model.cfg.max_position_embeddings)
     try:
-      gen, stats = run_stream(api, model, tokenizer, history, kwargs, show=True, since=read_at)
+      gen, stats = run_stream(api, model, tokenizer, history, dict(kwargs, min_bucket=shape),
+                              show=True, since=read_at)
     except ValueError as e:  # e.g. one message too long for the model: report, keep chatting
       history = history[:-1]
       print(f"error: {cli.one_line(e)}", file=sys.stderr)

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from kangaroo_jax import chat_templates, compile_cache, loading, memory, sharding, tuning, weights
 from kangaroo_jax.adapter import Adapter, init_adapter, load_adapter
 from kangaroo_jax.authors_adapter import NO_ADAPTER
-from kangaroo_jax.decoding import PromptError, plain_decode, plain_stream
+from kangaroo_jax.decoding import MIN_BUCKET, PromptError, plain_decode, plain_stream
 from kangaroo_jax.kangaroo import KangarooParams, kangaroo_decode, kangaroo_stream
 from kangaroo_jax.model import Llama
 from kangaroo_jax.precision import activation_dtype, cache_dtype, default_dtypes
@@ -259,7 +259,8 @@ def eos_ids(model: Llama, tokenizer) -> list[int]:
 
 def _decoder(model, tokenizer, prompts, *, mode, adapter, draft_ids, draft_vocab, max_new_tokens,
              temperature, top_k, top_p, repetition_penalty, seed, eta, gamma, chat, chat_template,
-             send_unconfident=None, tree_nodes=None, tree_topk=None, lookup=None):
+             send_unconfident=None, tree_nodes=None, tree_topk=None, lookup=None,
+             min_bucket=MIN_BUCKET):
   """Encodes the prompts and picks the decoder: returns (prompt ids, run).
 
   `run(stream=False)` decodes to a DecodeResult; `run(stream=True)` returns a generator
@@ -269,7 +270,7 @@ def _decoder(model, tokenizer, prompts, *, mode, adapter, draft_ids, draft_vocab
     prompts = [prompts]
   ids = [encode_prompt(tokenizer, p, chat, chat_template) for p in prompts]
   common = dict(max_new_tokens=max_new_tokens, seed=seed, eos_ids=eos_ids(model, tokenizer),
-                mesh=sharding.mesh_of(model),
+                mesh=sharding.mesh_of(model), min_bucket=min_bucket,
                 params=SamplingParams(temperature, top_k, top_p, repetition_penalty))
   if mode == "plain":
     return ids, lambda stream=False: (plain_stream if stream else plain_decode)(model, ids,
@@ -297,7 +298,8 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
              eta: Optional[float] = None, gamma: Optional[int] = None,
              send_unconfident: Optional[bool] = None, tree_nodes: Optional[int] = None,
              tree_topk: Optional[int] = None, lookup: Optional[int] = None,
-             chat: bool = True, chat_template: Optional[str] = None) -> Generation:
+             chat: bool = True, chat_template: Optional[str] = None,
+             min_bucket: int = MIN_BUCKET) -> Generation:
   """Generates text for one prompt or a batch.
 
   Args:
@@ -327,6 +329,9 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
     chat_template: "vicuna" (Vicuna v1.1, as the paper's adapters were trained), "chatml",
       a Jinja file or template text; None = the tokenizer's own, else Vicuna's for a
       checkpoint whose folder names Vicuna, else an error naming this argument.
+    min_bucket: pad prompts to at least this many tokens (a power of two). Each padded
+      length (bucket) is a shape the loops compile once; a conversation that grows
+      compiles again at each new bucket unless it started in a large enough one.
   Returns:
     A `Generation`: `.text` for one prompt; iterate it for one result per prompt of a
     batch. Stats: mean_accepted_tokens, rounds, draft_steps, tokens_per_second, ...
@@ -337,7 +342,7 @@ def generate(model: Llama, tokenizer, prompts: Union[PromptLike, Sequence[Prompt
       repetition_penalty=repetition_penalty, seed=seed, eta=eta, gamma=gamma, chat=chat,
       chat_template=chat_template,
       send_unconfident=send_unconfident, tree_nodes=tree_nodes, tree_topk=tree_topk,
-      lookup=lookup)))
+      lookup=lookup, min_bucket=min_bucket)))
   result = run()
   texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
   return Generation(texts, result.tokens, ids, result.stats)
@@ -375,7 +380,7 @@ def _defaults(kwargs: dict) -> dict:
   out = dict(mode="kangaroo", adapter=None, draft_ids=None, draft_vocab=None, max_new_tokens=256,
              temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0, eta=None,
              gamma=None, send_unconfident=None, tree_nodes=None, tree_topk=None, lookup=None,
-             chat=True, chat_template=None)
+             chat=True, chat_template=None, min_bucket=MIN_BUCKET)
   unknown = set(kwargs) - set(out)
   if unknown:
     raise TypeError(f"unknown arguments: {', '.join(sorted(unknown))}")

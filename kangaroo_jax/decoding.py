@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
+import threading
 import time
 from typing import Callable, Optional, Sequence
 
@@ -67,11 +69,13 @@ def place_batch(mesh, *arrays):
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], max_positions: int,
-                max_new_tokens: int, extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                max_new_tokens: int, extra: int = 0,
+                min_bucket: int = MIN_BUCKET) -> tuple[np.ndarray, np.ndarray]:
   """Right-pads token lists into [B, bucket] int32 plus lengths [B]; checks the sizes.
 
   The longest prompt, `max_new_tokens` and `extra` positions (a Kangaroo round's block)
-  must fit the model's `max_positions`.
+  must fit the model's `max_positions`. The bucket is at least `min_bucket` (a chat asks
+  for room to grow: every new bucket is a new shape, compiled anew).
   """
   if not prompts:
     raise PromptError("no prompts given")
@@ -80,7 +84,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], max_positions: int,
     raise PromptError("empty prompt: it must hold at least one token")
   if max(lens) + max_new_tokens + extra > max_positions:
     raise PromptError(_too_long(max(lens), max_new_tokens, extra, max_positions))
-  width = bucket(max(lens))
+  width = bucket(max(lens), min_bucket)
   tokens = np.full((len(prompts), width), PAD_ID, np.int32)
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p
@@ -157,6 +161,41 @@ def compile_ahead(jitted: Callable, *args, **kwargs) -> float:
   return time.perf_counter() - start
 
 
+NOTE_AFTER = 1.0  # seconds a compile runs before `compile_noted` says so on stderr
+
+
+def compile_noted(what: str, jitted: Callable, *args, **kwargs) -> float:
+  """`compile_ahead`, with one stderr line when it takes over NOTE_AFTER seconds:
+  "compiling WHAT ..." as it starts to show, then the seconds it took on the same line.
+
+  A compile on new shapes takes seconds to a minute on a CPU, and nothing else would
+  say why the answer stalls; a program already compiled (or quickly loaded from the
+  persistent cache) says nothing.
+  """
+  lock, state = threading.Lock(), {"done": False, "shown": False}
+
+  def note():
+    with lock:
+      if not state["done"]:
+        sys.stderr.write(f"compiling {what} ...")
+        sys.stderr.flush()
+        state["shown"] = True
+
+  timer = threading.Timer(NOTE_AFTER, note)
+  timer.daemon = True
+  timer.start()
+  try:
+    seconds = compile_ahead(jitted, *args, **kwargs)
+  finally:
+    timer.cancel()
+    with lock:
+      state["done"] = True
+  if state["shown"]:
+    sys.stderr.write(f" {seconds:.1f} s\n")
+    sys.stderr.flush()
+  return seconds
+
+
 # ---- streaming: the host steps the loop and reads new tokens between calls ----
 # A loop that called back into Python (jax.debug.callback) could not be stored in JAX's
 # persistent compilation cache, and its callbacks ran on an XLA thread that aborted the
@@ -186,10 +225,12 @@ def drain(steps, on_tokens: Optional[Callable]):
 
 
 def timed_calls(mesh, start: Callable, start_args: tuple, start_static: dict, run: Callable,
-                run_args: Callable, run_static: dict, read: Callable, per_call: Optional[int]):
+                run_args: Callable, run_static: dict, read: Callable, per_call: Optional[int],
+                name: str):
   """Runs a decode as a prefill call and loop calls, timed the way the stats report it.
 
   Args:
+    name: what the compile notes call the decode (`compile_noted`), e.g. "Kangaroo".
     start: the jitted prefill, `start(*start_args, **start_static)` -> loop state.
     run: the jitted loop, `run(*run_args(state, until), **run_static)` -> loop state, stopping
       at step (or round) `until`, at the token budget, or when every sequence is done.
@@ -201,7 +242,7 @@ def timed_calls(mesh, start: Callable, start_args: tuple, start_static: dict, ru
   program once, the loop's after the first token is out) is timed apart from both.
   """
   with on_mesh(mesh):
-    compile_seconds = compile_ahead(start, *start_args, **start_static)
+    compile_seconds = compile_noted(f"{name}'s prompt pass", start, *start_args, **start_static)
     began = time.perf_counter()
     st = start(*start_args, **start_static)
   host = read(st)  # reading the first token back waits for the prompt pass
@@ -219,7 +260,7 @@ def timed_calls(mesh, start: Callable, start_args: tuple, start_static: dict, ru
     args = run_args(st, jnp.int32(until))
     with on_mesh(mesh):
       if not run_compiled:
-        compile_seconds += compile_ahead(run, *args, **run_static)
+        compile_seconds += compile_noted(f"{name}'s loop", run, *args, **run_static)
         run_compiled = True
       st = run(*args, **run_static)
     host = read(st)
@@ -380,7 +421,7 @@ def _check_budget(max_new_tokens: int) -> None:
 def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                  params: SamplingParams = SamplingParams(), seed: int = 0,
                  eos_ids: Sequence[int] = (), on_tokens: Optional[Callable] = None,
-                 mesh=None) -> DecodeResult:
+                 mesh=None, min_bucket: int = MIN_BUCKET) -> DecodeResult:
   """Decodes token prompts with the target model alone.
 
   Args:
@@ -393,31 +434,34 @@ def plain_decode(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_toke
     on_tokens: optional streaming sink `fn(tokens [B, C], counts [B])`, called in this
       thread after each step (see `plain_stream`).
     mesh: optional ('data', 'model') mesh; shard the model with `shard_module` first.
+    min_bucket: the smallest padded prompt length (`bucket`; a power of two).
   Returns:
     DecodeResult with each sequence's new tokens (EOS included) and timings: the prompt
     pass, then the loop to its end in one call (`timing_stats`).
   """
   steps = _plain_calls(model, prompts, max_new_tokens, params, seed, eos_ids, mesh,
-                       per_call=None if on_tokens is None else STREAM_STEPS)
+                       None if on_tokens is None else STREAM_STEPS, min_bucket)
   return drain(steps, on_tokens)
 
 
 def plain_stream(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                  params: SamplingParams = SamplingParams(), seed: int = 0,
-                 eos_ids: Sequence[int] = (), mesh=None):
+                 eos_ids: Sequence[int] = (), mesh=None, min_bucket: int = MIN_BUCKET):
   """Like `plain_decode`, as a generator: yields (tokens [B, C], counts [B]) per step.
 
   The generator's return value (StopIteration.value) is the DecodeResult. Closing it
   early stops decoding after the current step. The output equals `plain_decode`'s.
   """
   return _plain_calls(model, prompts, max_new_tokens, params, seed, eos_ids, mesh,
-                      per_call=STREAM_STEPS)
+                      STREAM_STEPS, min_bucket)
 
 
-def _plain_calls(model, prompts, max_new_tokens, params, seed, eos_ids, mesh, per_call):
+def _plain_calls(model, prompts, max_new_tokens, params, seed, eos_ids, mesh, per_call,
+                 min_bucket):
   """Plain decoding as `timed_calls`: the prefill, then `per_call` steps a call (None: all)."""
   _check_budget(max_new_tokens)
-  tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens)
+  tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens,
+                             min_bucket=min_bucket)
   graphdef, state = nnx.split(model)
   state = as_computed(state)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
@@ -432,7 +476,8 @@ def _plain_calls(model, prompts, max_new_tokens, params, seed, eos_ids, mesh, pe
   host, timing = yield from timed_calls(
       mesh, _plain_stream_start, first, dict(params=params, capacity=capacity),
       _plain_stream_run, lambda st, until: (graphdef, state, st, eos, until),
-      dict(params=params), read, per_call)
+      dict(params=params), read, per_call,
+      f"plain decoding ({tokens.shape[1]}-token prompt bucket, room for {capacity} new tokens)")
   return _plain_result(host["out"], host["count"], int(host["step"]), len(prompts), timing)
 
 

@@ -34,7 +34,8 @@ from flax import nnx, struct
 
 from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import Adapter, check_draft_ids
-from kangaroo_jax.decoding import (PAD_ID, STREAM_STEPS, DecodeResult, PromptError, cache_size,
+from kangaroo_jax.decoding import (MIN_BUCKET, PAD_ID, STREAM_STEPS, DecodeResult, PromptError,
+                                   cache_size,
                                    drain, is_eos, last_hidden, pad_prompts, place_batch, prefill,
                                    timed_calls, timing_stats, token_capacity, UNTIL_DONE)
 from kangaroo_jax.lookup import cached_states, init_history, proposal_states, propose, record
@@ -543,7 +544,8 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
                     max_new_tokens: int = 128, kparams: KangarooParams = KangarooParams(),
                     params: SamplingParams = SamplingParams(), seed: int = 0,
                     eos_ids: Sequence[int] = (), draft_ids: Optional[np.ndarray] = None,
-                    on_tokens: Optional[Callable] = None, mesh=None) -> DecodeResult:
+                    on_tokens: Optional[Callable] = None, mesh=None,
+                    min_bucket: int = MIN_BUCKET) -> DecodeResult:
   """Decodes token prompts with Kangaroo self-speculation; output equals plain decoding.
 
   Args:
@@ -560,6 +562,7 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
     on_tokens: optional streaming sink `fn(tokens [B, C], counts [B])`, called in this
       thread after each round (see `kangaroo_stream`).
     mesh: optional ('data', 'model') mesh; shard model and adapter with `shard_module`.
+    min_bucket: the smallest padded prompt length (`decoding.bucket`).
   Returns:
     DecodeResult with each sequence's tokens and stats: mean accepted tokens per
     verification step (the target's own token counted), rounds, draft steps run, drafts
@@ -568,8 +571,8 @@ def kangaroo_decode(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
     (`decoding.timing_stats`). The prefill and the rounds are two calls.
   """
   steps = _kangaroo_calls(model, adapter, prompts, max_new_tokens, kparams, params, seed,
-                          eos_ids, draft_ids, mesh,
-                          per_call=None if on_tokens is None else STREAM_STEPS)
+                          eos_ids, draft_ids, mesh, None if on_tokens is None else STREAM_STEPS,
+                          min_bucket)
   return drain(steps, on_tokens)
 
 
@@ -577,21 +580,21 @@ def kangaroo_stream(model: Llama, adapter: Adapter, prompts: Sequence[Sequence[i
                     max_new_tokens: int = 128, kparams: KangarooParams = KangarooParams(),
                     params: SamplingParams = SamplingParams(), seed: int = 0,
                     eos_ids: Sequence[int] = (), draft_ids: Optional[np.ndarray] = None,
-                    mesh=None):
+                    mesh=None, min_bucket: int = MIN_BUCKET):
   """Like `kangaroo_decode`, as a generator: yields (tokens [B, C], counts [B]) per round.
 
   The generator's return value (StopIteration.value) is the DecodeResult. Closing it
   early stops decoding after the current round. The output equals `kangaroo_decode`'s.
   """
   return _kangaroo_calls(model, adapter, prompts, max_new_tokens, kparams, params, seed,
-                         eos_ids, draft_ids, mesh, per_call=STREAM_STEPS)
+                         eos_ids, draft_ids, mesh, STREAM_STEPS, min_bucket)
 
 
 def _kangaroo_calls(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos_ids,
-                    draft_ids, mesh, per_call):
+                    draft_ids, mesh, per_call, min_bucket):
   """Kangaroo as `decoding.timed_calls`: the prefill, then `per_call` rounds a call (None: all)."""
   args, static = _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed,
-                          eos_ids, draft_ids, mesh)
+                          eos_ids, draft_ids, mesh, min_bucket)
   graphdef, state, agraphdef, astate, draft_ids, tokens, lens, rng, eos, eta, limit = args
   first = (graphdef, state, agraphdef, astate, tokens, lens, rng, eos, limit)
 
@@ -602,18 +605,19 @@ def _kangaroo_calls(model, adapter, prompts, max_new_tokens, kparams, params, se
   host, timing = yield from timed_calls(
       mesh, _kangaroo_stream_start, first, static, _kangaroo_stream_rounds,
       lambda st, until: (graphdef, state, agraphdef, astate, draft_ids, st, eos, eta, until),
-      static, read, per_call)
+      static, read, per_call, f"Kangaroo ({tokens.shape[1]}-token prompt bucket, "
+      f"room for {static['capacity']} new tokens)")
   return _result(host, len(prompts), timing)
 
 
 def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos_ids, draft_ids,
-             mesh):
+             mesh, min_bucket=MIN_BUCKET):
   """Checks the arguments; returns the loop's array arguments and its static ones."""
   adapter.acfg.check(model.cfg)
   if max_new_tokens < 1:
     raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens,
-                             extra=kparams.block + 1)
+                             extra=kparams.block + 1, min_bucket=min_bucket)
   if draft_ids is not None:
     draft_ids = jnp.asarray(check_draft_ids(draft_ids, model.cfg.vocab_size))
   graphdef, state = nnx.split(model)

@@ -342,6 +342,11 @@ def test_compare_speedup_is_the_decoding_after_the_prompt_pass(cli, capsys, tiny
   assert out["request_speedup"] == pytest.approx(p["total_seconds"] / k["total_seconds"])
   text = run_main(cli, capsys, "--prompt", prompt, *flags, "--compare").stderr
   assert "tokens/s after the first token; the whole request, prompt pass included: " in text
+  # The last line says why the ratio is what it is here, and projects it (labelled).
+  last = text.strip().splitlines()[-1]
+  assert last.startswith("why ") and "x: " in last, last
+  assert " tokens per verification step, but on this CPU verifying " in last, last
+  assert "; projection, same acceptance on an H200 (its measured costs" in last, last
 
 
 def test_generate_uses_the_tuned_settings_unless_overridden(tiny, monkeypatch, tmp_path):
@@ -448,7 +453,8 @@ def test_stats_keep_compilation_apart_and_say_when_the_budget_ended_the_answer(c
           "--max-new-tokens", "5")
   proc = run_main(cli, capsys, *args)
   assert proc.returncode == 0, proc.stderr
-  stats = proc.stderr.splitlines()
+  # The compile notes (`compiling ... N s`, when a compile takes over a second) aside.
+  stats = [line for line in proc.stderr.splitlines() if not line.startswith("compiling ")]
   assert "tokens/s (4 after the first in " in stats[1], proc.stderr
   assert "; apart: prompt pass " in stats[1] and " s, compiling " in stats[1], proc.stderr
   assert proc.stderr.count("time to first token") == 1 and "since the command started" in stats[-1]
@@ -619,6 +625,30 @@ def test_chat_skips_a_line_that_is_not_utf8(tiny_chat, tmp_path):
   notices = [line for line in err.splitlines() if line.startswith("error:")]
   assert len(notices) == 1 and "not UTF-8 text" in notices[0], err
   assert err.count("tokens/s") == 2 and err.count("time to first token") == 2
+
+
+def test_chat_compiles_once_while_the_conversation_grows(cli, capsys, tiny_chat, monkeypatch):
+  """A second message whose conversation outgrew the first one's prompt bucket (20 -> 35
+  tokens: 32 -> 64) compiles nothing: the chat's bucket left room for it. Each compile
+  shows one `compiling ... N s` line (here every one: NOTE_AFTER 0)."""
+  import io
+  from kangaroo_jax import decoding, kangaroo
+  monkeypatch.setattr(decoding, "NOTE_AFTER", 0.0)
+  first, second = " ".join(WORDS[:20]), " ".join(WORDS[20:30])
+  monkeypatch.setattr(sys, "stdin", io.StringIO(f"{first}\n{second}\n"))
+  programs = lambda: (kangaroo._kangaroo_stream_start._cache_size(),
+                      kangaroo._kangaroo_stream_rounds._cache_size())
+  before = programs()
+  # Sampling settings no other test uses: the first message compiles both programs anew.
+  proc = run_main(cli, capsys, "--chat", "--model", tiny_chat, "--untrained-adapter",
+                  "--max-new-tokens", "5", "--temperature", "0.43", "--seed", "3")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stderr.count("accepted tokens/step") == 2, proc.stderr
+  assert programs() == (before[0] + 1, before[1] + 1)  # the first message's, nothing more
+  notes = [line for line in proc.stderr.splitlines() if line.startswith("compiling ")]
+  assert notes and all(re.fullmatch(r"compiling Kangaroo \(128-token prompt bucket, room for "
+                                    r"\d+ new tokens\)'s (prompt pass|loop) \.\.\. \d+\.\d s", n)
+                       for n in notes), notes
 
 
 def test_chat_needs_a_chat_template(cli, capsys, tiny, monkeypatch):
