@@ -343,7 +343,8 @@ def load(api, args):
   from kangaroo_jax import sharding, tuning
   mesh = sharding.make_mesh(*args.mesh) if args.mesh else "auto"
   model, tokenizer = api.load_model(args.model, args.dtype, mesh=mesh,
-                                    activations=args.activations, step_width=args.step_width)
+                                    activations=args.activations, step_width=args.step_width,
+                                    progress=not args.json)  # a bar when it takes a while
   adapter = draft_ids = None
   if args.mode == "kangaroo":
     adapter, stored = api.load_adapter_for(model, args.adapter, args.exit_layer,

@@ -94,7 +94,7 @@ def load_model(path: Optional[str] = None, dtype: Optional[str] = None,
                mesh: Union[Mesh, str, None] = "auto",
                activations: Optional[str] = None,
                step_width: Optional[int] = None, batch: int = 1,
-               fsdp: bool = False) -> tuple[Llama, Any]:
+               fsdp: bool = False, progress: bool = False) -> tuple[Llama, Any]:
   """Loads (model, tokenizer) from a Hugging Face folder or .gguf; None = embedded default.
 
   The checkpoint streams onto the devices one tensor at a time, cast on the host to
@@ -122,6 +122,8 @@ def load_model(path: Optional[str] = None, dtype: Optional[str] = None,
       greedy Kangaroo identical to plain decoding by construction).
     fsdp: also split the weights over the mesh's 'data' axis (`sharding.spec_for`): the
       training step's frozen weights, gathered a layer at a time.
+    progress: a progress bar on stderr when loading the weights takes over a second or
+      two (`loading.load_params`).
 
   Also turns on JAX's persistent compilation cache in the project's cache folder (see
   `kangaroo_jax.compile_cache`; KANGAROO_JAX_NO_COMPILE_CACHE=1 opts out), so a later
@@ -143,7 +145,7 @@ def load_model(path: Optional[str] = None, dtype: Optional[str] = None,
     mesh = memory.auto_mesh(cfg, DTYPES[dtype], batch)
   if not fsdp:  # fully sharded weights divide over every device (scripts/tpu_aot.py sizes them)
     memory.check_fits(cfg, DTYPES[dtype], mesh)  # before a byte of the weights is read
-  model = loading.load_params(cfg, tensors, DTYPES[dtype], mesh, hidden_dtype, fsdp)
+  model = loading.load_params(cfg, tensors, DTYPES[dtype], mesh, hidden_dtype, fsdp, progress)
   model.step_width = step_width or model.step_width
   return model, tokenizer
 

@@ -66,8 +66,12 @@ def _recipes(model: Llama) -> list[tuple[nnx.Variable, str, list[str], bool]]:
   return out
 
 
+PROGRESS_AFTER = 1.5  # seconds of loading before the progress bar shows (tqdm's delay)
+
+
 def load_params(cfg: ModelConfig, tensors: dict[str, StoredTensor], dtype=jnp.float32,
-                mesh: Optional[Mesh] = None, activations=jnp.float32, fsdp: bool = False) -> Llama:
+                mesh: Optional[Mesh] = None, activations=jnp.float32, fsdp: bool = False,
+                progress: bool = False) -> Llama:
   """Builds a Llama from checkpoint tensors (`weights.open_checkpoint`), streamed to `mesh`.
 
   Args:
@@ -77,16 +81,28 @@ def load_params(cfg: ModelConfig, tensors: dict[str, StoredTensor], dtype=jnp.fl
     mesh: a ('data', 'model') mesh to shard the parameters over; None = the default device.
     activations: the hidden states' and KV caches' dtype (`kangaroo_jax.precision`).
     fsdp: also split each weight over the mesh's 'data' axis (`sharding.spec_for`).
+    progress: a progress bar in bytes on stderr once loading takes over PROGRESS_AFTER
+      seconds (a 7B folder takes a minute or more; a small model shows nothing).
   Parameters the mesh does not divide are replicated and reported with a warning.
   """
+  import sys
+
+  from tqdm import tqdm
   model = nnx.eval_shape(lambda: Llama(cfg, dtype, nnx.Rngs(0), activations))
   undivided = []
-  for var, rule, names, transpose in _recipes(model):
+  recipes = _recipes(model)
+  total = sum(int(np.prod(tensors[n].shape)) for _, _, names, _ in recipes for n in names)
+  bar = tqdm(total=total * np.dtype(dtype).itemsize, unit="B", unit_scale=True,
+             desc="loading weights", file=sys.stderr, delay=PROGRESS_AFTER, leave=False,
+             disable=not progress)
+  for var, rule, names, transpose in recipes:
     array, divides = sharding.place(_fused(tensors, names, np.dtype(dtype), transpose), rule, mesh,
                                     fsdp)
     var.set_value(array)
+    bar.update(sum(int(np.prod(tensors[n].shape)) for n in names) * np.dtype(dtype).itemsize)
     if not divides:
       undivided.append(f"{'+'.join(names)} {list(array.shape)}")
+  bar.close()
   if mesh is not None:
     sharding.report_undivided(undivided, mesh)
   return model

@@ -651,6 +651,18 @@ def test_chat_compiles_once_while_the_conversation_grows(cli, capsys, tiny_chat,
                        for n in notes), notes
 
 
+def test_loading_shows_progress_when_it_takes_a_while(tiny, capsys, monkeypatch):
+  """A bar in bytes on stderr once loading passes loading.PROGRESS_AFTER (0 here, so the
+  tiny model shows it); none when asked for none (decode.py --json)."""
+  from kangaroo_jax import api, loading
+  monkeypatch.setattr(loading, "PROGRESS_AFTER", 0.0)
+  api.load_model(tiny, mesh=None, progress=True)
+  out, err = capsys.readouterr()
+  assert "loading weights: " in err and "/124k" in err and not out, err  # float32 bytes
+  api.load_model(tiny, mesh=None, progress=False)
+  assert capsys.readouterr() == ("", "")
+
+
 def test_chat_needs_a_chat_template(cli, capsys, tiny, monkeypatch):
   import io
   monkeypatch.setattr(sys, "stdin", io.StringIO("w5\n"))
