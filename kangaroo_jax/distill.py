@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from kangaroo_jax.adapter import Adapter, tensors
-from kangaroo_jax.model import Llama, map_blocks
+from kangaroo_jax.model import Llama
 from kangaroo_jax.precision import TRAINING
 
 
@@ -65,6 +65,13 @@ def pick_draft_vocab(counts: np.ndarray, size: int, always: tuple[int, ...] = ()
 # Positions a block of the loss: the draft's and the teacher's logits exist for one block
 # of [B, 256, V] at a time (7B, 4 sequences a chip: 131 MiB each), never for all T.
 LOSS_CHUNK = 256
+
+
+def map_blocks(f, xs):
+  """`jax.lax.map(lambda x: f(*x), xs)`, unrolled into straight-line code: a compiled
+  program's cost analysis counts a while loop's body once, not once per trip, so a loop
+  would hide most of the blocks' FLOPs from `kangaroo_jax.aot`'s figures."""
+  return jax.lax.scan(lambda _, x: (None, f(*x)), None, xs, unroll=True)[1]
 
 
 def position_terms(draft_logits: jax.Array, teacher_probs: jax.Array,
