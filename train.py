@@ -22,10 +22,10 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   logging.getLogger("kangaroo_jax").setLevel(logging.INFO)
-  from kangaroo_jax import data, training
+  from kangaroo_jax import data, training, weights
   try:
     training.train(_CONFIG.value)
-  except (training.ConfigError, data.DataError) as e:
+  except (training.ConfigError, data.DataError, weights.WeightsError) as e:
     # Input the user can fix: one line, not a traceback through absl (other errors keep theirs).
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     os._exit(2)

@@ -19,7 +19,9 @@ def manager(directory: str, keep: int) -> ocp.CheckpointManager:
   """A manager that keeps the last `keep` checkpoints under `directory`."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  # gs://... stays as it is (orbax writes object stores); a local folder is made absolute.
+  return ocp.CheckpointManager(directory if "://" in directory else os.path.abspath(directory),
+                               options=options)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: dict[str, Any]) -> None:

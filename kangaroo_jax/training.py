@@ -52,15 +52,58 @@ def check_config(c) -> None:
       raise ConfigError(f"config.{name} must be >= 0, got {value}")
 
 
+def check_shared_workdir(workdir: str, processes: int) -> None:
+  """Refuses a relative local workdir for several processes: each host would write its
+  own folder, and orbax's multi-host save needs one that all of them share."""
+  if processes > 1 and "://" not in workdir and not os.path.isabs(workdir):
+    raise ConfigError(f"config.workdir {workdir!r} is a relative local folder, but the "
+                      f"{processes} processes must share one: give gs://bucket/... or an "
+                      "absolute path on a shared disk")
+
+
 def latest_checkpoint_step(workdir: str):
   """The step of the last complete checkpoint in workdir/checkpoints, None without one.
 
   Read from the folder names (orbax names a complete checkpoint by its step and a
   half-written one otherwise), so it needs no checkpoint manager and no jax.
   """
-  folder = os.path.join(workdir, "checkpoints")
-  steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+  folder = _path(workdir) / "checkpoints"
+  steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
   return max(steps, default=None)
+
+
+def _path(path: str):
+  """`path` as an etils `epath.Path`: a local folder, or gs://... (orbax reads both)."""
+  from etils import epath
+  return epath.Path(path)
+
+
+def _append(path: str, line: str) -> None:
+  """Appends `line` to a small text file, local or remote (object stores cannot append:
+  the file is rewritten)."""
+  p = _path(path)
+  p.write_text((p.read_text() if p.exists() else "") + line)
+
+
+def _write_through_local(path: str, write) -> None:
+  """Calls write(local path) and puts the file at `path` (local or gs://)."""
+  if "://" not in path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write(path)
+    return
+  import tempfile
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, os.path.basename(path))
+    write(local)
+    _path(local).copy(_path(path), overwrite=True)
+
+
+def _host(tree):
+  """Host (numpy) copies of global arrays. With several processes every process must call
+  it: arrays sharded across hosts are gathered (`jax.device_get` cannot read them)."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 def check_resumable(c) -> None:
@@ -268,6 +311,7 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
       kw = dict(coordinator_address=c.coordinator_address, num_processes=c.num_processes,
                 process_id=c.process_id)
     jax.distributed.initialize(**kw)
+  check_shared_workdir(c.workdir, jax.process_count())
   main = jax.process_index() == 0
   t_start = time.time()
   # Mesh: batch over 'data', parameters over 'model'. One process: the checkpoint streams
@@ -370,13 +414,12 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
   metrics_file = os.path.join(c.workdir, "metrics.jsonl")  # training metrics, per log step
   eval_file = os.path.join(c.workdir, "eval.jsonl")  # held-out metrics: the learning curve
   if main:
-    os.makedirs(c.workdir, exist_ok=True)
+    _path(c.workdir).mkdir(parents=True, exist_ok=True)
     for path in (metrics_file, eval_file):
-      if os.path.isfile(path):  # drop lines logged after the checkpoint we resume from
-        with open(path) as f:
-          kept = [l for l in f if l.strip() and json.loads(l)["step"] <= start]
-        with open(path, "w") as f:
-          f.writelines(kept)
+      if _path(path).is_file():  # drop lines logged after the checkpoint we resume from
+        kept = [l + "\n" for l in _path(path).read_text().splitlines()
+                if l.strip() and json.loads(l)["step"] <= start]
+        _path(path).write_text("".join(kept))
   bar = tqdm(total=c.steps, initial=start, desc="training", unit="step", disable=not main,
              dynamic_ncols=True)
   # Loss positions per step, averaged over the data (for the learning curve's x axis).
@@ -385,16 +428,16 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
   last: dict = {}
   def write_adapter(path, extra=None):
     from kangaroo_jax.adapter import save_adapter
-    nnx.update(adapter, jax.device_get(params))
-    save_adapter(path, adapter, draft_ids, extra={k: v for k, v in (extra or {}).items()
-                                                  if isinstance(v, (int, float))})
+    nnx.update(adapter, jax.device_get(params))  # on_eval: one process only
+    _write_through_local(path, lambda local: save_adapter(
+        local, adapter, draft_ids, extra={k: v for k, v in (extra or {}).items()
+                                          if isinstance(v, (int, float))}))
 
   if c.eval_every and start == 0:  # the learning curve's first point: the starting adapter
     ev = evaluate(params)
     if main:
       bar.write("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-      with open(eval_file, "a") as f:
-        f.write(json.dumps(ev | {"step": 0, "tokens_seen": 0}) + "\n")
+      _append(eval_file, json.dumps(ev | {"step": 0, "tokens_seen": 0}) + "\n")
       if on_eval:
         on_eval(0, ev | {"tokens_seen": 0}, write_adapter)
   t_train = time.time()
@@ -409,14 +452,13 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
       bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last['top1_agreement']:.3f}",
                       accept=f"{last['expected_acceptance']:.3f}")
       if main:
-        with open(metrics_file, "a") as f:
-          f.write(json.dumps(last) + "\n")
+        _append(metrics_file, json.dumps(last) + "\n")
     if c.eval_every and done % c.eval_every == 0 and done != c.steps:
       ev = evaluate(params)
       if main:
         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        with open(eval_file, "a") as f:  # the learning curve's points
-          f.write(json.dumps(ev | {"step": done, "tokens_seen": done * tokens_per_step}) + "\n")
+        _append(eval_file,  # the learning curve's points
+                json.dumps(ev | {"step": done, "tokens_seen": done * tokens_per_step}) + "\n")
         if on_eval:
           on_eval(done, ev | {"tokens_seen": done * tokens_per_step}, write_adapter)
     stopping = stop_at is not None and done < c.steps and time.time() > stop_at
@@ -438,8 +480,9 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
       "data_skipped": skipped}
   if steps_done < c.steps:
     final["stopped_early"] = True
+  trained = _host(params)  # every process: a collective with several
   if main:
-    export(c, adapter, params, draft_ids, final, eval_file, log)
+    export(c, adapter, trained, draft_ids, final, eval_file, log)
     if on_eval:
       on_eval(steps_done, {k: v for k, v in final.items() if k.startswith("eval_")}
               | {"tokens_seen": final["tokens_seen"]}, write_adapter)
@@ -488,21 +531,20 @@ def train_state(params, opt_state, step: int, position: tuple[int, int], vocab_i
 
 
 def export(c, adapter: Adapter, params, draft_ids, final: dict, eval_file: str, log) -> None:
-  """Writes the trained adapter file, final_metrics.json and the learning curve."""
+  """Writes the trained adapter file, final_metrics.json and the learning curve (local
+  paths or gs://); `params` are host arrays (`_host`)."""
   import json
 
   from kangaroo_jax.adapter import save_adapter
   path = c.export_path or os.path.join(c.workdir, "adapter.safetensors")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  nnx.update(adapter, jax.device_get(params))
-  save_adapter(path, adapter, draft_ids, extra={k: v for k, v in final.items()
-                                                if isinstance(v, (int, float))})
-  with open(os.path.join(c.workdir, "final_metrics.json"), "w") as f:
-    json.dump(final, f, indent=1)
-  with open(eval_file, "a") as f:
-    f.write(json.dumps({k: v for k, v in final.items() if k.startswith("eval_")}
-                       | {"step": final["steps"], "tokens_seen": final["tokens_seen"]}) + "\n")
-  plot_learning_curve(eval_file, os.path.join(c.workdir, "learning_curve.png"))
+  nnx.update(adapter, params)
+  _write_through_local(path, lambda local: save_adapter(
+      local, adapter, draft_ids, extra={k: v for k, v in final.items() if isinstance(v, (int, float))}))
+  _path(os.path.join(c.workdir, "final_metrics.json")).write_text(json.dumps(final, indent=1))
+  _append(eval_file, json.dumps({k: v for k, v in final.items() if k.startswith("eval_")}
+                                | {"step": final["steps"], "tokens_seen": final["tokens_seen"]}) + "\n")
+  _write_through_local(os.path.join(c.workdir, "learning_curve.png"),
+                       lambda local: plot_learning_curve(eval_file, local))
   log(f"adapter written to {path}")
   log(json.dumps(final))
 
@@ -521,8 +563,7 @@ def plot_learning_curve(metrics_file: str, png: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  with open(metrics_file) as f:
-    rows = [json.loads(l) for l in f if l.strip()]
+  rows = [json.loads(l) for l in _path(metrics_file).read_text().splitlines() if l.strip()]
   rows = [r for r in rows if "tokens_seen" in r]
   if not rows:
     return

@@ -369,6 +369,14 @@ def test_checkpoint_past_the_configured_steps_is_refused(tiny, tmp_path):
   assert not (tmp_path / "w" / "adapter.safetensors").exists()  # nothing exported
 
 
+def test_several_processes_need_a_shared_workdir():
+  training.check_shared_workdir("runs/x", 1)
+  training.check_shared_workdir("/shared/runs/x", 2)
+  training.check_shared_workdir("gs://bucket/runs/x", 4)
+  with pytest.raises(training.ConfigError, match="relative local folder"):
+    training.check_shared_workdir("runs/x", 2)
+
+
 def test_cli_rejects_an_unknown_config_field(tiny, tmp_path):
   r = subprocess.run(_cli(tiny, tmp_path, "--config.no_such_field=1"), env=_env(),
                      capture_output=True, text=True, timeout=120)
@@ -385,6 +393,25 @@ def test_empty_or_unusable_data_is_a_clear_error(tiny, tmp_path):
   with pytest.raises(data.DataError, match="fewer than one batch"):
     training.train(_config(tiny, tmp_path / "w", batch_size=64, **{"data.eval_examples": 0}),
                    log=lambda s: None)
+
+
+def test_bad_input_to_train_py_is_one_line_and_exit_2(tiny, tmp_path):
+  """A batch the mesh cannot split, a model folder missing a shard: one line, status 2."""
+  import shutil
+  broken = tmp_path / "broken"
+  shutil.copytree(tiny[0], broken)
+  for f in broken.glob("*.safetensors"):
+    f.unlink()
+  (broken / "model.safetensors.index.json").write_text(
+      json.dumps({"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+  for extra, env, words in (
+      ((f"--config.model_path={broken}",), _env(1), "missing shard"),
+      (("--config.batch_size=6",), _env(4), "not a multiple of the 'data' axis")):
+    r = subprocess.run(_cli(tiny, tmp_path / "w", *extra), env=env, capture_output=True,
+                       text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr[-2000:]
+    assert lines[0].startswith("error: ")
 
 
 def _free_port() -> int:
