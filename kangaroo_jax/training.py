@@ -303,22 +303,12 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
 
   from kangaroo_jax import api, checkpoint, data, sharding
 
-  check_config(c)
-  check_resumable(c)
-  if c.distributed or c.num_processes > 1:
-    kw = {}
-    if c.coordinator_address:
-      kw = dict(coordinator_address=c.coordinator_address, num_processes=c.num_processes,
-                process_id=c.process_id)
-    jax.distributed.initialize(**kw)
-  check_shared_workdir(c.workdir, jax.process_count())
-  main = jax.process_index() == 0
   t_start = time.time()
-  # Mesh: batch over 'data', parameters over 'model'. One process: the checkpoint streams
-  # straight onto the mesh. Several: each loads its own copy (the data preparation below
-  # runs per process, on local arrays) and the state is made global after.
-  per_process = jax.process_count() > 1
-  mesh = training_mesh(c)
+  # Stage 1, mesh and model. One process: the checkpoint streams straight onto the mesh.
+  # Several: each loads its own copy (the data preparation below runs per process, on
+  # local arrays) and the state is made global after.
+  mesh = start_run(c)
+  main, per_process = jax.process_index() == 0, jax.process_count() > 1
   # float32 activations where the model runs outside the step (cached states, generated
   # data) on every backend; the step computes as `distill.step_numerics` says.
   model, tokenizer = api.load_model(c.model_path or None, c.dtype,
@@ -326,32 +316,16 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
                                     fsdp=c.fsdp)
   eos = api.eos_ids(model, tokenizer)
 
-  train_set, eval_sets, skipped = prepare_data(c, model, tokenizer, eos, main, log)
-  everything = train_set + [ex for s in eval_sets.values() for ex in s]
-  batches = data.Batches(train_set, c.batch_size, c.seq_len, c.seed)
-  if main:
-    log(f"data: {len(train_set)} training / {sum(map(len, eval_sets.values()))} held-out "
-        f"conversations; {skipped}")
-  # Layer-l states of every token, kept in host memory, save the shallow layers in each
-  # step; past a few GB the step recomputes them (two of thirty layers: cheap).
-  hidden_bytes = sum(len(ex.ids) for ex in everything) * model.cfg.hidden_size * 4
-  if all(ex.teacher_ids is not None for ex in everything) and hidden_bytes < HIDDEN_CACHE_BYTES:
-    add_hidden(model, everything, c.exit_layer, c.seq_len, c.batch_size)
-  draft_ids = None
+  # Stage 2, data: training and held-out conversations, the draft vocabulary.
+  train_set, eval_sets, batches, skipped = load_data(c, model, tokenizer, eos, main, log)
   start_from = None
   if c.get("init_from", ""):
     from kangaroo_jax.adapter import load_adapter
     start_from = load_adapter(c.init_from, model.cfg, MASTER_DTYPE)
-  if c.draft_vocab and c.draft_vocab < model.cfg.vocab_size:
-    counts = data.token_frequencies(train_set, model.cfg.vocab_size)
-    if start_from is not None and start_from[1] is not None and len(start_from[1]) == c.draft_vocab:
-      # Keep the starting adapter's vocabulary (chosen on its own, larger data), ordered
-      # by this data's counts so that its first n ids stay the n most useful.
-      old = np.asarray(start_from[1])
-      counts = np.where(np.isin(np.arange(len(counts)), old), counts + 1, 0)
-    draft_ids = pick_draft_vocab(counts, c.draft_vocab, tuple(eos))
+  draft_ids = choose_draft_vocab(c, model.cfg.vocab_size, train_set, eos, start_from)
 
-  # One process: the model is on the mesh already. Several: each process's copy goes global.
+  # Stage 3, state and resume. One process: the model is on the mesh already. Several:
+  # each process's copy goes global.
   model_graphdef, model_state = (split_onto_mesh(model, mesh, c.fsdp) if per_process
                                  else nnx.split(model))
   adapter = initial_adapter(model, c, start_from[0] if start_from is not None else None)
@@ -363,25 +337,14 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
   # [-1] stands for "the full vocabulary" (orbax cannot store an empty array).
   vocab_ids = draft_ids if draft_ids is not None else np.full((1,), -1, np.int32)
 
-  # Resume: step, optimizer state, parameters, data position and draft vocabulary.
   mgr = checkpoint.manager(os.path.join(c.workdir, "checkpoints"), c.keep_checkpoints)
-  restored = checkpoint.restore_latest(mgr, train_state(params, opt_state, 0, (0, 0), vocab_ids, 0))
-  start = 0
-  if restored is not None:
-    start = int(restored["step"])
-    if int(restored["data_fingerprint"]) != _fingerprint(train_set):
-      raise ConfigError(f"{c.workdir} holds a run on different data; use a new workdir")
-    if (int(restored["epoch"]), int(restored["index"])) != batches.position(start):
-      raise ConfigError(f"{c.workdir}: the checkpoint's data position does not match this "
-                        "config's batch size; use the original config or a new workdir")
-    params, opt_state = restored["params"], restored["opt_state"]
-    vocab_ids = np.asarray(restored["draft_ids"])
-    draft_ids = None if vocab_ids[0] < 0 else vocab_ids
-    if main:
-      log(f"resumed from step {start} (epoch {batches.position(start)[0]})")
+  start, params, opt_state, vocab_ids = resume(c, mgr, params, opt_state, vocab_ids, train_set,
+                                               batches, log if main else (lambda *_: None))
+  draft_ids = None if vocab_ids[0] < 0 else vocab_ids
   inv = _global(draft_index(draft_ids, model.cfg.vocab_size), replicated)
   dids = None if draft_ids is None else _global(np.asarray(draft_ids, np.int32), replicated)
 
+  # Stage 4, the loop: steps, held-out evaluations, checkpoints, export.
   step_fn = make_train_step(model_graphdef, adapter_graphdef, tx, shardings, mesh)
   eval_fn = make_eval_step(model_graphdef, adapter_graphdef, mesh)
   batch_sharding = sharding.data_sharding(mesh)
@@ -487,6 +450,73 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
       on_eval(steps_done, {k: v for k, v in final.items() if k.startswith("eval_")}
               | {"tokens_seen": final["tokens_seen"]}, write_adapter)
   return final
+
+
+def start_run(c):
+  """Checks the config and workdir, joins the other processes, returns the training mesh."""
+  check_config(c)
+  check_resumable(c)
+  if c.distributed or c.num_processes > 1:
+    kw = {}
+    if c.coordinator_address:
+      kw = dict(coordinator_address=c.coordinator_address, num_processes=c.num_processes,
+                process_id=c.process_id)
+    jax.distributed.initialize(**kw)
+  check_shared_workdir(c.workdir, jax.process_count())
+  return training_mesh(c)
+
+
+def load_data(c, model, tokenizer, eos_ids, main: bool, log):
+  """(training conversations, {eval name: held-out conversations}, `data.Batches`, the
+  skipped counts).
+
+  With a cached teacher and little data, each token's layer-l states are kept in host
+  memory (`add_hidden`): the step then skips the shallow layers; past a few GB it
+  recomputes them (two of thirty layers: cheap).
+  """
+  from kangaroo_jax import data
+  train_set, eval_sets, skipped = prepare_data(c, model, tokenizer, eos_ids, main, log)
+  everything = train_set + [ex for s in eval_sets.values() for ex in s]
+  if main:
+    log(f"data: {len(train_set)} training / {sum(map(len, eval_sets.values()))} held-out "
+        f"conversations; {skipped}")
+  hidden_bytes = sum(len(ex.ids) for ex in everything) * model.cfg.hidden_size * 4
+  if all(ex.teacher_ids is not None for ex in everything) and hidden_bytes < HIDDEN_CACHE_BYTES:
+    add_hidden(model, everything, c.exit_layer, c.seq_len, c.batch_size)
+  return train_set, eval_sets, data.Batches(train_set, c.batch_size, c.seq_len, c.seed), skipped
+
+
+def choose_draft_vocab(c, vocab_size: int, train_set, eos_ids, start_from) -> Optional[np.ndarray]:
+  """The reduced draft vocabulary (config.draft_vocab most frequent answer tokens), or None.
+
+  A starting adapter (`init_from`) with a vocabulary of that size keeps it (chosen on its
+  own, larger data), ordered by this data's counts so its first n ids stay the n most useful.
+  """
+  from kangaroo_jax import data
+  if not c.draft_vocab or c.draft_vocab >= vocab_size:
+    return None
+  counts = data.token_frequencies(train_set, vocab_size)
+  if start_from is not None and start_from[1] is not None and len(start_from[1]) == c.draft_vocab:
+    old = np.asarray(start_from[1])
+    counts = np.where(np.isin(np.arange(len(counts)), old), counts + 1, 0)
+  return pick_draft_vocab(counts, c.draft_vocab, tuple(eos_ids))
+
+
+def resume(c, mgr, params, opt_state, vocab_ids, train_set, batches, log):
+  """(start step, params, optimizer state, draft vocabulary ids) from the last checkpoint
+  in `mgr`, or the ones given at step 0; refuses a checkpoint of other data or batch size."""
+  from kangaroo_jax import checkpoint
+  restored = checkpoint.restore_latest(mgr, train_state(params, opt_state, 0, (0, 0), vocab_ids, 0))
+  if restored is None:
+    return 0, params, opt_state, vocab_ids
+  start = int(restored["step"])
+  if int(restored["data_fingerprint"]) != _fingerprint(train_set):
+    raise ConfigError(f"{c.workdir} holds a run on different data; use a new workdir")
+  if (int(restored["epoch"]), int(restored["index"])) != batches.position(start):
+    raise ConfigError(f"{c.workdir}: the checkpoint's data position does not match this "
+                      "config's batch size; use the original config or a new workdir")
+  log(f"resumed from step {start} (epoch {batches.position(start)[0]})")
+  return start, restored["params"], restored["opt_state"], np.asarray(restored["draft_ids"])
 
 
 def prepare_data(c, model, tokenizer, eos_ids, main: bool, log) -> tuple[list, dict, dict]:
