@@ -21,7 +21,8 @@ from flax import nnx
 
 from kangaroo_jax import cache as kv
 from kangaroo_jax.config import ModelConfig
-from kangaroo_jax.model import Attention, BlockView, RMSNorm, dense, rope_inv_freq
+from kangaroo_jax.model import (Attention, BlockView, RMSNorm, dense, gate_up_order, qkv_order,
+                                rope_inv_freq, split_gate_up)
 from kangaroo_jax.sharding import batch_rows, gathered
 
 
@@ -108,8 +109,7 @@ class Adapter(nnx.Module):
                           write=write and view is None, view=view)
     x = h + out
     if self.ffn_down is not None:
-      gate, up = jnp.split(dense(self.ffn_norm(x), self.ffn_gate_up[...]), 2,
-                           axis=-1)  # [B, T, F] each
+      gate, up = split_gate_up(dense(self.ffn_norm(x), self.ffn_gate_up[...]))  # [B, T, F] each
       x = x + dense(jax.nn.silu(gate) * up, self.ffn_down[...])
     return self.out_norm(x), {"k": [k], "v": [v]}
 
@@ -121,8 +121,9 @@ class Adapter(nnx.Module):
     h = batch_rows(h)
     x = h + self.attn.sequence(self.input_norm(h), positions, inv_freq, products)
     if self.ffn_down is not None:
-      gate, up = jnp.split(dense(self.ffn_norm(x), gathered(self.ffn_gate_up[...], "ffn_gate_up"),
-                                 products), 2, axis=-1)  # [B, T, F] each
+      gate, up = split_gate_up(dense(self.ffn_norm(x), gathered(self.ffn_gate_up[...],
+                                                                "ffn_gate_up"),
+                                     products))  # [B, T, F] each
       x = x + dense(jax.nn.silu(gate) * up, gathered(self.ffn_down[...], "ffn_down"), products)
     return batch_rows(self.out_norm(x))
 
@@ -170,10 +171,28 @@ def tensors(adapter: Adapter) -> dict[str, nnx.Param]:
   return out
 
 
+def _column_orders(acfg: AdapterConfig) -> dict[str, np.ndarray]:
+  """The fused tensors' column orders (`model.qkv_order`): the module keeps them grouped
+  for tensor parallelism, the file in checkpoint order ([q | k | v], [gate | up])."""
+  return {"attn.qkv": qkv_order(acfg.num_heads, acfg.num_heads, acfg.head_dim),
+          "ffn.gate_up": gate_up_order(acfg.ffn_size)}
+
+
+def to_module_layout(acfg: AdapterConfig, name: str, array: np.ndarray) -> np.ndarray:
+  """A tensor as the file stores it -> as the module holds it."""
+  order = _column_orders(acfg).get(name)
+  return array if order is None else array[:, order]
+
+
 def save_adapter(path: str, adapter: Adapter, draft_ids: Optional[np.ndarray] = None,
                  extra: Optional[dict] = None) -> None:
   """Writes the adapter (and an optional reduced draft vocabulary) to one small file."""
-  arrays = {k: np.asarray(v[...], np.float32) for k, v in tensors(adapter).items()}
+  orders = _column_orders(adapter.acfg)
+  arrays = {}
+  for k, v in tensors(adapter).items():
+    arrays[k] = np.asarray(v[...], np.float32)
+    if k in orders:  # back to checkpoint order: column order[i] <- module column i
+      arrays[k] = arrays[k][:, np.argsort(orders[k])]
   save_arrays(path, adapter.acfg, arrays, draft_ids, extra)
 
 
@@ -232,7 +251,8 @@ def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32,
                              f"{tuple(var.shape)}")
         # Sharding rules are keyed by attribute name: "attn.qkv" -> "qkv", "ffn.down" -> "ffn_down".
         rule = name.replace("ffn.", "ffn_").split(".")[-1]
-        array, divides = sharding.place(f.get_tensor(name).astype(np.dtype(dtype)), rule, mesh)
+        host = to_module_layout(acfg, name, f.get_tensor(name).astype(np.dtype(dtype)))
+        array, divides = sharding.place(host, rule, mesh)
         var.set_value(array)
         if not divides:
           undivided.append(f"{name} {list(shape)}")
@@ -260,7 +280,8 @@ def _load_folder(folder: str, cfg: ModelConfig, dtype, mesh, exit_layer: Optiona
   undivided = []
   for name, var in tensors(adapter).items():
     rule = name.split(".")[-1]  # the sharding rule's key: "attn.qkv" -> "qkv"
-    array, divides = sharding.place(arrays[name].astype(np.dtype(dtype)), rule, mesh)
+    host = to_module_layout(acfg, name, arrays[name].astype(np.dtype(dtype)))
+    array, divides = sharding.place(host, rule, mesh)
     var.set_value(array)
     if not divides:
       undivided.append(f"{name} {list(arrays[name].shape)}")

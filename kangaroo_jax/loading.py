@@ -1,9 +1,10 @@
 """Streamed, sharded model loading: checkpoint tensors go one at a time to their devices.
 
 Each parameter of the model is built on the host from its checkpoint tensors (q/k/v and
-gate/up fused, [out, in] transposed to the model's [in, out]), cast straight from the
-stored type to the model's dtype, placed with its final sharding (`sharding.place`) and
-dropped from host memory before the next one is read. Peak host memory is therefore
+gate/up fused in the model's column orders, `model.qkv_order`; [out, in] transposed to
+the model's [in, out]), cast straight from the stored type to the model's dtype, placed
+with its final sharding (`sharding.place`) and dropped from host memory before the next
+one is read. Peak host memory is therefore
 about one fused weight (the largest: an FFN gate/up or the embedding), not the model.
 """
 from __future__ import annotations
@@ -17,52 +18,65 @@ from jax.sharding import Mesh
 
 from kangaroo_jax import sharding
 from kangaroo_jax.config import ModelConfig
-from kangaroo_jax.model import Llama
+from kangaroo_jax.model import Llama, gate_up_order, qkv_order
 from kangaroo_jax.weights import StoredTensor
 
 
 def _fused(tensors: dict[str, StoredTensor], names: list[str], dtype,
-           transpose: bool) -> np.ndarray:
+           transpose: bool, order: Optional[np.ndarray] = None) -> np.ndarray:
   """The checkpoint tensors `names` concatenated along their first (output) axis.
 
-  transpose=True returns the [in, out] layout the model multiplies with. Each tensor is
-  read and written into its slice of one preallocated array, so at most the fused
-  result plus one source tensor are in host memory.
+  transpose=True returns the [in, out] layout the model multiplies with. `order` (the
+  model's column order, `model.qkv_order`) places output j of the concatenation at the
+  position i with order[i] = j. Each tensor is read and written into its slots of one
+  preallocated array, so at most the fused result plus one source tensor are in host
+  memory.
   """
   shapes = [tensors[n].shape for n in names]
   rows = sum(s[0] for s in shapes)
   out = np.empty((shapes[0][1:] + (rows,)) if transpose else (rows,) + shapes[0][1:], dtype)
+  slots = np.arange(rows) if order is None else np.argsort(order)  # concatenation -> model
   start = 0
   for name, shape in zip(names, shapes):
     w = tensors[name].read(dtype)
+    dest = slots[start:start + shape[0]]
+    if order is None:  # contiguous: plain slices copy faster than an index
+      dest = slice(start, start + shape[0])
     if transpose:
-      out[:, start:start + shape[0]] = w.T  # [out_i, in] -> columns of [in, out]
+      out[:, dest] = w.T  # [out_i, in] -> columns of [in, out]
     else:
-      out[start:start + shape[0]] = w
+      out[dest] = w
     start += shape[0]
     del w
   return out
 
 
-def _recipes(model: Llama) -> list[tuple[nnx.Variable, str, list[str], bool]]:
-  """(variable, sharding rule name, checkpoint tensor names, transpose) per model parameter."""
-  out = [(model.embedding, "embedding", ["model.embed_tokens.weight"], False)]
+def _recipes(model: Llama) -> list[tuple[nnx.Variable, str, list[str], bool, Optional[np.ndarray]]]:
+  """(variable, sharding rule name, checkpoint tensor names, transpose, column order) per
+  model parameter."""
+  c = model.cfg
+  qkv = qkv_order(c.num_heads, c.num_kv_heads, c.head_dim)
+  gate_up = gate_up_order(c.intermediate_size)
+  out = [(model.embedding, "embedding", ["model.embed_tokens.weight"], False, None)]
   for i, layer in enumerate(model.layers):
     p = f"model.layers.{i}."
     a, m = p + "self_attn.", p + "mlp."
-    out += [(layer.input_norm.weight, "weight", [p + "input_layernorm.weight"], False),
-            (layer.post_norm.weight, "weight", [p + "post_attention_layernorm.weight"], False),
-            (layer.attn.qkv, "qkv", [a + n + "_proj.weight" for n in "qkv"], True),
-            (layer.attn.o, "o", [a + "o_proj.weight"], True),
-            (layer.gate_up, "gate_up", [m + "gate_proj.weight", m + "up_proj.weight"], True),
-            (layer.down, "down", [m + "down_proj.weight"], True)]
+    out += [(layer.input_norm.weight, "weight", [p + "input_layernorm.weight"], False, None),
+            (layer.post_norm.weight, "weight", [p + "post_attention_layernorm.weight"], False,
+             None),
+            (layer.attn.qkv, "qkv", [a + n + "_proj.weight" for n in "qkv"], True, qkv),
+            (layer.attn.o, "o", [a + "o_proj.weight"], True, None),
+            (layer.gate_up, "gate_up", [m + "gate_proj.weight", m + "up_proj.weight"], True,
+             gate_up),
+            (layer.down, "down", [m + "down_proj.weight"], True, None)]
     if layer.attn.qkv_bias is not None:
-      out.append((layer.attn.qkv_bias, "qkv_bias", [a + n + "_proj.bias" for n in "qkv"], False))
+      out.append((layer.attn.qkv_bias, "qkv_bias", [a + n + "_proj.bias" for n in "qkv"], False,
+                  qkv))
     if layer.attn.o_bias is not None:
-      out.append((layer.attn.o_bias, "o_bias", [a + "o_proj.bias"], False))
-  out.append((model.norm.weight, "weight", ["model.norm.weight"], False))
+      out.append((layer.attn.o_bias, "o_bias", [a + "o_proj.bias"], False, None))
+  out.append((model.norm.weight, "weight", ["model.norm.weight"], False, None))
   if model.lm_head is not None:
-    out.append((model.lm_head, "lm_head", ["lm_head.weight"], True))
+    out.append((model.lm_head, "lm_head", ["lm_head.weight"], True, None))
   return out
 
 
@@ -91,13 +105,13 @@ def load_params(cfg: ModelConfig, tensors: dict[str, StoredTensor], dtype=jnp.fl
   model = nnx.eval_shape(lambda: Llama(cfg, dtype, nnx.Rngs(0), activations))
   undivided = []
   recipes = _recipes(model)
-  total = sum(int(np.prod(tensors[n].shape)) for _, _, names, _ in recipes for n in names)
+  total = sum(int(np.prod(tensors[n].shape)) for _, _, names, _, _ in recipes for n in names)
   bar = tqdm(total=total * np.dtype(dtype).itemsize, unit="B", unit_scale=True,
              desc="loading weights", file=sys.stderr, delay=PROGRESS_AFTER, leave=False,
              disable=not progress)
-  for var, rule, names, transpose in recipes:
-    array, divides = sharding.place(_fused(tensors, names, np.dtype(dtype), transpose), rule, mesh,
-                                    fsdp)
+  for var, rule, names, transpose, order in recipes:
+    array, divides = sharding.place(_fused(tensors, names, np.dtype(dtype), transpose, order),
+                                    rule, mesh, fsdp)
     var.set_value(array)
     bar.update(sum(int(np.prod(tensors[n].shape)) for n in names) * np.dtype(dtype).itemsize)
     if not divides:

@@ -5,6 +5,16 @@ decoder layers [start, end) with `run_layers` (any hidden state is available bet
 pieces), then `logits` = final norm + LM head. Weights use the layout `x @ W`
 ([in, out]); q/k/v and gate/up projections are fused into one matrix each because on a
 CPU a batch-1 step is bound by the number and size of matrix-vector products.
+
+The fused columns are ordered so that tensor parallelism needs no reshuffle: q/k/v
+grouped per KV head (`qkv_order`: each group's q heads, then its key and value head),
+gate/up interleaved column by column (`gate_up_order`). A 'model' axis that divides the
+KV heads then gives each device whole groups and the gate and up columns of the same
+FFN units, the ones its slice of `o` / `down` multiplies: the layer's only collective is
+the all-reduce after `o` and after `down` (Megatron). Split in checkpoint order
+([q | k | v], [gate | up]) the contiguous shards would cross those boundaries, and XLA
+moved columns between devices with collective-permutes, hundreds per step at 7B.
+Loaders and adapter files convert from and to the checkpoint order with these orders.
 """
 from __future__ import annotations
 
@@ -50,6 +60,42 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return out.astype(x.dtype)
 
 
+def qkv_order(num_heads: int, num_kv_heads: int, head_dim: int) -> np.ndarray:
+  """The fused q/k/v weight's column order: column i of the model's [D, (N + 2K) * H]
+  is column order[i] of the checkpoint order [q | k | v].
+
+  Grouped per KV head: [q heads 0..G-1, k 0, v 0, q heads G..2G-1, k 1, v 1, ...] with
+  G = N / K, the q heads that share a KV head (Hugging Face's `repeat_kv` convention).
+  """
+  n, k, h = num_heads, num_kv_heads, head_dim
+  q = np.arange(n * h).reshape(k, n // k * h)  # [K, G * H]
+  key = n * h + np.arange(k * h).reshape(k, h)  # [K, H]
+  val = (n + k) * h + np.arange(k * h).reshape(k, h)  # [K, H]
+  return np.concatenate([q, key, val], axis=1).reshape(-1)  # [K * (G + 2) * H]
+
+
+def gate_up_order(ffn_size: int) -> np.ndarray:
+  """The fused gate/up weight's column order: [gate 0, up 0, gate 1, up 1, ...] of the
+  checkpoint order [gate | up] (F columns each)."""
+  f = np.arange(ffn_size)
+  return np.stack([f, ffn_size + f], axis=1).reshape(-1)  # [2F]
+
+
+def split_qkv(qkv: jax.Array, n: int, k: int, h: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The grouped q/k/v product [B, T, K * (G + 2) * H] (`qkv_order`) -> q [B, T, N, H],
+  keys and values [B, T, K, H]."""
+  b, t, _ = qkv.shape
+  g = n // k
+  qkv = qkv.reshape(b, t, k, g + 2, h)  # [B, T, K, G + 2, H]: per KV head, its group
+  return qkv[:, :, :, :g].reshape(b, t, n, h), qkv[:, :, :, g], qkv[:, :, :, g + 1]
+
+
+def split_gate_up(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The interleaved gate/up product [..., 2F] (`gate_up_order`) -> gate, up [..., F]."""
+  pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)  # [..., F, 2]
+  return pairs[..., 0], pairs[..., 1]
+
+
 def weight_product(spec: str, x: jax.Array, w: jax.Array,
                    products: Optional[Products] = None) -> jax.Array:
   """einsum(spec, x, w) accumulated and returned in float32, as `products` computes it
@@ -93,7 +139,7 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.products = products  # None: the mode of the activations' dtype
     qkv_out = (num_heads + 2 * num_kv_heads) * head_dim
-    self.qkv = _param(rngs, (hidden, qkv_out), dtype)  # [D, (N + 2K) * H]
+    self.qkv = _param(rngs, (hidden, qkv_out), dtype)  # [D, K * (G + 2) * H]: `qkv_order`
     self.qkv_bias = nnx.Param(jnp.zeros((qkv_out,), dtype)) if bias else None
     self.o = _param(rngs, (num_heads * head_dim, hidden), dtype)  # [N * H, D]
     self.o_bias = nnx.Param(jnp.zeros((hidden,), dtype)) if o_bias else None
@@ -112,13 +158,12 @@ class Attention(nnx.Module):
     """
     b, t, _ = x.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-    qkv = dense(x, self.qkv[...], self.products)  # [B, T, (N + 2K) * H]
+    qkv = dense(x, self.qkv[...], self.products)  # [B, T, K * (G + 2) * H]
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(qkv.dtype)
-    q, key, val = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
-    q = apply_rope(q.reshape(b, t, n, h), positions, inv_freq)  # [B, T, N, H]
-    key = apply_rope(key.reshape(b, t, k, h), positions, inv_freq)  # [B, T, K, H]
-    val = val.reshape(b, t, k, h)  # [B, T, K, H]
+    q, key, val = split_qkv(qkv, n, k, h)
+    q = apply_rope(q, positions, inv_freq)  # [B, T, N, H]
+    key = apply_rope(key, positions, inv_freq)  # [B, T, K, H]
     if write:
       cache_k, cache_v = kv.write(cache_k, cache_v, key, val, positions)
       out = attend(q, cache_k, cache_v, positions, self.products)  # [B, T, N * H]
@@ -150,13 +195,13 @@ class Attention(nnx.Module):
     # Rounded before the gather: float32 master weights (the adapter's) travel as bfloat16.
     weight = lambda w, name: gathered(w if products.inputs is None else w.astype(products.inputs),
                                       name)
-    qkv = dense(x, weight(self.qkv[...], "qkv"), products)  # [B, T, (N + 2K) * H]
+    qkv = dense(x, weight(self.qkv[...], "qkv"), products)  # [B, T, K * (G + 2) * H]
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(qkv.dtype)
-    q, key, val = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
-    q = apply_rope(q.reshape(b, t, n, h), positions, inv_freq)  # [B, T, N, H]
-    key = apply_rope(key.reshape(b, t, k, h), positions, inv_freq)  # [B, T, K, H]
-    out = attend_causal(q, key, val.reshape(b, t, k, h), products)  # [B, T, N * H]
+    q, key, val = split_qkv(qkv, n, k, h)
+    q = apply_rope(q, positions, inv_freq)  # [B, T, N, H]
+    key = apply_rope(key, positions, inv_freq)  # [B, T, K, H]
+    out = attend_causal(q, key, val, products)  # [B, T, N * H]
     out = dense(out, weight(self.o[...], "o"), products)
     if self.o_bias is not None:
       out = out + self.o_bias[...].astype(out.dtype)
@@ -270,7 +315,8 @@ class DecoderLayer(nnx.Module):
     self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                           cfg.qkv_bias, dtype, rngs, o_bias=cfg.o_bias, products=products)
     self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-    self.gate_up = _param(rngs, (cfg.hidden_size, 2 * cfg.intermediate_size), dtype)  # [D, 2F]
+    # [D, 2F], gate and up interleaved (`gate_up_order`)
+    self.gate_up = _param(rngs, (cfg.hidden_size, 2 * cfg.intermediate_size), dtype)
     self.down = _param(rngs, (cfg.intermediate_size, cfg.hidden_size), dtype)  # [F, D]
 
   def __call__(self, x, positions, cache_k, cache_v, inv_freq, write: bool = True,
@@ -282,8 +328,8 @@ class DecoderLayer(nnx.Module):
   def mlp(self, x: jax.Array, products: Optional[Products],
           gather=lambda w, name: w) -> jax.Array:
     """x + the SwiGLU MLP of post_norm(x); `gather(w, name)` sees each weight first."""
-    gate, up = jnp.split(dense(self.post_norm(x), gather(self.gate_up[...], "gate_up"), products),
-                         2, axis=-1)  # [B, T, F] each
+    gate, up = split_gate_up(dense(self.post_norm(x), gather(self.gate_up[...], "gate_up"),
+                                   products))  # [B, T, F] each
     return x + dense(jax.nn.silu(gate) * up, gather(self.down[...], "down"), products)
 
   def sequence(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,

@@ -20,6 +20,7 @@ from kangaroo_jax import api, cli, loading, memory, sharding, weights
 from kangaroo_jax import cache as kv
 from kangaroo_jax.adapter import init_adapter, save_adapter
 from kangaroo_jax.config import ModelConfig
+from kangaroo_jax.model import gate_up_order, qkv_order
 
 PROMPTS = ["Hello there", "Why is the sky blue? Tell me."]  # batch 2: split over 'data' on 2x4
 
@@ -135,8 +136,11 @@ def test_bf16_checkpoint_streams_without_a_float32_copy(tmp_path):
     model = loading.load_params(cfg, tensors, jnp.bfloat16, mesh)
   sd = {k: v.view(torch.int16).numpy().view(jnp.bfloat16) for k, v in hf.state_dict().items()}
   p = "model.layers.1."
-  qkv = np.concatenate([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]).T  # [D, (N + 2K) * H]
-  gate_up = np.concatenate([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]).T
+  # The model's column orders: q/k/v grouped per KV head, gate/up interleaved.
+  qkv = np.concatenate([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]).T[
+      :, qkv_order(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)]  # [D, K * (G + 2) * H]
+  gate_up = np.concatenate([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]).T[
+      :, gate_up_order(cfg.intermediate_size)]  # [D, 2F]
   layer = model.layers[1]
   for got, want in ((layer.attn.qkv, qkv), (layer.gate_up, gate_up),
                     (model.lm_head, sd["lm_head.weight"].T)):
