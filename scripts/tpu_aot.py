@@ -6,6 +6,9 @@ collectives. Exits 1 when the program does not fit with 10% headroom, 2 on bad i
   .venv-tpu/bin/python scripts/tpu_aot.py --program train --config configs/llama7b.py \
       --topology v5e:2x4 [--json FILE] [--layers N] [--teacher cache]
 
+  .venv-tpu/bin/python scripts/tpu_aot.py --program decode --config configs/llama7b.py \
+      --topology v5e:2x4 [--loop plain|kangaroo] [--batch 1]
+
 --layers N compiles an N-layer model of the same shape (quicker; the report says so).
 --topology cpu[:N] compiles for this host's (fake) CPU devices instead (tests, no libtpu).
 See kangaroo_jax/aot.py and ../shared/docs/TPU_AOT.md.
@@ -48,7 +51,19 @@ def build_train(c, cfg, mesh, args):
 
 
 def build_decode(c, cfg, mesh, args):
-  raise NotImplementedError("--program decode: not yet (issue 33 adds it here)")
+  """A decode loop (`--loop plain|kangaroo`) as decode.py runs it on the topology:
+  bfloat16, fixed-width steps of 8, gamma 6, 2048 positions, batch `--batch`, on the
+  automatic mesh for that batch (`kangaroo_jax.aot_decode`)."""
+  from kangaroo_jax import aot_decode
+  topology = aot.parse_topology(args.topology)
+  per_chip = max(1, mesh.devices.size // topology.chips) if topology.chips else 1
+  dmesh = aot_decode.decode_mesh(mesh, cfg, args.batch, topology.chip.hbm_gib * aot.GIB / per_chip)
+  shape = aot_decode.DecodeShape(batch=args.batch, exit_layer=c.exit_layer)
+  lowered = aot_decode.decode_programs(cfg, dmesh, shape, aot.platform(topology))[args.loop]
+  c.batch_size, c.seq_len = shape.batch, shape.max_len  # what the report's title names
+  print(aot_decode.roofline_line(cfg, dict(dmesh.shape), shape,
+                                 topology.chip.hbm_bytes_per_s / per_chip))
+  return aot_decode.Lowered(lowered, dmesh), ()
 
 
 # The programs --program compiles: name -> builder(config, model shape, mesh, args) that
@@ -70,6 +85,9 @@ def main(argv=None) -> int:
                  help="train: the teacher inside the step, or top-k targets from a cache")
   p.add_argument("--mesh-model", type=int, default=0, help="override config.mesh_model")
   p.add_argument("--json", default="", help="also write the report here")
+  p.add_argument("--loop", default="kangaroo", choices=["kangaroo", "plain"],
+                 help="decode: which loop to compile")
+  p.add_argument("--batch", type=int, default=1, help="decode: sequences at once")
   args = p.parse_args(argv)
   try:
     topology = aot.parse_topology(args.topology)
@@ -98,6 +116,7 @@ def main(argv=None) -> int:
       cfg = dataclasses.replace(cfg, num_layers=args.layers)
     mesh = aot.topology_mesh(topology, c.mesh_data, c.mesh_model)
     fn, fn_args = PROGRAMS[args.program](c, cfg, mesh, args)
+    mesh = getattr(fn, "mesh", mesh)  # a decode loop picks its own (the automatic one)
   except (aot.TopologyError, ConfigError, ValueError, NotImplementedError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

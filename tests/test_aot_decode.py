@@ -1,0 +1,68 @@
+"""The decode loops built from shapes for a TPU slice (`kangaroo_jax.aot_decode`), exercised
+on 8 fake CPU devices: traced for the target, sharded without reshuffles, and the
+analytic bytes a token that the TPU report prints."""
+import dataclasses
+
+import jax.numpy as jnp
+import pytest
+
+from kangaroo_jax import aot_decode as A
+from kangaroo_jax import memory, sharding
+from kangaroo_jax.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=3,
+                  num_heads=16, num_kv_heads=8, head_dim=8, max_position_embeddings=256)
+SHAPE = A.DecodeShape(batch=1, prompt=32, max_len=96, gamma=6, exit_layer=2)
+
+
+def test_traced_for_the_tpu_keeps_a_bfloat16_cache():
+  """Traced on this CPU for a TPU, the cache is the TPU's bfloat16 (the CPU keeps float32)."""
+  mesh = sharding.make_mesh(1, 8)
+  slots = SHAPE.slots
+  cache = f"[1,{slots},{CFG.num_kv_heads},{CFG.head_dim}]"
+  for platform, dtype in (("tpu", "bf16"), ("cpu", "f32")):
+    text = A.decode_programs(CFG, mesh, SHAPE, platform)["plain"].as_text()
+    assert f"tensor<1x{slots}x{CFG.num_kv_heads}x{CFG.head_dim}x{dtype}>" in text, (platform,
+                                                                                   cache)
+
+
+@pytest.mark.parametrize("model_axis", [4, 8])
+def test_compiled_loops_have_no_permutes_and_no_cache_copies(model_axis):
+  mesh = sharding.make_mesh(1, model_axis)
+  sizes = dict(mesh.shape)
+  for name, lowered in A.decode_programs(CFG, mesh, SHAPE, "cpu").items():
+    r = A.compile_report(lowered, CFG, SHAPE, sizes, 16 * memory.GIB, 1e12)
+    assert r["collectives_in_loops"]["collective-permute"] == 0, name
+    assert r["collectives_in_loops"]["all-gather"] <= 8, name  # top-k results only
+    assert r["cache_copies_in_loops"] == 0, name
+    assert r["fits"] and r["collectives_in_loops"]["all-reduce"] >= 2 * CFG.num_layers
+
+
+def test_7b_bytes_a_token_on_eight_chips():
+  """At 1x8 a plain step reads about the weights a chip holds; at 4x2 (the old automatic
+  mesh for batch 1) each chip holds, and reads, 4x as much for the same token."""
+  cfg = memory.REFERENCE_MODELS["7B"]
+  shape = A.DecodeShape(batch=1)
+  wide = A.bytes_per_token(cfg, {"data": 1, "model": 8}, shape)
+  assert wide["plain_step"] <= 1.1 * wide["weights"]
+  assert wide["verification"] <= 1.1 * wide["plain_step"]
+  assert wide["draft_step"] < 0.2 * wide["plain_step"]
+  narrow = A.bytes_per_token(cfg, {"data": 4, "model": 2}, shape)
+  assert 3.5 < narrow["plain_step"] / wide["plain_step"] < 4.1
+
+
+def test_tpu_aot_command_compiles_a_decode_loop(capsys):
+  """scripts/tpu_aot.py --program decode on this host's CPU devices: the automatic mesh
+  for batch 1 (1x8), the roofline line, no collective-permute, the verdict."""
+  import os
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, os.path.join(root, "scripts"))
+  import tpu_aot
+  code = tpu_aot.main(["--program", "decode", "--loop", "plain", "--config",
+                       os.path.join(root, "configs", "tiny.py"), "--topology", "cpu:8",
+                       "--layers", "3", "--model", "7B"])
+  out = capsys.readouterr().out
+  assert code == 0, out
+  assert "bytes a token per device: plain step" in out
+  assert "'data': 1, 'model': 8" in out and "collective-permute 0" in out, out
