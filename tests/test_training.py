@@ -254,6 +254,7 @@ def test_bfloat16_model_one_step_at_7b_lr_moves_every_adapter_leaf(tiny):
 def test_sharded_step_on_8_devices_matches_one_device(tiny):
   assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
   mg, ms, ag, params, tx, batch, inv = _step_setup(tiny, batch_size=8)
+  host = jax.tree.map(np.array, params)  # the steps below donate their parameters
   step = distill.make_train_step(mg, ag, tx)
   _, _, m1 = step(jax.tree.map(jnp.copy, params), tx.init(params), ms, batch, inv, None)
   mesh = sharding.make_mesh(4, 2)
@@ -263,6 +264,15 @@ def test_sharded_step_on_8_devices_matches_one_device(tiny):
   new, _, m8 = step(params_s, tx.init(params_s), ms_s, batch_s, inv, None)
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
   assert jax.tree.leaves(new["attn"]["qkv"])[0].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+  # Fully sharded (config.fsdp): every weight split over 'data' too, gathered where used.
+  P = jax.sharding.PartitionSpec
+  ms_f = jax.device_put(ms, sharding.param_shardings(ms, mesh, fsdp=True))
+  params_f = jax.device_put(host, sharding.param_shardings(host, mesh, fsdp=True))
+  assert jax.tree.leaves(ms_f["layers"][0]["gate_up"])[0].sharding.spec == P("data", "model")
+  fsdp_step = distill.make_train_step(mg, ag, tx, mesh=mesh)
+  new, _, mf = fsdp_step(params_f, tx.init(params_f), ms_f, batch_s, inv, None)
+  np.testing.assert_allclose(mf["loss"], m1["loss"], rtol=1e-5)
+  assert jax.tree.leaves(new["attn"]["qkv"])[0].sharding.spec == P("data", "model")
 
 
 # ---- checkpoints ----
