@@ -63,17 +63,15 @@ def traced_for(platform: str):
   """Traces programs for `platform` ("tpu", "gpu", "cpu") on this host.
 
   precision's backend-dependent choices (step width, the KV cache's dtype, the weights'
-  casts) ask `jax.default_backend()`, which is "cpu" here; a TPU program traced so would
-  get the CPU's float32 cache. Until those choices take the platform as an argument
-  (issue 30), this swaps the one question they ask, only while tracing.
+  casts, the products' rows) default to `jax.default_backend()`, which is "cpu" here; a
+  TPU program traced so would get the CPU's. `precision.target` makes `platform` the
+  default while tracing (a `Llama` records it as `Llama.platform`).
   """
-  saved = precision._cpu
-  precision._cpu = lambda: platform == "cpu"
-  jax.clear_caches()  # jit's trace cache does not know the question changed: trace afresh
+  jax.clear_caches()  # jit's trace cache does not know the default changed: trace afresh
   try:
-    yield
+    with precision.target(platform):
+      yield
   finally:
-    precision._cpu = saved
     jax.clear_caches()
 
 

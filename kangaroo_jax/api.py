@@ -163,7 +163,7 @@ def memory_report(model: Llama, adapter: Union[Drafter, Adapter, None] = None, b
     adapter = adapter[0]
   return memory.report(model.cfg, model.dtype, axis_sizes, batch, slots,
                        None if adapter is None else adapter.acfg,
-                       cache_dtype=cache_dtype(model.activations))
+                       cache_dtype=cache_dtype(model.activations, model.platform))
 
 
 def load_adapter_for(model: Llama, path: Optional[str] = None, exit_layer: Optional[int] = None,

@@ -192,15 +192,15 @@ def measure_costs(model: Llama, adapter: Optional[Adapter] = None,
   cfg, dtype = model.cfg, model.dtype
   slots = cache_size(context, 0, max(max_block, *(blocks or [1])) + 2)
   # The weights as the decoding loops pass them (see `precision.as_computed`).
-  state = as_computed(nnx.split(model)[1])
-  astate = as_computed(nnx.split(adapter)[1])
+  state = as_computed(nnx.split(model)[1], model.platform)
+  astate = as_computed(nnx.split(adapter)[1], model.platform)
   full_head = model.head_weight()  # [V, D]
   head = None if draft_ids is None else full_head[jnp.asarray(draft_ids)]  # [V', D]
   ids = None if draft_ids is None else jnp.asarray(draft_ids, jnp.int32)
   pos = jnp.full((1,), context, jnp.int32)
   tok = jnp.ones((1,), jnp.int32)
-  cache = kv.init_model_cache(cfg, 1, slots, cache_dtype(model.activations))
-  acache = adapter.init_cache(1, slots, cache_dtype(model.activations))
+  cache = kv.init_model_cache(cfg, 1, slots, cache_dtype(model.activations, model.platform))
+  acache = adapter.init_cache(1, slots, cache_dtype(model.activations, model.platform))
   h0 = jnp.zeros((1, 1, cfg.hidden_size), model.activations)
 
   jobs = {"plain": (_plain_step, (None, None, (tok, cache))),

@@ -304,7 +304,7 @@ def _plain_start(model: Llama, tokens, prompt_lens, rng, eos_ids, limit, params:
   # A step's padding rows reach step_width - 1 slots past its token.
   cache = kv.init_model_cache(model.cfg, b, cache_size(tokens.shape[1], capacity,
                                                        model.step_width - 1),
-                              cache_dtype(model.activations))
+                              cache_dtype(model.activations, model.platform))
   hidden, cache = prefill(model, tokens, prompt_lens, cache)
   rng, sub = jax.random.split(rng)
   # Tokens seen so far, for the repetition penalty ([B, 1] placeholder without one).
@@ -463,7 +463,7 @@ def _plain_calls(model, prompts, max_new_tokens, params, seed, eos_ids, mesh, pe
   tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new_tokens,
                              min_bucket=min_bucket)
   graphdef, state = nnx.split(model)
-  state = as_computed(state)
+  state = as_computed(state, model.platform)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
   first = (graphdef, state, tokens, lens, jax.random.key(seed), eos, jnp.int32(max_new_tokens))

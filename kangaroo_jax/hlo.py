@@ -60,3 +60,43 @@ def ops_in_loops(hlo: str, ops: tuple[str, ...], shape: str) -> list[str]:
 def copies_in_loops(hlo: str, shape: str) -> list[str]:
   """`copy` instructions of arrays of `shape` inside loops."""
   return ops_in_loops(hlo, ("copy", "copy-start"), shape)
+
+
+def copies_by_branch(hlo: str, shape: str) -> tuple[list[int], list[str]]:
+  """`copy` instructions of arrays of `shape` inside loops, split by where they run: the
+  count in each conditional branch (with what it calls), and the lines of the others.
+
+  CPU verification branches copy each deep layer's cache once (they attend the block
+  inside a copy, `model.Attention`), so checks bound the first and require no other."""
+  found = computations_of(hlo)
+  per_loop = loop_computations(found)
+  pattern = _copy_pattern(shape)
+  per_branch, inside = [], set()
+  for lines in found.values():
+    for line in lines:
+      for kind, target in _CALL.findall(line):
+        if kind != "branch_computations":
+          continue
+        for branch in re.findall(r"%[\w.\-]+", target):
+          reach = _reachable(found, branch)
+          inside |= reach
+          per_branch.append(sum(1 for c in reach for l in found.get(c, ()) if pattern.search(l)))
+  others = [l.strip()[:160] for c in per_loop - inside for l in found.get(c, ())
+            if pattern.search(l)]
+  return per_branch, others
+
+
+def _copy_pattern(shape: str):
+  return re.compile(r"\[" + re.escape(shape) + r"\]\S* (copy|copy-start)\(")
+
+
+def _reachable(found: dict[str, list[str]], start: str) -> set[str]:
+  """`start` and every computation it calls, transitively."""
+  seen, todo = set(), [start]
+  while todo:
+    c = todo.pop()
+    if c not in seen:
+      seen.add(c)
+      todo += [t for line in found.get(c, ()) for _, target in _CALL.findall(line)
+               for t in re.findall(r"%[\w.\-]+", target)]
+  return seen

@@ -9,13 +9,16 @@ One round, per sequence, with pending token y0 at position n:
       position costs much). The shallow layers also run on the last draft, so the block
       [y_0 .. y_k] has all its layer-l states.
   verify (`_verify`): deep layers [l, L) once over a block of layer-l states (the
-      shallow layers are not recomputed), accept the longest agreeing prefix (greedy) or
-      use speculative sampling (`_judge`), and append the target's own next token. With
+      shallow layers are not recomputed), accept the longest agreeing prefix (greedy:
+      `_greedy_verdict`, the head one position at a time, as plain decoding computes it)
+      or use speculative sampling (`_judge`), and append the target's own next token. On a
+      CPU each row is computed with plain decoding's shapes, so the output equals plain
+      decoding's by construction in float32 activations (`kangaroo_jax.precision`). With
       fixed-width steps (`Llama.step_width` > 1, the default off a CPU) `_verify_fixed`
       instead runs every layer over exactly step_width rows, as each plain step does, so
       the output equals plain decoding's by construction (`kangaroo_jax.precision`).
   roll back: the next round starts at n + accepted + 1. Every cache (shallow, deep,
-      adapter) simply overwrites the stale slots; nothing is copied.
+      adapter) simply overwrites the stale slots; nothing is copied back.
 
 The adapter always processes two positions per step, the previous and the current
 state. Rewriting the previous slot is idempotent, and it fills the one slot a round
@@ -270,9 +273,41 @@ def _verify(model: Llama, Y, H, Q, k, n, cache, rng, seen, *, l: int, params: Sa
   kb = Y.shape[1]
   positions = n[:, None] + jnp.arange(kb)[None]  # [B, K]
   h, block_kv = model.run_layers_block(H, positions, cache, l, None)
+  if params.greedy:
+    a, z = _greedy_verdict(model, h, Y, k, _block_seen(seen, Y, params), params)
+    return a, z, block_kv, rng
   logits = penalize(model.logits(h), _block_seen(seen, Y, params), params)  # [B, K, V]
   a, z, rng = _judge(logits, Y, Q, k, rng, params)
   return a, z, block_kv, rng
+
+
+def _greedy_verdict(model: Llama, h, Y, k, block_seen, params: SamplingParams):
+  """Greedy `_judge` computing the head position by position: accepted drafts a [B] and
+  the next token z [B] from the block's last hidden states h [B, K, D].
+
+  Each position's logits come from `model.logits` of one position [B, 1, D], the very
+  product plain decoding's step computes (`kangaroo_jax.precision`: a CPU's one-row and
+  block kernels sum differently), and the loop stops once every sequence has met a
+  rejected draft or its last one: one head per committed token, as plain decoding pays.
+  """
+  b, kb = Y.shape
+
+  def body(c):
+    t, undecided, a, z = c
+    logits = model.logits(jax.lax.dynamic_slice_in_dim(h, t, 1, axis=1))[:, 0]  # [B, V]
+    row_seen = jax.lax.dynamic_index_in_dim(block_seen, jnp.minimum(t, block_seen.shape[1] - 1),
+                                            axis=1, keepdims=False)  # [B, V] (or placeholder)
+    target = jnp.argmax(penalize(logits, row_seen, params), axis=-1).astype(jnp.int32)  # [B]
+    draft = jax.lax.dynamic_index_in_dim(Y, jnp.minimum(t + 1, kb - 1), axis=1,
+                                         keepdims=False)  # [B]: the draft position t judges
+    accept = undecided & (t < k) & (t < kb - 1) & (draft == target)
+    stop = undecided & ~accept
+    return t + 1, accept, jnp.where(stop, t, a), jnp.where(stop, target, z)
+
+  zeros = jnp.zeros((b,), jnp.int32)
+  _, _, a, z = jax.lax.while_loop(lambda c: jnp.any(c[1]), body,
+                                  (jnp.int32(0), jnp.ones((b,), bool), zeros, zeros))
+  return a, z
 
 
 def _verify_fixed(model: Llama, Y, Q, k, n, cache, rng, seen, *, params: SamplingParams):
@@ -345,10 +380,11 @@ def _kangaroo_start(model: Llama, adapter: Adapter, tokens, prompt_lens, rng, eo
   block = max(gamma, lookup[0] if lookup else 0)  # most drafts a round verifies
   # A round writes block + 2 slots past its first position, a fixed-width one step_width.
   size = cache_size(tokens.shape[1], capacity, max(block + 2, model.step_width))
-  cache = kv.init_model_cache(model.cfg, b, size, cache_dtype(model.activations))
+  cache = kv.init_model_cache(model.cfg, b, size, cache_dtype(model.activations, model.platform))
   h_l, cache = prefill(model, tokens, prompt_lens, cache, l)  # [B, P, D]
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  _, acache = adapter(h_l, positions, adapter.init_cache(b, size, cache_dtype(h_l.dtype)))
+  acache = adapter.init_cache(b, size, cache_dtype(h_l.dtype, model.platform))
+  _, acache = adapter(h_l, positions, acache)
   h, cache = model.run_layers(h_l, positions, cache, l, None)
   rng, sub = jax.random.split(rng)
   # Tokens seen so far, for the repetition penalty ([B, 1] placeholder without one).
@@ -622,7 +658,7 @@ def _prepare(model, adapter, prompts, max_new_tokens, kparams, params, seed, eos
     draft_ids = jnp.asarray(check_draft_ids(draft_ids, model.cfg.vocab_size))
   graphdef, state = nnx.split(model)
   agraphdef, astate = nnx.split(adapter)
-  state, astate = as_computed(state), as_computed(astate)
+  state, astate = as_computed(state, model.platform), as_computed(astate, model.platform)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
   if kparams.tree:

@@ -28,7 +28,7 @@ from flax import nnx
 
 from kangaroo_jax import cache as kv
 from kangaroo_jax.config import ModelConfig
-from kangaroo_jax.precision import Products, default_step_width, products_for
+from kangaroo_jax.precision import Products, default_step_width, platform_of, products_for
 from kangaroo_jax.sharding import batch_rows, gathered
 
 
@@ -146,7 +146,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array,
                cache_v: jax.Array, inv_freq: jax.Array, write: bool = True,
-               view: Optional["BlockView"] = None):
+               view: Optional["BlockView"] = None, one_sum: bool = False):
     """x [B, T, D] at positions [B, T] -> (out [B, T, D], cache_k, cache_v).
 
     write=False leaves the cache alone (read only): the block attends the slots before
@@ -167,6 +167,16 @@ class Attention(nnx.Module):
     if write:
       cache_k, cache_v = kv.write(cache_k, cache_v, key, val, positions)
       out = attend(q, cache_k, cache_v, positions, self.products)  # [B, T, N * H]
+    elif view is None and one_sum:
+      # Consecutive positions (a single-row verification block), the cache only read:
+      # the block's keys and values go into a copy of this layer's cache, attended as
+      # plain decoding attends its written cache, in one sum over the same slots. Two
+      # sums (cache, then block: `attend_block`) round differently from plain decoding's
+      # one and can flip a near tie. The copy reads and writes this layer's cache once; a
+      # conditional that wrote the cache itself would copy it all the same.
+      full_k, full_v = kv.write(cache_k, cache_v, key, val, positions)  # [B, S, K, H] each
+      out = attend(q, full_k, full_v, positions, self.products)  # [B, T, N * H]
+      cache_k, cache_v = key.astype(cache_k.dtype), val.astype(cache_v.dtype)  # the block's
     else:
       # The block's keys as the cache would hold them (its dtype), so the result is what
       # attending the written cache gives.
@@ -223,7 +233,8 @@ def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.
   slots = jnp.arange(cache_k.shape[1])
   mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
   scores = jnp.where(mask[:, None, None], scores, -1e30)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  softmax = lambda s: jax.nn.softmax(s, axis=-1)
+  probs = (products or products_for(q.dtype)).rowwise(softmax, scores, 3).astype(q.dtype)
   out = einsum("bkgts,bskh->btkgh", probs, cache_v)  # [B, T, K, G, H]
   return out.reshape(b, t, n * h).astype(q.dtype)  # [B, T, N * H]
 
@@ -320,15 +331,18 @@ class DecoderLayer(nnx.Module):
     self.down = _param(rngs, (cfg.intermediate_size, cfg.hidden_size), dtype)  # [F, D]
 
   def __call__(self, x, positions, cache_k, cache_v, inv_freq, write: bool = True,
-               view: Optional[BlockView] = None):
-    attn_out, cache_k, cache_v = self.attn(self.input_norm(x), positions, cache_k, cache_v,
-                                           inv_freq, write, view)
-    return self.mlp(x + attn_out, self.products), cache_k, cache_v
+               view: Optional[BlockView] = None, one_sum: bool = False):
+    rowwise = (self.products or products_for(x.dtype)).rowwise
+    attn_out, cache_k, cache_v = self.attn(rowwise(self.input_norm, x, 1), positions, cache_k,
+                                           cache_v, inv_freq, write, view, one_sum)
+    return self.mlp(x + attn_out, self.products, rowwise=rowwise), cache_k, cache_v
 
   def mlp(self, x: jax.Array, products: Optional[Products],
-          gather=lambda w, name: w) -> jax.Array:
-    """x + the SwiGLU MLP of post_norm(x); `gather(w, name)` sees each weight first."""
-    gate, up = split_gate_up(dense(self.post_norm(x), gather(self.gate_up[...], "gate_up"),
+          gather=lambda w, name: w, rowwise=None) -> jax.Array:
+    """x + the SwiGLU MLP of post_norm(x); `gather(w, name)` sees each weight first, and
+    `rowwise` (decoding: `Products.rowwise`) runs the norm over fixed row blocks."""
+    normed = self.post_norm(x) if rowwise is None else rowwise(self.post_norm, x, 1)
+    gate, up = split_gate_up(dense(normed, gather(self.gate_up[...], "gate_up"),
                                    products))  # [B, T, F] each
     return x + dense(jax.nn.silu(gate) * up, gather(self.down[...], "down"), products)
 
@@ -344,19 +358,22 @@ class Llama(nnx.Module):
 
   `dtype` stores the weights; `activations` is the dtype of the hidden states and of the
   KV cache; `products` how every matrix product computes (default: the activations'
-  mode, `precision.PRODUCTS`); `step_width` the rows per sequence of every decoding step
-  (default: this backend's, `precision.default_step_width`). See `kangaroo_jax.precision`.
+  mode on `platform`, `precision.products_for`); `step_width` the rows per sequence of
+  every decoding step (default: the platform's, `precision.default_step_width`);
+  `platform` the backend the programs are built for (default: this one; a TPU or GPU
+  when compiling ahead of time on a CPU host). See `kangaroo_jax.precision`.
   """
 
   def __init__(self, cfg: ModelConfig, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None,
                activations=jnp.float32, products: Optional[Products] = None,
-               step_width: Optional[int] = None):
+               step_width: Optional[int] = None, platform: Optional[str] = None):
     rngs = rngs or nnx.Rngs(0)
     self.cfg = cfg
     self.dtype = dtype
     self.activations = activations
-    self.products = products or products_for(activations)
-    self.step_width = step_width or default_step_width()
+    self.platform = platform_of(platform)
+    self.products = products or products_for(activations, self.platform)
+    self.step_width = step_width or default_step_width(self.platform)
     if self.step_width < 1:
       raise ValueError(f"step width must be >= 1, got {self.step_width}")
     self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)  # [V, D]
@@ -416,6 +433,12 @@ class Llama(nnx.Module):
     `tree` (tree drafting and verification) makes the block a set of tree nodes:
     {"k", "v": [end - start x [B, T', K, H]] node buffers, "slots" [B, T], "mask"
     [B, T, T'], "limit" [B]} (see `BlockView`); the updated node buffers come back.
+
+    With single-row steps (`step_width` 1) a chain block attends the cache as plain
+    decoding does, in one sum (`Attention`, `kangaroo_jax.precision`): its states feed a
+    verification. With fixed-width steps the verification recomputes every layer, so a
+    block here (a lookup proposal's shallow states, for the adapter) takes two sums and
+    copies nothing.
     """
     end = self.cfg.num_layers if end is None else end
     inv_freq = jnp.asarray(rope_inv_freq(self.cfg))
@@ -424,7 +447,7 @@ class Llama(nnx.Module):
       view = None if tree is None else BlockView(tree["k"][j], tree["v"][j], tree["slots"],
                                                  tree["mask"], tree["limit"])
       x, k, v = self.layers[i](x, positions, cache["k"][i], cache["v"][i], inv_freq,
-                               write=False, view=view)
+                               write=False, view=view, one_sum=self.step_width == 1)
       ks.append(k)
       vs.append(v)
     return x, {"k": ks, "v": vs}
@@ -442,9 +465,12 @@ class Llama(nnx.Module):
     """LM head only: normed hidden [B, T, D] -> float32 logits [B, T, V].
 
     `head` [V', D] replaces the full head (a reduced draft vocabulary); `products`
-    replaces the model's (the training step's).
+    replaces the model's (the training step's). The head is never padded to more rows
+    (`Products.one_row`): one row streams it at the matrix-vector kernel's cost, and a
+    greedy verification computes it position by position as plain decoding does
+    (`kangaroo_jax.precision`).
     """
-    products = products or self.products
+    products = (products or self.products).one_row()
     if head is not None:
       return weight_product("btd,vd->btv", x, head, products)  # [B, T, V']
     if self.lm_head is None:

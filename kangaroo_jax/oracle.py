@@ -60,11 +60,11 @@ def random_oracle(cfg: ModelConfig, exit_layer: int = 2, *, dtype=jnp.float32,
   head near-tied token pairs (module docstring)."""
   model = Llama(cfg, dtype, nnx.Rngs(seed), activations, products, step_width)
   if twins:
-    _twin_head(model, seed)
+    twin_head(model, seed)
   return make_oracle(model, init_adapter(cfg, exit_layer, seed=seed, dtype=dtype))
 
 
-def _twin_head(model: Llama, seed: int) -> None:
+def twin_head(model: Llama, seed: int) -> None:
   """Odd tokens' head rows := the even neighbour's + noise (near-ties for every token)."""
   tied = model.lm_head is None
   param = model.embedding if tied else model.lm_head

