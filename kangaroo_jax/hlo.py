@@ -28,38 +28,48 @@ _PER_ITERATION = {"body", "condition", "branch_computations", "true_computation"
                   "false_computation"}
 
 
-def loop_computations(computations: dict[str, list[str]]) -> set[str]:
-  """Computations that run once per loop iteration or per taken conditional branch:
-  while bodies and conditions, branches, and everything they call."""
-  callees, todo = {}, []
-  for name, lines in computations.items():
-    callees[name] = set()
-    for line in lines:
-      for kind, target in _CALL.findall(line):
-        called = re.findall(r"%[\w.\-]+", target)
-        callees[name].update(called)
-        if kind in _PER_ITERATION:
-          todo += called
-  seen: set[str] = set()
+def _calls(lines: list[str]):
+  """(kind, callee) for every computation the lines call."""
+  return [(kind, c) for line in lines for kind, target in _CALL.findall(line)
+          for c in re.findall(r"%[\w.\-]+", target)]
+
+
+def _reachable(computations: dict[str, list[str]], starts) -> set[str]:
+  """`starts` and every computation they call, transitively."""
+  seen, todo = set(), list(starts)
   while todo:
     c = todo.pop()
     if c not in seen:
       seen.add(c)
-      todo += callees.get(c, ())
+      todo += [callee for _, callee in _calls(computations.get(c, ()))]
   return seen
+
+
+def loop_computations(computations: dict[str, list[str]]) -> set[str]:
+  """Computations that run once per loop iteration or per taken conditional branch:
+  while bodies and conditions, branches, and everything they call."""
+  return _reachable(computations, [c for lines in computations.values()
+                                   for kind, c in _calls(lines) if kind in _PER_ITERATION])
+
+
+def _op_pattern(ops: tuple[str, ...], shape: str):
+  return re.compile(r"\[" + re.escape(shape) + r"\]\S* (" + "|".join(map(re.escape, ops)) + r")\(")
+
+
+_COPIES = ("copy", "copy-start")
 
 
 def ops_in_loops(hlo: str, ops: tuple[str, ...], shape: str) -> list[str]:
   """Instructions `ops` (e.g. copy, convert) producing arrays of `shape` inside loops."""
   found = computations_of(hlo)
-  pattern = re.compile(r"\[" + re.escape(shape) + r"\]\S* (" + "|".join(map(re.escape, ops)) + r")\(")
+  pattern = _op_pattern(ops, shape)
   return [l.strip()[:160] for name in loop_computations(found)
           for l in found.get(name, ()) if pattern.search(l)]
 
 
 def copies_in_loops(hlo: str, shape: str) -> list[str]:
   """`copy` instructions of arrays of `shape` inside loops."""
-  return ops_in_loops(hlo, ("copy", "copy-start"), shape)
+  return ops_in_loops(hlo, _COPIES, shape)
 
 
 def copies_by_branch(hlo: str, shape: str) -> tuple[list[int], list[str]]:
@@ -69,34 +79,11 @@ def copies_by_branch(hlo: str, shape: str) -> tuple[list[int], list[str]]:
   CPU verification branches copy each deep layer's cache once (they attend the block
   inside a copy, `model.Attention`), so checks bound the first and require no other."""
   found = computations_of(hlo)
-  per_loop = loop_computations(found)
-  pattern = _copy_pattern(shape)
-  per_branch, inside = [], set()
-  for lines in found.values():
-    for line in lines:
-      for kind, target in _CALL.findall(line):
-        if kind != "branch_computations":
-          continue
-        for branch in re.findall(r"%[\w.\-]+", target):
-          reach = _reachable(found, branch)
-          inside |= reach
-          per_branch.append(sum(1 for c in reach for l in found.get(c, ()) if pattern.search(l)))
-  others = [l.strip()[:160] for c in per_loop - inside for l in found.get(c, ())
-            if pattern.search(l)]
-  return per_branch, others
-
-
-def _copy_pattern(shape: str):
-  return re.compile(r"\[" + re.escape(shape) + r"\]\S* (copy|copy-start)\(")
-
-
-def _reachable(found: dict[str, list[str]], start: str) -> set[str]:
-  """`start` and every computation it calls, transitively."""
-  seen, todo = set(), [start]
-  while todo:
-    c = todo.pop()
-    if c not in seen:
-      seen.add(c)
-      todo += [t for line in found.get(c, ()) for _, target in _CALL.findall(line)
-               for t in re.findall(r"%[\w.\-]+", target)]
-  return seen
+  pattern = _op_pattern(_COPIES, shape)
+  count = lambda names: sum(1 for c in names for l in found.get(c, ()) if pattern.search(l))
+  branches = [_reachable(found, [c]) for lines in found.values()
+              for kind, c in _calls(lines) if kind == "branch_computations"]
+  inside = set().union(*branches)
+  others = [l.strip()[:160] for c in loop_computations(found) - inside
+            for l in found.get(c, ()) if pattern.search(l)]
+  return [count(b) for b in branches], others

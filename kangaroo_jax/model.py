@@ -226,7 +226,8 @@ def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.
   float32 (`products`, default: the mode of q's dtype).
   """
   b, t, n, h = q.shape
-  einsum = (products or products_for(q.dtype)).einsum
+  products = products or products_for(q.dtype)
+  einsum = products.einsum
   k = cache_k.shape[2]
   q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
   scores = einsum("btkgh,bskh->bkgts", q, cache_k) / math.sqrt(h)  # [B, K, G, T, S]
@@ -234,7 +235,7 @@ def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, positions: jax.
   mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
   scores = jnp.where(mask[:, None, None], scores, -1e30)
   softmax = lambda s: jax.nn.softmax(s, axis=-1)
-  probs = (products or products_for(q.dtype)).rowwise(softmax, scores, 3).astype(q.dtype)
+  probs = products.rowwise(softmax, scores, 3).astype(q.dtype)  # [B, K, G, T, S]
   out = einsum("bkgts,bskh->btkgh", probs, cache_v)  # [B, T, K, G, H]
   return out.reshape(b, t, n * h).astype(q.dtype)  # [B, T, N * H]
 
