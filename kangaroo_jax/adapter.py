@@ -252,7 +252,7 @@ def load_adapter(path: str, cfg: ModelConfig, dtype=jnp.float32,
         # Sharding rules are keyed by attribute name: "attn.qkv" -> "qkv", "ffn.down" -> "ffn_down".
         rule = name.replace("ffn.", "ffn_").split(".")[-1]
         host = to_module_layout(acfg, name, f.get_tensor(name).astype(np.dtype(dtype)))
-        array, divides = sharding.place(host, rule, mesh)
+        array, divides = sharding.place(host.shape, lambda index: host[index], rule, mesh)
         var.set_value(array)
         if not divides:
           undivided.append(f"{name} {list(shape)}")
@@ -281,7 +281,7 @@ def _load_folder(folder: str, cfg: ModelConfig, dtype, mesh, exit_layer: Optiona
   for name, var in tensors(adapter).items():
     rule = name.split(".")[-1]  # the sharding rule's key: "attn.qkv" -> "qkv"
     host = to_module_layout(acfg, name, arrays[name].astype(np.dtype(dtype)))
-    array, divides = sharding.place(host, rule, mesh)
+    array, divides = sharding.place(host.shape, lambda index: host[index], rule, mesh)
     var.set_value(array)
     if not divides:
       undivided.append(f"{name} {list(arrays[name].shape)}")

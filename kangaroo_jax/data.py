@@ -51,8 +51,48 @@ class Conversation:
 
 @dataclasses.dataclass
 class Dataset:
+  """Conversations and the counts of skipped records by reason. `records`: each example's
+  record number in its source, where the set is one process's part (`merge_parts`)."""
   examples: list[Conversation]
   skipped: dict[str, int]
+  records: list[int] = dataclasses.field(default_factory=list)
+
+
+def pack(ds: Dataset) -> bytes:
+  """A tokenised data set (ids, assistant masks, record numbers, counts) as bytes, to send
+  to the other processes of a multi-host run (`multihost.all_gather_bytes`)."""
+  import io
+  lengths = np.array([len(ex.ids) for ex in ds.examples], np.int64)
+  join = lambda xs, dtype: np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)
+  buf = io.BytesIO()
+  np.savez(buf, ids=join([ex.ids for ex in ds.examples], np.int32),
+           assistant=join([ex.assistant for ex in ds.examples], np.bool_), lengths=lengths,
+           records=np.asarray(ds.records, np.int64),
+           skipped=np.frombuffer(json.dumps(ds.skipped).encode(), np.uint8))
+  return buf.getvalue()
+
+
+def unpack(blob: bytes) -> Dataset:
+  """The data set `pack` wrote."""
+  import io
+  z = np.load(io.BytesIO(blob))
+  cuts = np.cumsum(z["lengths"])[:-1]
+  examples = [Conversation(ids, mask) for ids, mask in
+              zip(np.split(z["ids"], cuts), np.split(z["assistant"], cuts))] if len(z["lengths"]) else []
+  return Dataset(examples, json.loads(z["skipped"].tobytes()), z["records"].tolist())
+
+
+def merge_parts(parts: Sequence[Dataset], what: str = "data") -> Dataset:
+  """One data set from the parts several processes rendered (`conversations_from_records`'
+  `part`): the examples in record order and the counts summed, as one process would
+  have rendered the whole source."""
+  pairs = sorted((r, ex) for ds in parts for r, ex in zip(ds.records, ds.examples))
+  counts = collections.Counter()
+  for ds in parts:
+    counts.update({k: v for k, v in ds.skipped.items() if k != "kept"})
+  if not pairs:
+    raise DataError(f"{what}: no usable conversation (skipped: {dict(counts) or 'none'})")
+  return Dataset([ex for _, ex in pairs], {**counts, "kept": len(pairs)}, [r for r, _ in pairs])
 
 
 class _Skips:
@@ -138,15 +178,19 @@ def to_messages(record: Any) -> list[dict]:
 
 def conversations_from_records(records: Iterable[Any], tokenizer, *, max_len: int,
                                eos_ids: Sequence[int] = (), chat_template: Optional[str] = None,
-                               what: str = "data") -> Dataset:
+                               what: str = "data", part: tuple[int, int] = (0, 1)) -> Dataset:
   """Renders records into conversations; counts and skips the bad ones.
 
   A conversation longer than `max_len` tokens is cut to `max_len` (counted as
-  'truncated'); one left without any assistant token is skipped.
+  'truncated'); one left without any assistant token is skipped. part=(i, n): render
+  only records number k with k % n == i, process i's share of a multi-host run (the
+  parts are joined by `merge_parts`; a part may be empty).
   """
   skip = _Skips()
-  out = []
-  for rec in records:
+  out, numbers = [], []
+  for number, rec in enumerate(records):
+    if number % part[1] != part[0]:
+      continue
     if isinstance(rec, Exception):  # a malformed line, passed on by the reader
       skip("malformed", str(rec))
       continue
@@ -170,24 +214,40 @@ def conversations_from_records(records: Iterable[Any], tokenizer, *, max_len: in
         skip("no assistant token within max_len")
         continue
     out.append(Conversation(ids, mask))
+    numbers.append(number)
   if skip.counts:
     log.warning("%s: %d conversations kept; %s", what, len(out), dict(skip.counts))
-  if not out:
+  if not out and part[1] == 1:
     raise DataError(f"{what}: no usable conversation (skipped: {dict(skip.counts) or 'none'})")
-  return Dataset(out, {**skip.counts, "kept": len(out)})
+  return Dataset(out, {**skip.counts, "kept": len(out)}, numbers)
 
 
 # ---- (a) ShareGPT JSON / JSONL ----
+def _path(path: str):
+  """`path` as an etils `epath.Path`: a local file, or gs://... on a multi-host run."""
+  from etils import epath
+  return epath.Path(path)
+
+
+def matching_files(pattern: str) -> list[str]:
+  """The files a path or glob names, local (~ expanded) or in a bucket (gs://bucket/x*.json)."""
+  if "://" not in pattern:
+    return glob.glob(os.path.expanduser(pattern))
+  folder, name = pattern.rsplit("/", 1)
+  return [str(p) for p in _path(folder).glob(name)] if _path(folder).is_dir() else []
+
+
 def read_json_records(pattern: str) -> Iterable[Any]:
-  """Records from JSON (a list) or JSONL files; `pattern` is a path, glob or comma list.
+  """Records from JSON (a list) or JSONL files; `pattern` is a path, glob or comma list
+  (local, or gs://... as a multi-host run's hosts share it).
 
   Malformed JSONL lines come out as exceptions (counted by the caller), not raised.
   """
-  files = sorted(f for p in pattern.split(",") for f in glob.glob(os.path.expanduser(p.strip())))
+  files = sorted(f for p in pattern.split(",") for f in matching_files(p.strip()))
   if not files:
     raise DataError(f"no data file matches {pattern!r}")
   for f in files:
-    with open(f, encoding="utf-8") as fh:
+    with _path(f).open("r", encoding="utf-8") as fh:
       head = fh.read(4096).lstrip()
       fh.seek(0)
       if head.startswith("["):

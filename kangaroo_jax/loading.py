@@ -4,8 +4,10 @@ Each parameter of the model is built on the host from its checkpoint tensors (q/
 gate/up fused in the model's column orders, `model.qkv_order`; [out, in] transposed to
 the model's [in, out]), cast straight from the stored type to the model's dtype, placed
 with its final sharding (`sharding.place`) and dropped from host memory before the next
-one is read. Peak host memory is therefore
-about one fused weight (the largest: an FFN gate/up or the embedding), not the model.
+one is read. Each device's block is read on its own (`_block`), from only the rows and
+columns it holds, so peak host memory is about one device's block of the largest weight
+(an FFN gate/up or the embedding; the whole weight without a mesh), and each process of
+a multi-host run reads only its own devices' shards.
 """
 from __future__ import annotations
 
@@ -22,33 +24,47 @@ from kangaroo_jax.model import Llama, gate_up_order, qkv_order
 from kangaroo_jax.weights import StoredTensor
 
 
-def _fused(tensors: dict[str, StoredTensor], names: list[str], dtype,
-           transpose: bool, order: Optional[np.ndarray] = None) -> np.ndarray:
-  """The checkpoint tensors `names` concatenated along their first (output) axis.
+def _block(tensors: dict[str, StoredTensor], names: list[str], dtype, transpose: bool,
+           order: Optional[np.ndarray], index: tuple[slice, ...]) -> np.ndarray:
+  """Block `index` of a model parameter fused from the checkpoint tensors `names`.
 
-  transpose=True returns the [in, out] layout the model multiplies with. `order` (the
-  model's column order, `model.qkv_order`) places output j of the concatenation at the
-  position i with order[i] = j. Each tensor is read and written into its slots of one
-  preallocated array, so at most the fused result plus one source tensor are in host
-  memory.
+  The parameter is the tensors concatenated along their first (output) axis, in the
+  model's column order `order` (`model.qkv_order`: model position i holds output
+  order[i] of the concatenation), transposed to the model's [in, out] when `transpose`.
+  `index` holds a slice per axis of the model's layout. From each tensor only the span of
+  rows the block uses is read (with the block's slice of its other axis), so a device's
+  shard costs the host its own bytes, not the whole weight's.
   """
   shapes = [tensors[n].shape for n in names]
-  rows = sum(s[0] for s in shapes)
-  out = np.empty((shapes[0][1:] + (rows,)) if transpose else (rows,) + shapes[0][1:], dtype)
-  slots = np.arange(rows) if order is None else np.argsort(order)  # concatenation -> model
+  out_axis = 1 if transpose else 0  # the model axis that runs over checkpoint rows
+  rows = np.arange(sum(s[0] for s in shapes))[index[out_axis]]  # model positions wanted
+  rows = rows if order is None else order[rows]  # -> rows of the concatenation
+  in_axis = 0 if transpose else 1
+  other = (index[in_axis],) if len(shapes[0]) == 2 else ()  # the checkpoint's in-axis slice
+  block = np.empty(tuple(len(range(*i.indices(n))) for i, n in
+                         zip(index, _model_shape(shapes, transpose))), dtype)
   start = 0
   for name, shape in zip(names, shapes):
-    w = tensors[name].read(dtype)
-    dest = slots[start:start + shape[0]]
-    if order is None:  # contiguous: plain slices copy faster than an index
-      dest = slice(start, start + shape[0])
-    if transpose:
-      out[:, dest] = w.T  # [out_i, in] -> columns of [in, out]
-    else:
-      out[dest] = w
+    mine = (rows >= start) & (rows < start + shape[0])
+    if mine.any():
+      local = rows[mine] - start
+      lo, hi = int(local.min()), int(local.max()) + 1
+      w = tensors[name].read(dtype, (slice(lo, hi),) + other)  # [hi - lo, in...]
+      if hi - lo != len(local) or np.any(np.diff(local) != 1):
+        w = w[local - lo]  # interleaved orders (gate/up) pick rows from the span
+      if transpose:
+        block[:, mine] = w.T  # [rows, in] -> columns of [in, out]
+      else:
+        block[mine] = w
+      del w
     start += shape[0]
-    del w
-  return out
+  return block
+
+
+def _model_shape(shapes: list[tuple[int, ...]], transpose: bool) -> tuple[int, ...]:
+  """The fused parameter's shape in the model's layout."""
+  fused = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
+  return fused[::-1] if transpose else fused
 
 
 def _recipes(model: Llama) -> list[tuple[nnx.Variable, str, list[str], bool, Optional[np.ndarray]]]:
@@ -110,8 +126,10 @@ def load_params(cfg: ModelConfig, tensors: dict[str, StoredTensor], dtype=jnp.fl
              desc="loading weights", file=sys.stderr, delay=PROGRESS_AFTER, leave=False,
              disable=not progress)
   for var, rule, names, transpose, order in recipes:
-    array, divides = sharding.place(_fused(tensors, names, np.dtype(dtype), transpose, order),
-                                    rule, mesh, fsdp)
+    shape = _model_shape([tensors[n].shape for n in names], transpose)
+    read = lambda index, names=names, transpose=transpose, order=order: _block(
+        tensors, names, np.dtype(dtype), transpose, order, index)
+    array, divides = sharding.place(shape, read, rule, mesh, fsdp)
     var.set_value(array)
     bar.update(sum(int(np.prod(tensors[n].shape)) for n in names) * np.dtype(dtype).itemsize)
     if not divides:

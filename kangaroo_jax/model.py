@@ -496,6 +496,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, np.ndarray], dtype=jnp.fl
   """
   from kangaroo_jax.loading import load_params  # loading builds on this module
   from kangaroo_jax.weights import StoredTensor
-  tensors = {name: StoredTensor(np.shape(w), lambda dtype, w=w: np.asarray(w).astype(dtype))
+  tensors = {name: StoredTensor(np.shape(w), lambda dtype, index=None, w=w:
+                                np.asarray(w)[index or ()].astype(dtype))
              for name, w in sd.items()}
   return load_params(cfg, tensors, dtype, activations=activations)

@@ -154,17 +154,25 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
-def place(host: np.ndarray, name: str, mesh: Optional[Mesh],
+def place(shape: tuple[int, ...], read, name: str, mesh: Optional[Mesh],
           fsdp: bool = False) -> tuple[jax.Array, bool]:
-  """Puts one host array on `mesh` with the sharding its parameter `name` gets; (array, divides).
+  """Puts a parameter `name` of `shape` on `mesh` with the sharding its rule gives; (array,
+  divides).
 
-  Each device receives only its own slice (`make_array_from_callback` asks for one index
-  per device), so no device ever holds a whole sharded weight. mesh=None: the default
-  device, uncommitted (as `jnp.asarray` leaves it), so jit may still move it. `fsdp` and
-  `divides` as for `spec_for`.
+  read(index) returns the host block at `index` (a tuple of slices). It is called once
+  per distinct block this process's devices hold (replicas share one read), so no device,
+  and no host, ever reads a whole sharded weight. mesh=None: the whole parameter on the
+  default device, uncommitted (as `jnp.asarray` leaves it), so jit may still move it.
+  `fsdp` and `divides` as for `spec_for`.
   """
   if mesh is None:
-    return jax.device_put(host), True
-  spec, divides = spec_for(name, host.shape, mesh.shape, fsdp)
-  array = jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda idx: host[idx])
-  return array, divides
+    return jax.device_put(read(tuple(slice(0, n) for n in shape))), True
+  spec, divides = spec_for(name, shape, mesh.shape, fsdp)
+  blocks = {}
+
+  def block(index):
+    key = tuple(i.indices(n) for i, n in zip(index, shape))
+    if key not in blocks:
+      blocks[key] = read(tuple(slice(*k) for k in key))
+    return blocks[key]
+  return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), block), divides

@@ -123,11 +123,19 @@ def load_dataset(c, model, tokenizer, eos_ids, progress=None):
   """The configured data source -> `data.Dataset` (generating self-distilled data if needed)."""
   from kangaroo_jax import chat_templates, data
   template = chat_templates.resolve(c.data.chat_template)  # a name, a file or the text
-  common = dict(max_len=c.seq_len, eos_ids=eos_ids, chat_template=template)
-  if c.data.source == "sharegpt":
-    return data.sharegpt(c.data.path, tokenizer, **common)
-  if c.data.source == "tfds":
-    return data.tfds_source(c.data.path, tokenizer, c.data.split, c.data.tfds_data_dir or None, **common)
+  # Several processes: each tokenises its share of the records and they exchange the
+  # results, so every process holds the whole set, in the order one process would make.
+  part = (jax.process_index(), jax.process_count())
+  common = dict(max_len=c.seq_len, eos_ids=eos_ids, chat_template=template, part=part)
+  if c.data.source in ("sharegpt", "tfds"):
+    ds = (data.sharegpt(c.data.path, tokenizer, **common) if c.data.source == "sharegpt" else
+          data.tfds_source(c.data.path, tokenizer, c.data.split, c.data.tfds_data_dir or None,
+                           **common))
+    if part[1] == 1:
+      return ds
+    from kangaroo_jax import multihost
+    return data.merge_parts([data.unpack(b) for b in multihost.all_gather_bytes(data.pack(ds))],
+                            c.data.path)
   if c.data.source == "teacher":
     raise ValueError("teacher caches are read by split_teacher_caches")
   folder = c.data.path or os.path.join(c.workdir, "magpie")
@@ -304,16 +312,14 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
   from kangaroo_jax import api, checkpoint, data, sharding
 
   t_start = time.time()
-  # Stage 1, mesh and model. One process: the checkpoint streams straight onto the mesh.
-  # Several: each loads its own copy (the data preparation below runs per process, on
-  # local arrays) and the state is made global after.
+  # Stage 1, mesh and model: the checkpoint streams straight onto the mesh, each process
+  # reading only the shards its devices hold.
   mesh = start_run(c)
-  main, per_process = jax.process_index() == 0, jax.process_count() > 1
+  main = jax.process_index() == 0
   # float32 activations where the model runs outside the step (cached states, generated
   # data) on every backend; the step computes as `distill.step_numerics` says.
-  model, tokenizer = api.load_model(c.model_path or None, c.dtype,
-                                    mesh=None if per_process else mesh, activations="float32",
-                                    fsdp=c.fsdp)
+  model, tokenizer = api.load_model(c.model_path or None, c.dtype, mesh=mesh,
+                                    activations="float32", fsdp=c.fsdp)
   eos = api.eos_ids(model, tokenizer)
 
   # Stage 2, data: training and held-out conversations, the draft vocabulary.
@@ -324,10 +330,8 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
     start_from = load_adapter(c.init_from, model.cfg, MASTER_DTYPE)
   draft_ids = choose_draft_vocab(c, model.cfg.vocab_size, train_set, eos, start_from)
 
-  # Stage 3, state and resume. One process: the model is on the mesh already. Several:
-  # each process's copy goes global.
-  model_graphdef, model_state = (split_onto_mesh(model, mesh, c.fsdp) if per_process
-                                 else nnx.split(model))
+  # Stage 3, state and resume.
+  model_graphdef, model_state = nnx.split(model)
   adapter = initial_adapter(model, c, start_from[0] if start_from is not None else None)
   adapter_graphdef, params = split_onto_mesh(adapter, mesh, c.fsdp)
   tx = optimizer(c)
@@ -457,11 +461,8 @@ def start_run(c):
   check_config(c)
   check_resumable(c)
   if c.distributed or c.num_processes > 1:
-    kw = {}
-    if c.coordinator_address:
-      kw = dict(coordinator_address=c.coordinator_address, num_processes=c.num_processes,
-                process_id=c.process_id)
-    jax.distributed.initialize(**kw)
+    from kangaroo_jax import multihost
+    multihost.initialize(c.coordinator_address, c.num_processes, c.process_id)
   check_shared_workdir(c.workdir, jax.process_count())
   return training_mesh(c)
 
@@ -481,7 +482,10 @@ def load_data(c, model, tokenizer, eos_ids, main: bool, log):
     log(f"data: {len(train_set)} training / {sum(map(len, eval_sets.values()))} held-out "
         f"conversations; {skipped}")
   hidden_bytes = sum(len(ex.ids) for ex in everything) * model.cfg.hidden_size * 4
-  if all(ex.teacher_ids is not None for ex in everything) and hidden_bytes < HIDDEN_CACHE_BYTES:
+  # Not with several processes: their model spans hosts, and a multi-host data set is far
+  # past the byte limit anyway.
+  if (all(ex.teacher_ids is not None for ex in everything) and hidden_bytes < HIDDEN_CACHE_BYTES
+      and jax.process_count() == 1):
     add_hidden(model, everything, c.exit_layer, c.seq_len, c.batch_size)
   return train_set, eval_sets, data.Batches(train_set, c.batch_size, c.seq_len, c.seed), skipped
 

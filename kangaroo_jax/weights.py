@@ -54,10 +54,13 @@ class WeightsError(ValueError):
 
 
 class StoredTensor(NamedTuple):
-  """One checkpoint tensor not read yet: its shape, and `read(dtype)` -> numpy array.
+  """One checkpoint tensor not read yet: its shape, and `read(dtype, index=None)` -> numpy.
 
   `read` casts on the host straight from the stored type (bf16, f16, f32, a GGUF quant)
-  to `dtype`, so no float32 copy is made unless float32 is asked for.
+  to `dtype`, so no float32 copy is made unless float32 is asked for. `index`, a tuple of
+  slices, reads only that block: safetensors and torch files read just its bytes (each
+  host of a multi-host run reads only the shards its devices hold); a GGUF tensor is
+  dequantized whole and then sliced.
   """
   shape: tuple[int, ...]
   read: Callable[[Any], np.ndarray]
@@ -340,17 +343,18 @@ def _stored_safetensors(file: str) -> Iterator[tuple[str, StoredTensor]]:
   except (SafetensorError, *_SAFETENSORS_ERRORS) as e:
     raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
 
-  def read(name: str, dtype) -> np.ndarray:
+  def read(name: str, dtype, index=None) -> np.ndarray:
     # The file is memory-mapped only while one tensor is copied out: a handle kept open
     # for the whole load would leave every page read so far resident (and in the RSS).
     try:
       with safe_open(file, framework="numpy") as f:
-        return f.get_tensor(name).astype(dtype, copy=False)
+        w = f.get_tensor(name) if index is None else f.get_slice(name)[index]
+        return w.astype(dtype, copy=False)
     except (SafetensorError, *_SAFETENSORS_ERRORS) as e:
       raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
 
   for name, shape in shapes.items():
-    yield name, StoredTensor(shape, lambda dtype, name=name: read(name, dtype))
+    yield name, StoredTensor(shape, lambda dtype, index=None, name=name: read(name, dtype, index))
 
 
 def _stored_bin(file: str) -> Iterator[tuple[str, StoredTensor]]:
@@ -372,13 +376,15 @@ def _stored_bin(file: str) -> Iterator[tuple[str, StoredTensor]]:
   except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError...
     raise WeightsError(f"{file} is truncated or corrupt: {_one_line(e)}") from e
 
-  def read(tensor, dtype) -> np.ndarray:
+  def read(tensor, dtype, index=None) -> np.ndarray:
+    tensor = tensor if index is None else tensor[index]  # a view: only its pages are read
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16 of torch's: go by the bits
       return tensor.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16).astype(dtype)
     return tensor.detach().numpy().astype(dtype, copy=False)
 
   for name, tensor in state.items():
-    yield name, StoredTensor(tuple(tensor.shape), lambda dtype, t=tensor: read(t, dtype))
+    yield name, StoredTensor(tuple(tensor.shape),
+                             lambda dtype, index=None, t=tensor: read(t, dtype, index))
 
 
 def _torch_load_whole(file: str) -> dict:
@@ -403,7 +409,7 @@ def _stored_gguf_tensors(file: str) -> tuple[ModelConfig, dict[str, StoredTensor
   # llama.cpp's converter interleaves q/k rows for its RoPE kernel; Qwen2 is not permuted.
   permuted = meta["general.architecture"] == "llama"
 
-  def read(name: str, hf: str, dtype) -> np.ndarray:
+  def read(name: str, hf: str, dtype, index=None) -> np.ndarray:
     tensor = tensors[name]
     try:
       w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
@@ -413,7 +419,7 @@ def _stored_gguf_tensors(file: str) -> tuple[ModelConfig, dict[str, StoredTensor
       w = _unpermute(w, config.num_heads)
     elif permuted and hf.endswith("k_proj.weight"):
       w = _unpermute(w, config.num_kv_heads)
-    return w.astype(dtype, copy=False)
+    return (w if index is None else w[index]).astype(dtype, copy=False)
 
   stored = {}
   for name, tensor in tensors.items():
@@ -421,7 +427,8 @@ def _stored_gguf_tensors(file: str) -> tuple[ModelConfig, dict[str, StoredTensor
     if hf is not None:
       # GGUF lists dimensions innermost first: the numpy (row-major) shape is the reverse.
       shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-      stored[hf] = StoredTensor(shape, lambda dtype, name=name, hf=hf: read(name, hf, dtype))
+      stored[hf] = StoredTensor(shape, lambda dtype, index=None, name=name, hf=hf:
+                                read(name, hf, dtype, index))
   return config, stored
 
 

@@ -51,6 +51,29 @@ def test_sharegpt_jsonl_skips_and_counts_bad_records(tiny, caplog):
   assert "skipping a record (malformed)" in caplog.text
 
 
+@pytest.mark.parametrize("processes", [2, 3])
+def test_parts_tokenised_by_several_processes_merge_into_the_whole(tiny, processes):
+  """Each process of a multi-host run renders every n-th record; the parts, sent as bytes,
+  merge into what one process renders: the same conversations in the same order, the
+  same counts (a part may hold none of a reason, or no conversation at all)."""
+  _, _, tok = tiny
+  path = ",".join(os.path.join(FIXTURES, f) for f in ("sharegpt_bad.jsonl", "sharegpt_tiny.jsonl"))
+  whole = data.sharegpt(path, tok, max_len=64, eos_ids=EOS)
+  parts = [data.sharegpt(path, tok, max_len=64, eos_ids=EOS, part=(i, processes))
+           for i in range(processes)]
+  assert sum(len(p.examples) for p in parts) == len(whole.examples)
+  assert all(0 < len(p.examples) < len(whole.examples) for p in parts)  # each did a share
+  merged = data.merge_parts([data.unpack(data.pack(p)) for p in parts])
+  assert merged.skipped == whole.skipped and merged.records == whole.records
+  for a, b in zip(merged.examples, whole.examples, strict=True):
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.assistant, b.assistant)
+  empty = data.unpack(data.pack(data.Dataset([], {}, [])))
+  assert data.merge_parts([empty, merged]).records == whole.records
+  with pytest.raises(DataError, match="no usable conversation"):
+    data.merge_parts([empty, empty])
+
+
 def test_sharegpt_json_list_and_errors(tiny, tmp_path):
   _, _, tok = tiny
   good = [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a."}]}]

@@ -224,3 +224,29 @@ def test_readme_shows_the_computed_memory_table():
   with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "README.md")) as f:
     assert memory.markdown_table() in f.read()
+
+
+def test_each_device_block_reads_only_its_rows(folder):
+  """On a 1x8 mesh every weight split over 'model' is read in eighths, each row once: the
+  reads a multi-host run makes on each host are those of its own devices' shards."""
+  cfg, tensors = weights.open_checkpoint(folder)
+  reads = []
+
+  def recorded(name, t):
+    def read(dtype, index=None):
+      w = t.read(dtype, index)
+      reads.append((name, w.shape))
+      return w
+    return weights.StoredTensor(t.shape, read)
+  mesh = sharding.make_mesh(1, 8)
+  loading.load_params(cfg, {n: recorded(n, t) for n, t in tensors.items()}, mesh=mesh)
+  for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",
+               "model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"):
+    rows = tensors[name].shape[0]
+    shapes = [shape for n, shape in reads if n == name]
+    if name.endswith("down_proj.weight"):  # [D, F] split over F, its in-axis: columns
+      assert shapes == [(rows, tensors[name].shape[1] // 8)] * 8, name
+    else:
+      assert sum(s[0] for s in shapes) == rows and max(s[0] for s in shapes) <= rows // 4, name
+  norm = [shape for n, shape in reads if n == "model.norm.weight"]
+  assert norm == [(cfg.hidden_size,)]  # replicated: one read for all eight devices

@@ -430,28 +430,67 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow  # subprocesses: about a minute
-def test_two_processes_one_step_same_loss_as_one(tiny, tmp_path):
-  """Multi-host: two local CPU processes via jax.distributed on 127.0.0.1."""
-  args = ("--config.steps=1", "--config.batch_size=8", "--config.checkpoint_every=0")
-  single = subprocess.run(_cli(tiny, tmp_path / "one", *args), env=_env(2), capture_output=True,
-                          text=True, timeout=120)
-  assert single.returncode == 0, single.stderr[-2000:]
+def _two_processes(tiny, workdir, *args):
+  """Popen of train.py as a run of two processes with 4 CPU devices each, the tiny model
+  split over all 8 ('model' = 8 spans both processes)."""
   port = _free_port()
-  procs = [subprocess.Popen(
-      _cli(tiny, tmp_path / "two", *args, f"--config.coordinator_address=127.0.0.1:{port}",
-           "--config.num_processes=2", f"--config.process_id={i}"),
-      env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  return [subprocess.Popen(
+      _cli(tiny, workdir, *args, "--config.mesh_model=8",
+           f"--config.coordinator_address=127.0.0.1:{port}", "--config.num_processes=2",
+           f"--config.process_id={i}"),
+      env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def _wait(procs, timeout=300):
   try:
-    outs = [p.communicate(timeout=180) for p in procs]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
-  one = json.load(open(tmp_path / "one" / "final_metrics.json"))
-  two = json.load(open(tmp_path / "two" / "final_metrics.json"))
-  np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-6)
+  assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+  return outs
+
+
+@pytest.mark.slow  # four runs of subprocesses: about two minutes
+def test_two_processes_killed_and_resumed_end_where_an_uninterrupted_run_ends(tiny, tmp_path):
+  """Multi-host on one machine: two processes joined by jax.distributed on 127.0.0.1, the
+  weights sharded over both. Each loads only its devices' shards and tokenises half the
+  data; killed with SIGKILL after a checkpoint and rerun, the run ends with the adapter
+  of an uninterrupted two-process run, and with one process's loss."""
+  args = ("--config.steps=30", "--config.checkpoint_every=10", "--config.log_every=1")
+  one = subprocess.run(_cli(tiny, tmp_path / "one", *args, "--config.mesh_model=8"), env=_env(8),
+                       capture_output=True, text=True, timeout=300)
+  assert one.returncode == 0, one.stderr[-2000:]
+  _wait(_two_processes(tiny, tmp_path / "ref", *args))
+
+  procs = _two_processes(tiny, tmp_path / "run", *args)
+  ckpts = tmp_path / "run" / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+      break
+    time.sleep(0.02)
+  assert all(p.poll() is None for p in procs), "the run ended before it could be killed"
+  for p in procs:
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+  killed_at = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert killed_at < 30
+  outs = _wait(_two_processes(tiny, tmp_path / "run", *args))
+  assert f"resumed from step {killed_at}" in outs[0]
+
+  final = json.load(open(tmp_path / "run" / "final_metrics.json"))
+  ref = json.load(open(tmp_path / "ref" / "final_metrics.json"))
+  single = json.load(open(tmp_path / "one" / "final_metrics.json"))
+  assert final["resumed_from"] == killed_at and final["steps"] == 30
+  assert final["loss"] == ref["loss"]
+  np.testing.assert_allclose(final["loss"], single["loss"], rtol=1e-5)
+  assert final["train_conversations"] == single["train_conversations"]
+  a, _ = load_adapter(str(tmp_path / "ref" / "adapter.safetensors"), tiny[1].cfg)
+  b, _ = load_adapter(str(tmp_path / "run" / "adapter.safetensors"), tiny[1].cfg)
+  for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_self_distilled_run_end_to_end(tiny, tmp_path):
