@@ -176,6 +176,14 @@ def to_messages(record: Any) -> list[dict]:
   return out
 
 
+def drop_leading_answers(messages: list[dict]) -> list[dict]:
+  """`messages` without the assistant turns that open it: they answer nothing the data
+  holds (ShareGPT has many conversations that open mid-exchange), and a template cannot
+  render the empty prefix before them. FastChat's Vicuna training drops them too."""
+  first = next((i for i, m in enumerate(messages) if m["role"] != "assistant"), len(messages))
+  return messages[first:]
+
+
 def conversations_from_records(records: Iterable[Any], tokenizer, *, max_len: int,
                                eos_ids: Sequence[int] = (), chat_template: Optional[str] = None,
                                what: str = "data", part: tuple[int, int] = (0, 1)) -> Dataset:
@@ -195,7 +203,7 @@ def conversations_from_records(records: Iterable[Any], tokenizer, *, max_len: in
       skip("malformed", str(rec))
       continue
     try:
-      messages = to_messages(rec)
+      messages = drop_leading_answers(to_messages(rec))
     except (ValueError, TypeError, json.JSONDecodeError) as e:
       skip("bad record", str(e))
       continue
