@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.workdir = "runs/smollm2_135m"
   c.export_path = ""          # "" = workdir/adapter.safetensors
   c.seq_len = 256
+  # Padded widths below seq_len: each batch is drawn from one width and padded to it
+  # (`data.Batches`); () pads every batch to seq_len.
+  c.length_buckets = ()
   c.batch_size = 8
   c.steps = 800
   c.lr = 4e-3

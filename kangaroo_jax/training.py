@@ -41,6 +41,8 @@ def check_config(c) -> None:
       raise ConfigError(f"config.{name} must be > 0, got {c[name]}")
   if c.seq_len < 2:
     raise ConfigError(f"config.seq_len must be >= 2, got {c.seq_len}")
+  if any(not isinstance(w, int) or w < 2 for w in c.get("length_buckets", ())):
+    raise ConfigError(f"config.length_buckets must be widths >= 2, got {c.length_buckets}")
   if c.data.source not in SOURCES:
     raise ConfigError(f"config.data.source must be one of {', '.join(SOURCES)}, got {c.data.source!r}")
   if c.data.source in ("sharegpt", "tfds", "teacher") and not c.data.path:
@@ -487,7 +489,13 @@ def load_data(c, model, tokenizer, eos_ids, main: bool, log):
   if (all(ex.teacher_ids is not None for ex in everything) and hidden_bytes < HIDDEN_CACHE_BYTES
       and jax.process_count() == 1):
     add_hidden(model, everything, c.exit_layer, c.seq_len, c.batch_size)
-  return train_set, eval_sets, data.Batches(train_set, c.batch_size, c.seq_len, c.seed), skipped
+  buckets = tuple(c.get("length_buckets", ()))
+  batches = data.Batches(train_set, c.batch_size, c.seq_len, c.seed, buckets)
+  if main and len(batches.widths) > 1:
+    shares = data.bucket_shares(train_set, c.batch_size, c.seq_len, buckets)
+    log("batches by padded width: " + ", ".join(f"{w}: {100 * f:.0f}%" for w, f in shares.items())
+        + " (the train step compiles once per width)")
+  return train_set, eval_sets, batches, skipped
 
 
 def choose_draft_vocab(c, vocab_size: int, train_set, eos_ids, start_from) -> Optional[np.ndarray]:

@@ -4,7 +4,7 @@ collectives. Exits 1 when the program does not fit with 10% headroom, 2 on bad i
 
   make tpu-venv    # once: .venv-tpu with jax[tpu] (libtpu compiles for TPUs on a CPU)
   .venv-tpu/bin/python scripts/tpu_aot.py --program train --config configs/llama7b.py \
-      --topology v5e:2x4 [--json FILE] [--layers N] [--teacher cache]
+      --topology v5e:2x4 [--json FILE] [--layers N] [--teacher cache] [--seq-len 512]
 
   .venv-tpu/bin/python scripts/tpu_aot.py --program decode --config configs/llama7b.py \
       --topology v5e:2x4 [--loop plain|kangaroo] [--batch 1]
@@ -84,6 +84,9 @@ def main(argv=None) -> int:
   p.add_argument("--teacher", default="fly", choices=["fly", "cache"],
                  help="train: the teacher inside the step, or top-k targets from a cache")
   p.add_argument("--mesh-model", type=int, default=0, help="override config.mesh_model")
+  p.add_argument("--seq-len", type=int, default=0,
+                 help="train: compile batches of this width (one of config.length_buckets; "
+                      "0: config.seq_len)")
   p.add_argument("--json", default="", help="also write the report here")
   p.add_argument("--loop", default="kangaroo", choices=["kangaroo", "plain"],
                  help="decode: which loop to compile")
@@ -106,6 +109,8 @@ def main(argv=None) -> int:
   c = module.get_config()
   if args.mesh_model:
     c.mesh_model = args.mesh_model
+  if args.seq_len:
+    c.seq_len = args.seq_len  # the step of one length bucket (`data.Batches`)
   from kangaroo_jax.training import ConfigError
   name = args.model or CONFIG_MODELS.get(os.path.splitext(os.path.basename(args.config))[0], "")
   try:

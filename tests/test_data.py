@@ -201,6 +201,42 @@ def test_batches_are_a_pure_function_of_the_step():
     data.Batches(examples[:2], batch_size=3, seq_len=8)
 
 
+def test_batches_without_buckets_keep_the_order_runs_had():
+  """A run started before length buckets existed resumes onto the same batches."""
+  examples = [_conv(5 + i % 3, 10 * i) for i in range(10)]
+  b = data.Batches(examples, batch_size=3, seq_len=8, seed=4)
+  for step in range(7):
+    epoch, start = b.position(step)
+    old = np.random.default_rng([4, epoch]).permutation(10)[start:start + 3]
+    np.testing.assert_array_equal(b.indices(step), old)
+
+
+def test_length_buckets_pad_each_batch_to_the_narrowest_width_that_holds_it():
+  # 8 short (5-7 tokens), 7 medium (9-15), 6 long (17-40): widths 8, 16 and seq_len 32.
+  lengths = [5, 6, 7, 5, 6, 7, 5, 6] + [9, 12, 15, 10, 11, 13, 14] + [17, 20, 25, 30, 35, 40]
+  examples = [_conv(n, i) for i, n in enumerate(lengths)]
+  b = data.Batches(examples, batch_size=3, seq_len=32, seed=1, buckets=(16, 8, 64))
+  assert b.widths == [8, 16, 32] and b.steps_per_epoch == 2 + 2 + 2
+  for epoch in range(2):
+    steps = range(epoch * 6, epoch * 6 + 6)
+    widths = [b.batch(s)[0] for s in steps]
+    assert sorted(widths) == [8, 8, 16, 16, 32, 32]
+    for s in steps:
+      width, idx = b.batch(s)
+      batch = b(s)
+      assert batch["tokens"].shape == (3, width)
+      assert all(min(lengths[i], 32) <= width for i in idx)
+      assert all(lengths[i] > {8: 0, 16: 8, 32: 16}[width] for i in idx)  # the narrowest
+    seen = np.concatenate([b.indices(s) for s in steps])
+    assert len(set(seen.tolist())) == 18  # 2 + 1 + 0 left over of 8, 7, 6
+  assert [b.batch(s)[0] for s in range(6)] != [b.batch(s)[0] for s in range(6, 12)] or \
+      not np.array_equal(b.indices(0), b.indices(6))  # epochs differ
+  assert data.bucket_shares(examples, 3, 32, (8, 16)) == {8: 1 / 3, 16: 1 / 3, 32: 1 / 3}
+  with pytest.raises(DataError, match="no padded width"):
+    data.Batches(examples[:2] + examples[8:10] + examples[15:17], batch_size=3, seq_len=32,
+                 buckets=(8, 16))
+
+
 def test_make_batch_pads_rows_and_keeps_teacher_rows():
   ex = _conv(4, 1)
   ex.teacher_ids = np.arange(8, dtype=np.int32).reshape(4, 2)

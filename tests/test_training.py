@@ -295,11 +295,18 @@ def test_checkpoint_save_restore_is_bit_exact(tiny, tmp_path):
 
 
 # ---- the training run: in-process resume, CLI, kill -9, errors ----
-def test_train_resumes_step_count_and_data_position(tiny, tmp_path):
+@pytest.mark.parametrize("buckets", [(), (46,)])
+def test_train_resumes_step_count_and_data_position(tiny, tmp_path, buckets):
+  """Also with length buckets: the tiny conversations are 39-54 tokens, so (46,) pads
+  about half the batches to 46 and the rest to seq_len 64 (two compiled steps)."""
   quiet = lambda s: None
-  full = training.train(_config(tiny, tmp_path / "full", steps=12, checkpoint_every=4), log=quiet)
+  lines = []
+  full = training.train(_config(tiny, tmp_path / "full", steps=12, checkpoint_every=4,
+                                length_buckets=buckets), log=lines.append)
+  if buckets:
+    assert any(l.startswith("batches by padded width: 46: ") for l in lines), lines
   # Interrupted after step 8: drop the last checkpoint, rerun the same config.
-  split = _config(tiny, tmp_path / "split", steps=12, checkpoint_every=4)
+  split = _config(tiny, tmp_path / "split", steps=12, checkpoint_every=4, length_buckets=buckets)
   training.train(split, log=quiet)
   import shutil
   shutil.rmtree(tmp_path / "split" / "checkpoints" / "12")
@@ -314,11 +321,13 @@ def test_train_resumes_step_count_and_data_position(tiny, tmp_path):
   logged = [json.loads(l)["step"] for l in open(tmp_path / "split" / "metrics.jsonl")]
   assert logged == list(range(1, 13))
   # The checkpoint records where the data stands: 38 training conversations, 8 a batch
-  # -> 4 batches an epoch, so after 8 steps: epoch 2, index 0.
+  # -> 4 batches an epoch, so after 8 steps: epoch 2, index 0 (with buckets, the two
+  # widths' remainders leave 3).
   mgr = checkpoint.manager(str(tmp_path / "split" / "checkpoints"), 2)
   import orbax.checkpoint as ocp
   got = mgr.restore(8, args=ocp.args.StandardRestore())
-  assert (int(got["step"]), int(got["epoch"]), int(got["index"])) == (8, 2, 0)
+  want = (8, 2, 0) if not buckets else (8, 2, 16)  # buckets: 3 full batches an epoch
+  assert (int(got["step"]), int(got["epoch"]), int(got["index"])) == want
 
 
 def _cli(tiny, workdir, *extra, env=None):
