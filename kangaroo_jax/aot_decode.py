@@ -1,11 +1,12 @@
 """The decode loops compiled for a TPU slice on this CPU: what a chip holds and reads.
 
-Builds the plain loop (`decoding._plain_loop`) and the Kangaroo loop
-(`kangaroo._kangaroo_loop`) from shapes alone, for a model shape on a ('data', 'model')
-mesh of a TPU topology's devices (`aot.topology_mesh` or any Mesh), bfloat16 weights and
-activations, fixed-width steps of 8, as a TPU runs them; `compile_report` compiles one
-and reads per-device memory, collectives and copies inside the loops from the
-executable. `bytes_per_token` is the analytic roofline: the bytes a chip must stream
+Builds the loop calls decoding runs, plain (`decoding._plain_stream_run`) and Kangaroo
+(`kangaroo._kangaroo_stream_rounds`), from shapes alone, for a model shape on a ('data',
+'model') mesh of a TPU topology's devices (`aot.topology_mesh` or any Mesh), bfloat16
+weights and activations, fixed-width steps of 8, as a TPU runs them; each is compiled
+for the state its prompt pass hands it (that pass is compiled too, for its outputs'
+shardings). `compile_report` compiles one and reads per-device memory, collectives and
+copies inside the loops from the executable. `bytes_per_token` is the analytic roofline: the bytes a chip must stream
 from HBM for one plain step and one Kangaroo verification (the weights it holds and the
 KV cache slots it attends), next to the weights' bytes a chip, and the tokens/s its HBM
 bandwidth allows at most.
@@ -31,8 +32,8 @@ from kangaroo_jax import cache as kv
 from kangaroo_jax import hlo, memory, precision, sharding
 from kangaroo_jax.adapter import Adapter, AdapterConfig
 from kangaroo_jax.config import ModelConfig
-from kangaroo_jax.decoding import _plain_loop, cache_size, token_capacity
-from kangaroo_jax.kangaroo import _kangaroo_loop
+from kangaroo_jax.decoding import _plain_stream_run, _plain_stream_start, cache_size
+from kangaroo_jax.kangaroo import _kangaroo_stream_rounds, _kangaroo_stream_start
 from kangaroo_jax.model import Llama
 from kangaroo_jax.sampling import SamplingParams
 
@@ -85,7 +86,7 @@ def _abstract(module: nnx.Module, mesh) -> tuple:
 
 
 def decode_programs(cfg: ModelConfig, mesh, shape: DecodeShape, platform: str = "tpu") -> dict:
-  """{"plain", "kangaroo": (lowered program)} for `cfg` on `mesh`, traced for `platform`."""
+  """{"plain", "kangaroo": (lowered loop call)} for `cfg` on `mesh`, traced for `platform`."""
   dtype = jnp.bfloat16
   acfg = AdapterConfig.for_model(cfg, shape.exit_layer)
   with traced_for(platform):
@@ -102,13 +103,29 @@ def decode_programs(cfg: ModelConfig, mesh, shape: DecodeShape, platform: str = 
     eos = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep)
     limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     eta = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-    capacity = token_capacity(shape.prompt, shape.new_tokens, shape.gamma + 1)
-    plain = _plain_loop.lower(graphdef, state, tokens, lens, key, eos, limit,
-                              params=SamplingParams(), capacity=capacity)
-    kangaroo = _kangaroo_loop.lower(graphdef, state, agraphdef, astate, None, tokens, lens, key,
-                                    eos, eta, limit, params=SamplingParams(), capacity=capacity,
-                                    gamma=shape.gamma, send_unconfident=True)
+    until = limit  # a loop call's last step (or round): a replicated int32 too
+    # Capacities that size both loops' caches to exactly `shape.slots` (a plain step
+    # reaches STEP_WIDTH - 1 slots past its token, a round max(gamma + 2, STEP_WIDTH)).
+    static = dict(params=SamplingParams(), capacity=shape.slots - shape.prompt - STEP_WIDTH + 1)
+    kstatic = dict(static, capacity=shape.slots - shape.prompt - max(shape.gamma + 2, STEP_WIDTH),
+                   gamma=shape.gamma, send_unconfident=True)
+    with jax.set_mesh(mesh):  # as decoding runs them (`decoding.on_mesh`)
+      st = _start_state(_plain_stream_start.lower(graphdef, state, tokens, lens, key, eos,
+                                                  limit, **static))
+      plain = _plain_stream_run.lower(graphdef, state, st, eos, until, params=static["params"])
+      st = _start_state(_kangaroo_stream_start.lower(graphdef, state, agraphdef, astate, tokens,
+                                                     lens, key, eos, limit, **kstatic))
+      kangaroo = _kangaroo_stream_rounds.lower(graphdef, state, agraphdef, astate, None, st, eos,
+                                               eta, until, **kstatic)
   return {"plain": plain, "kangaroo": kangaroo}
+
+
+def _start_state(start) -> object:
+  """The loop state a lowered prompt pass hands the loop calls: its shapes, with the
+  shardings the compiled pass gives them (the loop call is compiled for those)."""
+  shardings = start.compile().output_shardings
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      start.out_info, shardings)
 
 
 def bytes_per_token(cfg: ModelConfig, axis_sizes: dict, shape: DecodeShape) -> dict:
@@ -157,18 +174,32 @@ def loop_collectives(text: str) -> dict[str, int]:
   return out
 
 
-def cache_copies(text: str, cfg: ModelConfig, shape: DecodeShape, axis_sizes: dict) -> int:
-  """Copies of a KV-cache-shaped array (per device) inside the loops."""
+def _cache_dims(cfg: ModelConfig, shape: DecodeShape, axis_sizes: dict) -> str:
+  """"B,S,K,H" of a device's part of a model cache entry (`kv.cache_spec`)."""
   spec = kv.cache_spec(shape.batch, cfg.num_kv_heads, axis_sizes)
   split = {a: axis_sizes[a] for a in spec if a is not None}
   b = shape.batch // split.get("data", 1) if spec and spec[0] == "data" else shape.batch
   heads = cfg.num_kv_heads // axis_sizes["model"] if "model" in spec else cfg.num_kv_heads
-  return len(hlo.copies_in_loops(text, f"{b},{shape.slots},{heads},{cfg.head_dim}"))
+  return f"{b},{shape.slots},{heads},{cfg.head_dim}"
+
+
+def cache_copies(text: str, cfg: ModelConfig, shape: DecodeShape, axis_sizes: dict) -> int:
+  """Copies of a KV-cache-shaped array (per device) inside the loops."""
+  return len(hlo.copies_in_loops(text, _cache_dims(cfg, shape, axis_sizes)))
+
+
+def caches_aliased(text: str, cfg: ModelConfig, shape: DecodeShape,
+                   axis_sizes: dict) -> tuple[int, int]:
+  """(aliased, all) of the loop call's model cache parameters: those its output reuses,
+  updated in place across calls (the state is donated), of all it takes."""
+  params = hlo.entry_parameters(text, _cache_dims(cfg, shape, axis_sizes))
+  return len(set(params) & hlo.aliased_parameters(text)), len(params)
 
 
 def compile_report(lowered, cfg: ModelConfig, shape: DecodeShape, axis_sizes: dict,
                    hbm_bytes: float, hbm_bytes_per_s: float) -> dict:
-  """Compiles one lowered loop; per-device memory, collectives and cache copies in loops."""
+  """Compiles one lowered loop call; per-device memory, collectives and cache copies in
+  loops, and the model cache parameters it updates in place (`caches_aliased`)."""
   compiled = lowered.compile()
   mem = compiled.memory_analysis()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -178,6 +209,7 @@ def compile_report(lowered, cfg: ModelConfig, shape: DecodeShape, axis_sizes: di
   return {"peak_bytes": peak, "hbm_bytes": hbm_bytes, "fits": peak <= 0.9 * hbm_bytes,
           "collectives_in_loops": loop_collectives(text),
           "cache_copies_in_loops": cache_copies(text, cfg, shape, axis_sizes),
+          "caches_aliased": caches_aliased(text, cfg, shape, axis_sizes),
           "bytes_per_token": roof,
           "plain_tokens_per_s_max": hbm_bytes_per_s / roof["plain_step"]}
 

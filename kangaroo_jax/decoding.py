@@ -374,8 +374,10 @@ def _plain_loop(graphdef, state, tokens, prompt_lens, rng, eos_ids, limit, *,
                 params: SamplingParams, capacity: int):
   """The whole decode in one program: (out [B, capacity], new token counts [B], steps).
 
-  Decoding runs it as two calls instead (`_plain_stream_start`, then `_plain_stream_run`),
-  so that the prompt pass is timed apart; this one program is what the HLO checks read.
+  Decoding does not run it: it runs the prompt pass (`_plain_stream_start`), then loop
+  calls (`_plain_stream_run`) on the donated state, and the HLO checks read those. This
+  one program remains for tests that lower a whole decode (tests/test_tensor_parallel.py,
+  tests/test_decoding.py, tests/test_streaming.py).
   """
   model = nnx.merge(graphdef, state)
   st = _plain_start(model, tokens, prompt_lens, rng, eos_ids, limit, params, capacity)

