@@ -415,7 +415,7 @@ def report(out: dict) -> str:
               "designed). Verification: the most one branch makes (single-row verification "
               "copies each deep layer's keys and values once, by design). Aliased: the "
               "donated state's caches the call updates in place.", "",
-              "| loop | step width | copies | verification (designed) | aliased |",
+              "| loop | step width | copies | verification copies | caches aliased |",
               "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['loop']} | {r['step_width']} | "
               + (f"{r['copies']} | {r['verification_copies']} (at most "
