@@ -63,7 +63,11 @@ def build_decode(c, cfg, mesh, args):
   c.batch_size, c.seq_len = shape.batch, shape.max_len  # what the report's title names
   print(aot_decode.roofline_line(cfg, dict(dmesh.shape), shape,
                                  topology.chip.hbm_bytes_per_s / per_chip))
-  return aot_decode.Lowered(lowered, dmesh), ()
+  program = aot_decode.Lowered(lowered, dmesh)
+  program.caches = lambda text: {  # the KV cache checks, read from the compiled HLO
+      "cache_copies_in_loops": aot_decode.cache_copies(text, cfg, shape, dict(dmesh.shape)),
+      "caches_aliased": aot_decode.caches_aliased(text, cfg, shape, dict(dmesh.shape))}
+  return program, ()
 
 
 # The programs --program compiles: name -> builder(config, model shape, mesh, args) that
@@ -147,6 +151,11 @@ def main(argv=None) -> int:
            f"({r['chip']}), mesh {r['mesh']}, batch {c.batch_size} x {c.seq_len}{layers}, "
            f"teacher {args.teacher}; compiled in {seconds:.0f} s")
   print(aot.table(r, title))
+  if hasattr(fn, "caches"):
+    r |= fn.caches(compiled.as_text())
+    aliased, caches = r["caches_aliased"]
+    print(f"  KV caches: {r['cache_copies_in_loops']} copies inside the loops; {aliased} of "
+          f"{caches} updated in place across calls (the state is donated)")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(r, f, indent=1)
