@@ -231,10 +231,10 @@ def conversations_from_records(records: Iterable[Any], tokenizer, *, max_len: in
 
 
 # ---- (a) ShareGPT JSON / JSONL ----
-def _path(path: str):
-  """`path` as an etils `epath.Path`: a local file, or gs://... on a multi-host run."""
-  from etils import epath
-  return epath.Path(path)
+def epath(path: str):
+  """`path` as an etils `epath.Path`: local, or gs://... (multi-host data, workdirs)."""
+  from etils import epath as etils_epath  # imported here: only remote paths need it
+  return etils_epath.Path(path)
 
 
 def matching_files(pattern: str) -> list[str]:
@@ -242,7 +242,7 @@ def matching_files(pattern: str) -> list[str]:
   if "://" not in pattern:
     return glob.glob(os.path.expanduser(pattern))
   folder, name = pattern.rsplit("/", 1)
-  return [str(p) for p in _path(folder).glob(name)] if _path(folder).is_dir() else []
+  return [str(p) for p in epath(folder).glob(name)] if epath(folder).is_dir() else []
 
 
 def read_json_records(pattern: str) -> Iterable[Any]:
@@ -255,7 +255,7 @@ def read_json_records(pattern: str) -> Iterable[Any]:
   if not files:
     raise DataError(f"no data file matches {pattern!r}")
   for f in files:
-    with _path(f).open("r", encoding="utf-8") as fh:
+    with epath(f).open("r", encoding="utf-8") as fh:
       head = fh.read(4096).lstrip()
       fh.seek(0)
       if head.startswith("["):

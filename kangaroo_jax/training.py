@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from kangaroo_jax.adapter import Adapter
+from kangaroo_jax.data import epath
 from kangaroo_jax.distill import (add_hidden, average, copy_adapter_weights, draft_index,
                                   make_eval_step, make_optimizer, make_train_step,
                                   pick_draft_vocab, simulate_acceptance, warm_start)
@@ -69,21 +70,15 @@ def latest_checkpoint_step(workdir: str):
   Read from the folder names (orbax names a complete checkpoint by its step and a
   half-written one otherwise), so it needs no checkpoint manager and no jax.
   """
-  folder = _path(workdir) / "checkpoints"
+  folder = epath(workdir) / "checkpoints"
   steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
   return max(steps, default=None)
-
-
-def _path(path: str):
-  """`path` as an etils `epath.Path`: a local folder, or gs://... (orbax reads both)."""
-  from etils import epath
-  return epath.Path(path)
 
 
 def _append(path: str, line: str) -> None:
   """Appends `line` to a small text file, local or remote (object stores cannot append:
   the file is rewritten)."""
-  p = _path(path)
+  p = epath(path)
   p.write_text((p.read_text() if p.exists() else "") + line)
 
 
@@ -97,7 +92,7 @@ def _write_through_local(path: str, write) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     local = os.path.join(tmp, os.path.basename(path))
     write(local)
-    _path(local).copy(_path(path), overwrite=True)
+    epath(local).copy(epath(path), overwrite=True)
 
 
 def _host(tree):
@@ -383,12 +378,12 @@ def train(c, log=print, on_eval=None, stop_at=None) -> dict:
   metrics_file = os.path.join(c.workdir, "metrics.jsonl")  # training metrics, per log step
   eval_file = os.path.join(c.workdir, "eval.jsonl")  # held-out metrics: the learning curve
   if main:
-    _path(c.workdir).mkdir(parents=True, exist_ok=True)
+    epath(c.workdir).mkdir(parents=True, exist_ok=True)
     for path in (metrics_file, eval_file):
-      if _path(path).is_file():  # drop lines logged after the checkpoint we resume from
-        kept = [l + "\n" for l in _path(path).read_text().splitlines()
+      if epath(path).is_file():  # drop lines logged after the checkpoint we resume from
+        kept = [l + "\n" for l in epath(path).read_text().splitlines()
                 if l.strip() and json.loads(l)["step"] <= start]
-        _path(path).write_text("".join(kept))
+        epath(path).write_text("".join(kept))
   bar = tqdm(total=c.steps, initial=start, desc="training", unit="step", disable=not main,
              dynamic_ncols=True)
   # Loss positions per step, averaged over the data (for the learning curve's x axis).
@@ -582,7 +577,7 @@ def export(c, adapter: Adapter, params, draft_ids, final: dict, eval_file: str, 
   nnx.update(adapter, params)
   _write_through_local(path, lambda local: save_adapter(
       local, adapter, draft_ids, extra={k: v for k, v in final.items() if isinstance(v, (int, float))}))
-  _path(os.path.join(c.workdir, "final_metrics.json")).write_text(json.dumps(final, indent=1))
+  epath(os.path.join(c.workdir, "final_metrics.json")).write_text(json.dumps(final, indent=1))
   _append(eval_file, json.dumps({k: v for k, v in final.items() if k.startswith("eval_")}
                                 | {"step": final["steps"], "tokens_seen": final["tokens_seen"]}) + "\n")
   _write_through_local(os.path.join(c.workdir, "learning_curve.png"),
@@ -605,7 +600,7 @@ def plot_learning_curve(metrics_file: str, png: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = [json.loads(l) for l in _path(metrics_file).read_text().splitlines() if l.strip()]
+  rows = [json.loads(l) for l in epath(metrics_file).read_text().splitlines() if l.strip()]
   rows = [r for r in rows if "tokens_seen" in r]
   if not rows:
     return
