@@ -365,7 +365,7 @@ def generate_answers(model, prompts: Sequence[Sequence[int]], *, max_new: int, t
   import jax.numpy as jnp
   from flax import nnx
 
-  from kangaroo_jax.decoding import pad_prompts, plain_loop_with_top_k, token_capacity
+  from kangaroo_jax.decoding import pad_prompts, plain_capacity, plain_loop_with_top_k
   from kangaroo_jax.sampling import SamplingParams
   tokens, lens = pad_prompts(prompts, model.cfg.max_position_embeddings, max_new)
   graphdef, state = nnx.split(model)
@@ -373,7 +373,7 @@ def generate_answers(model, prompts: Sequence[Sequence[int]], *, max_new: int, t
       graphdef, state, jnp.asarray(tokens), jnp.asarray(lens), jax.random.key(seed),
       jnp.asarray(list(eos_ids) or [-1], jnp.int32), jnp.int32(max_new),
       params=SamplingParams(temperature, 0, top_p),
-      capacity=token_capacity(tokens.shape[1], max_new), top_k=k))
+      capacity=plain_capacity(model, tokens.shape[1], max_new), top_k=k))
   return [(out[i, :counts[i]], ti[i, :counts[i]], tp[i, :counts[i]]) for i in range(len(prompts))]
 
 

@@ -53,6 +53,13 @@ def token_capacity(prompt_bucket: int, max_new_tokens: int, extra: int = 0) -> i
   return cache_size(prompt_bucket, max_new_tokens, extra) - prompt_bucket - extra
 
 
+def plain_capacity(model: Llama, prompt_bucket: int, max_new_tokens: int) -> int:
+  """`token_capacity` for plain decoding, whose steps of `model.step_width` rows reach
+  step_width - 1 slots past their token: the cache `_plain_start` makes for it is then
+  `cache_size(prompt_bucket, max_new_tokens, step_width - 1)`, not 128 slots more."""
+  return token_capacity(prompt_bucket, max_new_tokens, model.step_width - 1)
+
+
 def on_mesh(mesh):
   """The context the decode loops run in: `jax.set_mesh(mesh)`, so caches shard; else none."""
   return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
@@ -469,7 +476,7 @@ def _plain_calls(model, prompts, max_new_tokens, params, seed, eos_ids, mesh, pe
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   tokens, lens = place_batch(mesh, tokens, lens)
   first = (graphdef, state, tokens, lens, jax.random.key(seed), eos, jnp.int32(max_new_tokens))
-  capacity = token_capacity(tokens.shape[1], max_new_tokens)
+  capacity = plain_capacity(model, tokens.shape[1], max_new_tokens)
 
   def read(st):
     host = jax.device_get({k: st[k] for k in ("out", "count", "done", "step")})

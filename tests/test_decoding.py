@@ -80,6 +80,29 @@ def test_budgets_that_fit_one_cache_share_one_compiled_loop(tiny):
   assert _compiled_plain() == tuple(n + 1 for n in before)
 
 
+@pytest.mark.parametrize("step_width", [1, 8])
+def test_plain_cache_is_the_budget_rounded_up_once(step_width):
+  """The cache plain decoding makes for a budget is `cache_size(bucket, budget, W - 1)`:
+  its capacity leaves room for the W - 1 slots a fixed-width step reaches past its token,
+  so the cache is not rounded up to the next 128 a second time (a 32-token bucket and 64
+  new tokens: 128 slots, not 256, with 8-row steps as on an accelerator)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from kangaroo_jax.decoding import _plain_stream_start, cache_size, plain_capacity
+  _, cfg, sd = make_hf_model("gqa_untied", num_layers=1)
+  model = M.from_hf_state_dict(cfg, sd)
+  model.step_width = step_width  # an accelerator's width, traced here on the CPU
+  graphdef, state = nnx.split(model)
+  capacity = plain_capacity(model, 32, 64)
+  st = jax.eval_shape(lambda s, t: _plain_stream_start(
+      graphdef, s, t, jnp.asarray([5]), jax.random.key(0), jnp.asarray([EOS]), jnp.int32(64),
+      params=SamplingParams(), capacity=capacity), state, jnp.zeros((1, 32), jnp.int32))
+  slots = {leaf.shape[1] for leaf in jax.tree.leaves(st["cache"]) if leaf.ndim == 4}
+  assert slots == {cache_size(32, 64, step_width - 1)} == {128}
+  assert capacity >= 64 and st["out"].shape == (1, capacity)
+
+
 def test_sampling_is_seeded_and_respects_top_k(tiny):
   prompt = _prompts([4])
   params = SamplingParams(temperature=1.0, top_k=1)
