@@ -34,3 +34,21 @@ def test_config_mistakes_are_one_line(args, expected):
   assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
   assert lines[0].startswith(expected), lines[0]
   assert "Traceback" not in r.stderr and not r.stdout
+
+
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir("configs")
+                                        if f.endswith(".py") and not f.startswith("_")))
+def test_every_shipped_config_loads_and_passes_the_checks(name):
+  """Each configs/*.py builds a config that `check_config` accepts once the user gives the
+  paths it asks for (the 7B/13B data), and any adapter file it starts from exists (the
+  recipes name the shipped one)."""
+  import importlib
+  from kangaroo_jax.training import ConfigError, check_config
+  c = importlib.import_module(f"configs.{name}").get_config()
+  try:
+    check_config(c)
+  except ConfigError as e:
+    assert "config.data.path is required" in str(e), e
+    c.data.path = "sharegpt.json"
+    check_config(c)
+  assert not c.get("init_from") or os.path.isfile(c.init_from), c.init_from
