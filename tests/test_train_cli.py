@@ -36,7 +36,7 @@ def test_config_mistakes_are_one_line(args, expected):
   assert "Traceback" not in r.stderr and not r.stdout
 
 
-@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir("configs")
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
                                         if f.endswith(".py") and not f.startswith("_")))
 def test_every_shipped_config_loads_and_passes_the_checks(name):
   """Each configs/*.py builds a config that `check_config` accepts once the user gives the
